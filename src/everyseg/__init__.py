@@ -1,0 +1,1 @@
+"""everyseg: partially supervised instance segmentation."""

@@ -1,0 +1,191 @@
+"""COCO glue for evaluation: model outputs -> results, ground truth -> evaluable, COCOeval runs.
+
+Predictions become COCO result dicts (xywh boxes, compressed RLE masks). Ground truth is
+normalised per evaluation type; for mask evaluation, box-only annotations (partial supervision)
+become ignore regions, see :func:`ground_truth_for`. :func:`precision_array` runs COCOeval with
+faster-coco-eval when installed (same numbers as pycocotools, checked in tests, 2-7x faster),
+else with pycocotools, the reference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_util
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+try:
+    import faster_coco_eval
+except ImportError:  # optional: only speed is lost
+    faster_coco_eval = None
+
+BACKEND = "pycocotools" if faster_coco_eval is None else "faster_coco_eval"
+
+# A polygon needs at least 3 (x, y) points; pycocotools even reads a 4-number "polygon" as a box.
+_MIN_POLYGON_COORDS = 6
+
+
+def to_coco_results(
+    outputs: dict[str, torch.Tensor],
+    *,
+    image_id: int,
+    label_to_cat_id: dict[int, int],
+    mask_threshold: float = 0.5,
+) -> list[dict[str, Any]]:
+    """Turn one image's detections (torchvision convention) into COCO result dicts.
+
+    Args:
+        outputs: ``boxes`` (N, 4) xyxy in image pixels, ``labels`` (N,) contiguous 1..K,
+            ``scores`` (N,), optional ``masks`` (N, 1, H, W) or (N, H, W) probabilities.
+        image_id: COCO image id the detections belong to.
+        label_to_cat_id: contiguous label -> COCO category id.
+        mask_threshold: a pixel is foreground when its probability is above this.
+
+    Returns:
+        N dicts with ``image_id``, ``category_id``, ``score``, ``bbox`` ([x, y, w, h] floats) and,
+        when masks are present, ``segmentation`` (compressed RLE, ``counts`` as str).
+    """
+    boxes = outputs["boxes"].detach().float().cpu()
+    labels = outputs["labels"].detach().cpu().tolist()
+    scores = outputs["scores"].detach().float().cpu().tolist()
+    unknown = sorted(set(labels) - set(label_to_cat_id))
+    if unknown:
+        raise ValueError(f"labels {unknown} have no entry in label_to_cat_id")
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+    results = [
+        {"image_id": int(image_id), "category_id": label_to_cat_id[label], "score": score,
+         "bbox": box}
+        for label, score, box in zip(labels, scores, xywh, strict=True)
+    ]
+    masks = outputs.get("masks")
+    if masks is not None:
+        for result, rle in zip(results, encode_masks(masks, threshold=mask_threshold), strict=True):
+            result["segmentation"] = rle
+    return results
+
+
+def encode_masks(masks: torch.Tensor, *, threshold: float = 0.5) -> list[dict[str, Any]]:
+    """Threshold (N, 1, H, W) or (N, H, W) probabilities into N compressed RLEs.
+
+    ``counts`` is decoded to str so the result is JSON-serialisable.
+    """
+    if masks.dim() == 4:
+        masks = masks[:, 0]
+    # Threshold on the masks' own device: moving uint8 to the host is 4x less than floats.
+    binary = (masks.detach() > threshold).to(torch.uint8).cpu().numpy()
+    # pycocotools wants (H, W, N) in Fortran order.
+    rles = mask_util.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("ascii")
+    return rles
+
+
+def load_ground_truth(gt: str | os.PathLike | dict) -> dict[str, Any]:
+    """Read a COCO JSON path, or deep-copy an already-loaded dict (the evaluators mutate it)."""
+    if isinstance(gt, dict):
+        return copy.deepcopy(gt)
+    with open(gt) as f:
+        return json.load(f)
+
+
+def has_usable_segmentation(ann: dict[str, Any]) -> bool:
+    """Whether an annotation carries a mask: an RLE, or at least one polygon with 3+ points."""
+    seg = ann.get("segmentation")
+    if isinstance(seg, dict):
+        return bool(seg.get("counts"))
+    return bool(seg) and any(len(poly) >= _MIN_POLYGON_COORDS for poly in seg)
+
+
+def ground_truth_for(dataset: dict[str, Any], *, iou_type: str) -> dict[str, Any]:
+    """A COCO dataset dict ready for ``COCOeval`` of ``iou_type`` ("bbox" or "segm").
+
+    Annotations are shallow-copied (the evaluators write ``ignore``/RLE fields into them), so
+    ``dataset`` is not changed. Missing ``iscrowd`` defaults to 0 and missing ``area`` to the box
+    area, as COCOeval needs both.
+
+    For "bbox", every annotation is ordinary COCO ground truth. For "segm", an annotation without
+    a usable mask (box-only, as partial supervision allows) cannot be scored, so it becomes an
+    ignore region: its box as a polygon with ``iscrowd=1``. COCOeval then matches detections to
+    it by intersection over the detection's area and drops them from the count, so a prediction
+    on a box-only object is neither rewarded nor penalised, and the object is not a missed GT.
+    """
+    anns = []
+    for ann in dataset["annotations"]:
+        ann = dict(ann)
+        x, y, w, h = ann["bbox"]
+        ann.setdefault("iscrowd", 0)
+        ann.setdefault("area", w * h)
+        if iou_type == "segm":
+            if has_usable_segmentation(ann):
+                if isinstance(ann["segmentation"], list):
+                    ann["segmentation"] = [
+                        p for p in ann["segmentation"] if len(p) >= _MIN_POLYGON_COORDS
+                    ]
+            else:
+                ann["segmentation"] = [[x, y, x + w, y, x + w, y + h, x, y + h]]
+                ann["iscrowd"] = 1
+        anns.append(ann)
+    return {**dataset, "annotations": anns}
+
+
+def precision_array(
+    dataset: dict[str, Any],
+    results: list[dict[str, Any]],
+    *,
+    iou_type: str,
+    img_ids: list[int],
+    backend: str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Run COCOeval on ``img_ids``; return its precision array (T, R, K, A, M) and IoU thresholds.
+
+    K follows the ground truth's category ids in increasing order; A is (all, small, medium,
+    large); M is maxDets (1, 10, 100); entries without ground truth are -1. ``dataset`` and
+    ``results`` are written into (RLEs, ids): pass fresh ones. ``backend`` defaults to BACKEND.
+    """
+    run = {"pycocotools": _pycocotools_eval, "faster_coco_eval": _faster_coco_eval}
+    evaluator = run[backend or BACKEND](dataset, results, iou_type=iou_type)
+    evaluator.params.imgIds = img_ids
+    # pycocotools prints progress; callers print the table they want.
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator.evaluate()
+        evaluator.accumulate()
+    return evaluator.eval["precision"], evaluator.params.iouThrs
+
+
+def _pycocotools_eval(
+    dataset: dict[str, Any], results: list[dict[str, Any]], *, iou_type: str
+) -> COCOeval:
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = dataset
+        coco_gt.createIndex()
+        if results:
+            coco_dt = coco_gt.loadRes(results)
+        else:  # pycocotools' loadRes fails on an empty list
+            coco_dt = COCO()
+            coco_dt.dataset = {**dataset, "annotations": []}
+            coco_dt.createIndex()
+    return COCOeval(coco_gt, coco_dt, iouType=iou_type)
+
+
+def _faster_coco_eval(
+    dataset: dict[str, Any], results: list[dict[str, Any]], *, iou_type: str
+) -> Any:
+    # Its loadRes handles an empty list; its messages go to logging unless silenced here.
+    coco_gt = faster_coco_eval.COCO(dataset, print_function=_quiet)
+    coco_dt = coco_gt.loadRes(results)
+    return faster_coco_eval.COCOeval_faster(
+        coco_gt, coco_dt, iouType=iou_type, print_function=_quiet
+    )
+
+
+def _quiet(*args: Any, **kwargs: Any) -> None:
+    """A print function that prints nothing."""

@@ -1,0 +1,51 @@
+"""The contract every mask head keeps: shared feature layers, a per-class predictor, own loss."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from everyseg.modeling.losses import mask_bce_loss
+
+
+class ClassConvPredictor(nn.Module):
+    """The final 1x1 conv of Mask R-CNN: one M x M logit map per class (or one, class-agnostic).
+
+    Weight transfer (Mask^X) swaps exactly this module for one that predicts the conv's weights.
+    """
+
+    def __init__(self, *, in_channels: int, num_classes: int, class_agnostic: bool) -> None:
+        super().__init__()
+        self.class_agnostic = class_agnostic
+        self.conv = nn.Conv2d(in_channels, 1 if class_agnostic else num_classes, kernel_size=1)
+        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(R, D, M, M) features, (R,) labels in 1..K -> (R, M, M) logits of each RoI's class."""
+        logits = self.conv(x)  # (R, K or 1, M, M)
+        # labels index the conv's output channels directly: channel 0 is background in
+        # torchvision's layout, kept so its weights load unchanged
+        channel = torch.zeros_like(labels) if self.class_agnostic else labels
+        return logits[torch.arange(logits.shape[0], device=logits.device), channel]
+
+
+class MaskHead(nn.Module):
+    """features: (R, C, S, S) RoI features -> (R, D, M, M); predictor: -> (R, M, M) logits."""
+
+    def __init__(self, *, features: nn.Module, predictor: nn.Module) -> None:
+        super().__init__()
+        self.features = features
+        self.predictor = predictor
+
+    def forward(self, roi_features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(R, C, S, S), (R,) -> (R, M, M) mask logits of each RoI's class."""
+        return self.predictor(self.features(roi_features), labels)
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """(R, M, M) logits, (R, M, M) targets of RoIs with a mask -> scalar."""
+        return mask_bce_loss(logits, targets)
+
+    def predict(self, roi_features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(R, C, S, S), (R,) predicted labels -> (R, 1, M, M) foreground probabilities."""
+        return self(roi_features, labels).sigmoid()[:, None]
