@@ -40,21 +40,34 @@ def _uncompressed_rle(mask):
 
 
 def _ann(ann_id, cat_id, bbox, **extra):
-    return {"id": ann_id, "image_id": 1, "category_id": cat_id, "bbox": bbox, "iscrowd": 0,
-            "area": bbox[2] * bbox[3], **extra}
+    return {
+        "id": ann_id,
+        "image_id": 1,
+        "category_id": cat_id,
+        "bbox": bbox,
+        "iscrowd": 0,
+        "area": bbox[2] * bbox[3],
+        **extra,
+    }
 
 
 ANNOTATIONS = [
     _ann(101, 3, [2, 3, 10, 8], segmentation=[[2, 3, 12, 3, 12, 11, 2, 11]]),
     # Two polygons plus a 2-point one that must be ignored.
-    _ann(102, 7, [14, 2, 20, 12], segmentation=[[14, 2, 20, 2, 17, 8], [25, 6, 34, 6, 34, 14],
-                                                [30, 1, 31, 2]]),
+    _ann(
+        102,
+        7,
+        [14, 2, 20, 12],
+        segmentation=[[14, 2, 20, 2, 17, 8], [25, 6, 34, 6, 34, 14], [30, 1, 31, 2]],
+    ),
     _ann(103, 42, [5, 15, 10, 10], segmentation=_compressed_rle(_block(15, 25, 5, 15))),
     _ann(104, 3, [20, 18, 8, 6], segmentation=_uncompressed_rle(_block(18, 24, 20, 28))),
     _ann(105, 7, [30, 20, 6, 6]),  # no segmentation key
     _ann(106, 42, [1, 1, 4, 4], segmentation=[]),
-    {**_ann(107, 42, [0, 0, 10, 10], segmentation=_compressed_rle(_block(0, 10, 0, 10))),
-     "iscrowd": 1},
+    {
+        **_ann(107, 42, [0, 0, 10, 10], segmentation=_compressed_rle(_block(0, 10, 0, 10))),
+        "iscrowd": 1,
+    },
     _ann(108, 3, [5, 5, 0.5, 10], segmentation=[[5, 5, 5.5, 5, 5.5, 15]]),  # degenerate
     _ann(109, 3, [35, -4, 10, 8], segmentation=[[35, 0, 39, 3]]),  # clipped; no valid polygon
 ]
@@ -70,8 +83,9 @@ def _write(tmp_path, annotations=ANNOTATIONS, images=None, categories=CATEGORIES
         pixels[..., 0] = np.arange(img["width"], dtype=np.uint8) * 5
         Image.fromarray(pixels).save(tmp_path / "img" / img["file_name"])
     path = tmp_path / "ann.json"
-    path.write_text(json.dumps({"images": images, "annotations": annotations,
-                                "categories": categories}))
+    path.write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": categories})
+    )
     return path
 
 
@@ -138,9 +152,14 @@ def test_has_mask_is_per_instance(tmp_path):
 
 @pytest.mark.parametrize(
     ("spec", "expected"),
-    [("all", ["cat", "giraffe", "person"]), ("none", []), ("voc", ["cat", "person"]),
-     ("nonvoc", ["giraffe"]), ("person,giraffe", ["giraffe", "person"]),
-     (["person"], ["person"])],
+    [
+        ("all", ["cat", "giraffe", "person"]),
+        ("none", []),
+        ("voc", ["cat", "person"]),
+        ("nonvoc", ["giraffe"]),
+        ("person,giraffe", ["giraffe", "person"]),
+        (["person"], ["person"]),
+    ],
 )
 def test_mask_class_specs(tmp_path, spec, expected):
     dataset = _dataset(tmp_path, mask_classes=spec)
@@ -249,8 +268,10 @@ def test_image_size_disagreeing_with_json_is_an_error(tmp_path):
 
 
 def test_images_without_instances_and_collate(tmp_path):
-    images = [{"id": 9, "file_name": "b.png", "width": 20, "height": 10},
-              {"id": 1, "file_name": "a.png", "width": W, "height": H}]
+    images = [
+        {"id": 9, "file_name": "b.png", "width": 20, "height": 10},
+        {"id": 1, "file_name": "a.png", "width": W, "height": H},
+    ]
     dataset = _dataset(tmp_path, json_path=_write(tmp_path, images=images))
     assert dataset.image_ids == [1, 9] and len(dataset) == 2
     loader = torch.utils.data.DataLoader(dataset, batch_size=2, collate_fn=collate)
@@ -263,10 +284,15 @@ def test_images_without_instances_and_collate(tmp_path):
 
 
 def test_lvis_coco_url_gives_split_folder(tmp_path):
-    images = [{"id": 1, "coco_url": "http://images.cocodataset.org/val2017/a.png",
-               "width": W, "height": H}]
-    json_path = _write(tmp_path, images=[{"id": 1, "file_name": "a.png", "width": W,
-                                          "height": H}])
+    images = [
+        {
+            "id": 1,
+            "coco_url": "http://images.cocodataset.org/val2017/a.png",
+            "width": W,
+            "height": H,
+        }
+    ]
+    json_path = _write(tmp_path, images=[{"id": 1, "file_name": "a.png", "width": W, "height": H}])
     data = json.loads(json_path.read_text())
     data["images"] = images
     json_path.write_text(json.dumps(data))

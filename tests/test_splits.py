@@ -90,8 +90,9 @@ def test_random_does_not_depend_on_python_hash_seed():
     outputs = set()
     for hash_seed in ("1", "2"):
         env = {**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": src}
-        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                             text=True, check=True)
+        run = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
         outputs.add(run.stdout)
     assert outputs == {f"{resolve_mask_classes('random:3:11', NAMES)}\n"}
 

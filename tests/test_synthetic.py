@@ -15,15 +15,22 @@ SIZE = 64
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     """~100 images, a few hundred instances: enough for every class and both encodings."""
-    paths = generate(tmp_path_factory.mktemp("shapes"), num_train=100, num_val=8, size=SIZE,
-                     seed=3, progress=False)
+    paths = generate(
+        tmp_path_factory.mktemp("shapes"),
+        num_train=100,
+        num_val=8,
+        size=SIZE,
+        seed=3,
+        progress=False,
+    )
     coco = COCO(paths["train_json"])
     return paths, coco
 
 
 def _tree_bytes(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file()}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 def test_same_arguments_give_identical_bytes_and_seed_changes_them(tmp_path):
@@ -67,8 +74,7 @@ def test_schema(dataset):
     assert [img["id"] for img in images] == list(range(1, 101))
     for img in images:
         pixels = Image.open(Path(paths["train_images"]) / img["file_name"])
-        assert pixels.mode == "RGB" and pixels.size == (img["width"], img["height"]) == (SIZE,
-                                                                                         SIZE)
+        assert pixels.mode == "RGB" and pixels.size == (img["width"], img["height"]) == (SIZE, SIZE)
 
     anns = coco.dataset["annotations"]
     assert [a["id"] for a in anns] == list(range(1, len(anns) + 1))

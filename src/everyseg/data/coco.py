@@ -61,9 +61,16 @@ class CocoInstances(torch.utils.data.Dataset):
     the key, so augmentation is reproducible whatever the DataLoader worker layout.
     """
 
-    def __init__(self, *, json_path: str | os.PathLike, images_dir: str | os.PathLike,
-                 mask_classes="all", train: bool = False, hflip_prob: float = 0.0,
-                 seed: int = 0):
+    def __init__(
+        self,
+        *,
+        json_path: str | os.PathLike,
+        images_dir: str | os.PathLike,
+        mask_classes="all",
+        train: bool = False,
+        hflip_prob: float = 0.0,
+        seed: int = 0,
+    ):
         if not 0.0 <= hflip_prob <= 1.0:
             raise ValueError(f"hflip_prob must be in [0, 1], got {hflip_prob}")
         self.json_path = Path(json_path)
@@ -134,7 +141,7 @@ class CocoInstances(torch.utils.data.Dataset):
         return len(self.image_ids)
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, dict]:
-        index, aug_seed = (key if isinstance(key, tuple) else (key, None))
+        index, aug_seed = key if isinstance(key, tuple) else (key, None)
         image_id = self.image_ids[operator.index(index)]
         meta = self._images[image_id]
         image = self._load_checked(image_id, meta)
@@ -208,8 +215,12 @@ def _file_name(img: dict) -> str:
 
 def _clip_xywh(bbox: list[float], width: int, height: int) -> tuple[float, float, float, float]:
     x, y, w, h = (float(v) for v in bbox)
-    return (min(max(x, 0.0), width), min(max(y, 0.0), height),
-            min(max(x + w, 0.0), width), min(max(y + h, 0.0), height))
+    return (
+        min(max(x, 0.0), width),
+        min(max(y, 0.0), height),
+        min(max(x + w, 0.0), width),
+        min(max(y + h, 0.0), height),
+    )
 
 
 def _usable_segmentation(segm, image: _Image) -> tuple[list | dict | None, str | None]:

@@ -22,8 +22,9 @@ VOC_CLASSES: tuple[str, ...] = (
 )  # fmt: skip
 
 
-def resolve_mask_classes(spec: str | os.PathLike | Sequence[str] | None,
-                         class_names: Sequence[str]) -> list[str]:
+def resolve_mask_classes(
+    spec: str | os.PathLike | Sequence[str] | None, class_names: Sequence[str]
+) -> list[str]:
     """Resolve a mask-class spec to class names, returned in `class_names` order.
 
     `spec` is one of:

@@ -44,8 +44,15 @@ _NUM_OBJECTS_P = np.array([0.08, 0.2, 0.26, 0.24, 0.14, 0.08])  # 1..6 objects p
 # --- shape outlines (unit scale, y pointing down; list of [outer, *holes]) -------------------
 
 
-def _ellipse(rx: float, ry: float, n: int = 36, start: float = 0.0, stop: float = 2 * math.pi,
-             cx: float = 0.0, endpoint: bool = False) -> np.ndarray:
+def _ellipse(
+    rx: float,
+    ry: float,
+    n: int = 36,
+    start: float = 0.0,
+    stop: float = 2 * math.pi,
+    cx: float = 0.0,
+    endpoint: bool = False,
+) -> np.ndarray:
     t = np.linspace(start, stop, n, endpoint=endpoint)
     return np.stack([cx + rx * np.cos(t), ry * np.sin(t)], axis=1)
 
@@ -93,8 +100,7 @@ _OUTLINES: dict[str, list[np.ndarray]] = {
     "heart": [_heart()],
     "arrow": [_poly(0, 0.35, 0.55, 0.35, 0.55, 0, 1, 0.5, 0.55, 1, 0.55, 0.65, 0, 0.65)],
     "L-shape": [_poly(0, 0, 0.4, 0, 0.4, 0.6, 0.8, 0.6, 0.8, 1, 0, 1)],
-    "T-shape": [_poly(0, 0, 1, 0, 1, 0.35, 0.675, 0.35, 0.675, 1, 0.325, 1, 0.325, 0.35, 0,
-                      0.35)],
+    "T-shape": [_poly(0, 0, 1, 0, 1, 0.35, 0.675, 0.35, 0.675, 1, 0.325, 1, 0.325, 0.35, 0, 0.35)],
     "semicircle": [_ellipse(1, 1, 25, math.pi, 2 * math.pi, endpoint=True)],
 }
 assert tuple(_OUTLINES) == CLASS_NAMES
@@ -155,8 +161,9 @@ def _keep_visible(objects: list[dict], size: int) -> list[dict]:
 # --- textures (shared by objects and backgrounds, never conditioned on class) ---------------
 
 
-def _ramp(rng: np.random.Generator, grid: tuple[np.ndarray, np.ndarray],
-          angle: float | None = None) -> np.ndarray:
+def _ramp(
+    rng: np.random.Generator, grid: tuple[np.ndarray, np.ndarray], angle: float | None = None
+) -> np.ndarray:
     """Coordinate along a (random) direction, in pixels."""
     a = rng.uniform(0, math.pi) if angle is None else angle
     return grid[0] * math.cos(a) + grid[1] * math.sin(a)
@@ -256,8 +263,9 @@ def _annotation(obj: dict, ann_id: int, image_id: int) -> dict:
     }
 
 
-def _write_split(out: Path, split: str, num: int, size: int, seed: int,
-                 progress: bool) -> tuple[Path, Path]:
+def _write_split(
+    out: Path, split: str, num: int, size: int, seed: int, progress: bool
+) -> tuple[Path, Path]:
     image_dir, json_path = out / split, out / "annotations" / f"{split}.json"
     image_dir.mkdir(parents=True, exist_ok=True)
     json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -290,8 +298,15 @@ def _write_split(out: Path, split: str, num: int, size: int, seed: int,
     return json_path, image_dir
 
 
-def generate(out_dir: str | Path, *, num_train: int = 1000, num_val: int = 200,
-             size: int = 128, seed: int = 0, progress: bool = True) -> dict[str, str]:
+def generate(
+    out_dir: str | Path,
+    *,
+    num_train: int = 1000,
+    num_val: int = 200,
+    size: int = 128,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, str]:
     """Write ``OUT/annotations/{train,val}.json`` and ``OUT/{train,val}/*.png``.
 
     The same arguments give byte-identical files. Returns absolute paths under the keys

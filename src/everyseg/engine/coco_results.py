@@ -3,8 +3,8 @@
 Predictions become COCO result dicts (xywh boxes, compressed RLE masks). Ground truth is
 normalised per evaluation type; for mask evaluation, box-only annotations (partial supervision)
 become ignore regions, see :func:`ground_truth_for`. :func:`precision_array` runs COCOeval with
-faster-coco-eval when installed (same numbers as pycocotools, checked in tests, 2-7x faster),
-else with pycocotools, the reference.
+faster-coco-eval when installed (same numbers as pycocotools, checked in tests; about 3x faster
+on 500 images x 20 masked detections), else with pycocotools, the reference.
 """
 
 from __future__ import annotations
@@ -61,8 +61,12 @@ def to_coco_results(
         raise ValueError(f"labels {unknown} have no entry in label_to_cat_id")
     xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
     results = [
-        {"image_id": int(image_id), "category_id": label_to_cat_id[label], "score": score,
-         "bbox": box}
+        {
+            "image_id": int(image_id),
+            "category_id": label_to_cat_id[label],
+            "score": score,
+            "bbox": box,
+        }
         for label, score, box in zip(labels, scores, xywh, strict=True)
     ]
     masks = outputs.get("masks")
@@ -96,12 +100,21 @@ def load_ground_truth(gt: str | os.PathLike | dict) -> dict[str, Any]:
         return json.load(f)
 
 
-def has_usable_segmentation(ann: dict[str, Any]) -> bool:
-    """Whether an annotation carries a mask: an RLE, or at least one polygon with 3+ points."""
-    seg = ann.get("segmentation")
-    if isinstance(seg, dict):
-        return bool(seg.get("counts"))
-    return bool(seg) and any(len(poly) >= _MIN_POLYGON_COORDS for poly in seg)
+def usable_segmentation(segm: Any, *, height: int, width: int) -> list | dict | None:
+    """The mask of an annotation, or None if it has none usable (box-only).
+
+    Same rule as the data loader: an RLE of the image's size, or polygons of which at least one
+    has 3+ (x, y) points (shorter or odd-length ones are dropped).
+    """
+    if not segm:
+        return None
+    if isinstance(segm, dict):
+        ok = "counts" in segm and list(segm.get("size", ())) == [height, width]
+        return segm if ok else None
+    if not isinstance(segm, list) or not all(isinstance(p, list) for p in segm):
+        return None
+    polygons = [p for p in segm if len(p) >= _MIN_POLYGON_COORDS and len(p) % 2 == 0]
+    return polygons or None
 
 
 def ground_truth_for(dataset: dict[str, Any], *, iou_type: str) -> dict[str, Any]:
@@ -117,6 +130,7 @@ def ground_truth_for(dataset: dict[str, Any], *, iou_type: str) -> dict[str, Any
     it by intersection over the detection's area and drops them from the count, so a prediction
     on a box-only object is neither rewarded nor penalised, and the object is not a missed GT.
     """
+    sizes = {img["id"]: (img["height"], img["width"]) for img in dataset["images"]}
     anns = []
     for ann in dataset["annotations"]:
         ann = dict(ann)
@@ -124,14 +138,12 @@ def ground_truth_for(dataset: dict[str, Any], *, iou_type: str) -> dict[str, Any
         ann.setdefault("iscrowd", 0)
         ann.setdefault("area", w * h)
         if iou_type == "segm":
-            if has_usable_segmentation(ann):
-                if isinstance(ann["segmentation"], list):
-                    ann["segmentation"] = [
-                        p for p in ann["segmentation"] if len(p) >= _MIN_POLYGON_COORDS
-                    ]
-            else:
-                ann["segmentation"] = [[x, y, x + w, y, x + w, y + h, x, y + h]]
+            height, width = sizes[ann["image_id"]]
+            segm = usable_segmentation(ann.get("segmentation"), height=height, width=width)
+            if segm is None:
+                segm = [[x, y, x + w, y, x + w, y + h, x, y + h]]
                 ann["iscrowd"] = 1
+            ann["segmentation"] = segm
         anns.append(ann)
     return {**dataset, "annotations": anns}
 

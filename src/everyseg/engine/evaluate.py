@@ -137,7 +137,7 @@ def _mean_ap(precision: np.ndarray) -> float | None:
 
 def evaluate_model(
     model: torch.nn.Module,
-    dataset: Iterable,
+    dataset: torch.utils.data.Dataset,
     *,
     label_to_cat_id: dict[int, int],
     seen_cat_ids: Iterable[int],
@@ -155,7 +155,7 @@ def evaluate_model(
         dataset: map-style dataset of ``(image, target)`` with ``target["image_id"]`` a scalar
             tensor (or int) naming the image in ``gt_json``.
         label_to_cat_id, seen_cat_ids, gt_json: see :func:`to_coco_results` / :func:`coco_metrics`.
-        device: where inference runs.
+        device: where the images go; the model must already be there.
         batch_size, num_workers: DataLoader settings.
         progress: show a tqdm bar.
 
@@ -200,16 +200,14 @@ def format_metrics_table(metrics: dict[str, Any]) -> str:
         for subset in SUBSETS:
             row = metrics[iou_type][subset]
             label = f"{iou_type} {subset}"
-            lines.append(
-                f"{label:<{name_width}} " + " ".join(_cell(row[s]) for s in STAT_NAMES)
-            )
+            lines.append(f"{label:<{name_width}} " + " ".join(_cell(row[s]) for s in STAT_NAMES))
     lines.append("")
     lines.append(f"{'class':<{name_width}} {'segm':>6} {'bbox':>6}  (AP; * = seen)")
     seen = set(metrics["seen_classes"])
     for name, segm_ap in metrics["segm"]["per_class"].items():
         mark = "*" if name in seen else " "
         bbox_ap = metrics["bbox"]["per_class"][name]
-        lines.append(f"{name:<{name_width}} {_cell(segm_ap)} {_cell(bbox_ap)}  {mark}")
+        lines.append(f"{name:<{name_width}} {_cell(segm_ap)} {_cell(bbox_ap)}  {mark}".rstrip())
     return "\n".join(lines)
 
 

@@ -35,7 +35,9 @@ def resnet_fpn(
     if norm not in NORMS:
         raise ValueError(f"model.backbone.norm {norm!r}: choose one of {', '.join(NORMS)}")
     if not 0 <= trainable_layers <= 5:
-        raise ValueError(f"model.backbone.trainable_layers must be in [0, 5], got {trainable_layers}")
+        raise ValueError(
+            f"model.backbone.trainable_layers must be in [0, 5], got {trainable_layers}"
+        )
     constructor, imagenet = RESNETS[name]
     trunk = constructor(weights=None, norm_layer=NORMS[norm])
     if weights is not None:

@@ -1,4 +1,4 @@
-"""build_model(cfg): a Mask R-CNN from torchvision's parts plus everyseg's partial-mask RoI heads."""
+"""build_model(cfg): Mask R-CNN from torchvision's parts plus everyseg's partial-mask RoI heads."""
 
 from __future__ import annotations
 

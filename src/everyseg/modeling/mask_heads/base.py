@@ -18,7 +18,9 @@ class ClassConvPredictor(nn.Module):
         super().__init__()
         self.class_agnostic = class_agnostic
         self.conv = nn.Conv2d(in_channels, 1 if class_agnostic else num_classes, kernel_size=1)
-        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
+        # small logits at the start (detectron2's choice): torchvision's Kaiming init starts
+        # the mask loss near 7 and destabilises training from scratch
+        nn.init.normal_(self.conv.weight, std=0.001)
         nn.init.zeros_(self.conv.bias)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,133 @@
+"""Predictor: a trained run directory in, instances out. Paths, numpy arrays or PIL images."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+
+from everyseg.data.transforms import load_image
+from everyseg.engine.coco_results import to_coco_results
+from everyseg.engine.evaluate_run import load_run
+
+ImageLike = str | Path | np.ndarray | Image.Image
+
+
+@dataclass
+class Instances:
+    """Detections of one image, in its pixel coordinates (N instances, H x W image)."""
+
+    boxes: np.ndarray  # (N, 4) float32 xyxy
+    scores: np.ndarray  # (N,) float32
+    labels: np.ndarray  # (N,) int64, contiguous 1..K
+    class_names: list[str]  # (N,)
+    masks: np.ndarray  # (N, H, W) bool
+    mask_probs: np.ndarray  # (N, H, W) float32
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+def image_to_tensor(image: ImageLike) -> torch.Tensor:
+    """Path, (H, W[, C]) numpy array (uint8 or float in [0, 1]) or PIL image -> (3, H, W) float."""
+    if isinstance(image, (str, Path)):
+        return load_image(Path(image))
+    if isinstance(image, Image.Image):
+        return _from_array(np.asarray(image.convert("RGB")))
+    if isinstance(image, np.ndarray):
+        return _from_array(image)
+    raise TypeError(f"expected a path, numpy array or PIL image, got {type(image).__name__}")
+
+
+def _from_array(array: np.ndarray) -> torch.Tensor:
+    if array.ndim == 2:
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    if array.ndim != 3 or array.shape[2] not in (3, 4):
+        raise ValueError(f"expected an (H, W), (H, W, 3) or (H, W, 4) array, got {array.shape}")
+    rgb = array[:, :, :3]
+    scaled = rgb.astype(np.float32) / 255.0 if rgb.dtype == np.uint8 else rgb.astype(np.float32)
+    return torch.from_numpy(np.ascontiguousarray(scaled)).permute(2, 0, 1)
+
+
+class Predictor:
+    """`Predictor(run_dir)(image)` -> Instances scoring at least `score_thresh`."""
+
+    def __init__(
+        self,
+        run_dir,
+        *,
+        checkpoint: str = "last",
+        device: str = "auto",
+        score_thresh: float = 0.5,
+        mask_thresh: float = 0.5,
+    ) -> None:
+        self.model, self.cfg, meta = load_run(run_dir, checkpoint=checkpoint, device=device)
+        self.class_names: list[str] = meta["class_names"]
+        self.label_to_cat_id: dict[int, int] = meta["label_to_cat_id"]
+        self.mask_classes: list[str] = meta["mask_classes"]
+        self.device = next(self.model.parameters()).device
+        self.score_thresh = score_thresh
+        self.mask_thresh = mask_thresh
+
+    @torch.inference_mode()
+    def __call__(self, image: ImageLike) -> Instances:
+        output = self.predict_raw(image_to_tensor(image))
+        keep = output["scores"] >= self.score_thresh
+        probs = output["masks"][keep, 0].float().cpu().numpy()
+        labels = output["labels"][keep].cpu().numpy()
+        return Instances(
+            boxes=output["boxes"][keep].float().cpu().numpy(),
+            scores=output["scores"][keep].float().cpu().numpy(),
+            labels=labels,
+            class_names=[self.class_names[int(lab) - 1] for lab in labels],
+            masks=probs >= self.mask_thresh,
+            mask_probs=probs,
+        )
+
+    @torch.inference_mode()
+    def predict_raw(self, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(3, H, W) float image -> the model's output dict (torchvision convention)."""
+        return self.model([tensor.to(self.device)])[0]
+
+    def coco_results(self, instances: Instances, *, image_id: int) -> list[dict]:
+        """COCO results entries (bbox xywh, RLE segmentation) for one image's instances."""
+        output = {
+            "boxes": torch.from_numpy(instances.boxes),
+            "scores": torch.from_numpy(instances.scores),
+            "labels": torch.from_numpy(instances.labels),
+            "masks": torch.from_numpy(instances.mask_probs)[:, None],
+        }
+        return to_coco_results(
+            output,
+            image_id=image_id,
+            label_to_cat_id=self.label_to_cat_id,
+            mask_threshold=self.mask_thresh,
+        )
+
+
+def draw_overlay(image: ImageLike, instances: Instances, *, alpha: float = 0.45) -> Image.Image:
+    """The image with each instance's mask, box, class name and score drawn on it."""
+    canvas = (image_to_tensor(image) * 255).round().to(torch.uint8)  # (3, H, W)
+    if len(instances) == 0:
+        return Image.fromarray(canvas.permute(1, 2, 0).numpy())
+    colors = [_color(int(lab)) for lab in instances.labels]
+    canvas = draw_segmentation_masks(
+        canvas, torch.from_numpy(instances.masks), alpha=alpha, colors=colors
+    )
+    captions = [f"{n} {s:.2f}" for n, s in zip(instances.class_names, instances.scores)]
+    canvas = draw_bounding_boxes(
+        canvas, torch.from_numpy(instances.boxes), labels=captions, colors=colors, width=1
+    )
+    return Image.fromarray(canvas.permute(1, 2, 0).numpy())
+
+
+def _color(label: int) -> tuple[int, int, int]:
+    """A stable, well-spread colour per class (golden-ratio hue steps)."""
+    import colorsys
+
+    r, g, b = colorsys.hsv_to_rgb((label * 0.618034) % 1.0, 0.85, 1.0)
+    return int(r * 255), int(g * 255), int(b * 255)

@@ -1,0 +1,139 @@
+"""The model: torchvision equality, partial mask supervision, mask-head contract."""
+
+import pytest
+import torch
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+from everyseg.modeling.detector import build_model, from_torchvision
+from everyseg.modeling.losses import mask_bce_loss
+from tests.conftest import tiny_config
+
+SIZE = 64
+
+
+def _targets():
+    """One image, two instances: a masked square (class 1) and a box-only bar (class 2)."""
+    masks = torch.zeros(2, SIZE, SIZE, dtype=torch.uint8)
+    masks[0, 8:30, 8:30] = 1
+    return {
+        "boxes": torch.tensor([[8.0, 8.0, 30.0, 30.0], [34.0, 20.0, 60.0, 50.0]]),
+        "labels": torch.tensor([1, 2]),
+        "masks": masks,
+        "has_mask": torch.tensor([True, False]),
+    }
+
+
+def _losses_and_grads(model, image, target, seed=0):
+    model.zero_grad(set_to_none=False)
+    torch.manual_seed(seed)  # the RPN and RoI samplers draw random subsets
+    losses = model([image], [target])
+    sum(losses.values()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return {k: v.detach() for k, v in losses.items()}, grads
+
+
+@pytest.fixture
+def model_and_image(tiny_cfg):
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg, num_classes=4).train()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    return model, torch.rand(3, SIZE, SIZE)
+
+
+def test_from_torchvision_gives_identical_predictions():
+    torch.manual_seed(0)
+    backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=5)
+    tv = MaskRCNN(backbone, num_classes=5, min_size=SIZE, max_size=SIZE, box_score_thresh=0.0)
+    tv.eval()
+    ours = from_torchvision(tv).eval()
+    images = [torch.rand(3, SIZE, SIZE), torch.rand(3, 48, SIZE)]
+    with torch.no_grad():
+        expected, got = tv(images), ours(images)
+    for e, g in zip(expected, got):
+        assert len(e["boxes"]) > 0
+        assert set(e) == set(g) == {"boxes", "labels", "scores", "masks"}
+        for key in e:
+            assert torch.equal(e[key], g[key]), key
+
+
+def test_box_only_instance_adds_nothing_to_mask_loss(model_and_image):
+    model, image = model_and_image
+    target = _targets()
+    losses, grads = _losses_and_grads(model, image, target)
+    scrambled = dict(target, masks=target["masks"].clone())
+    scrambled["masks"][1] = 1  # garbage mask on the box-only instance: must be ignored
+    losses2, grads2 = _losses_and_grads(model, image, scrambled)
+    assert torch.equal(losses["loss_mask"], losses2["loss_mask"])
+    for name, grad in grads.items():
+        if ".mask_head." in name:
+            assert torch.equal(grad, grads2[name]), name
+
+
+def test_box_only_instance_still_trains_the_box_head(model_and_image):
+    model, image = model_and_image
+    target = _targets()
+    none_masked = dict(target, has_mask=torch.tensor([False, False]))
+    losses, grads = _losses_and_grads(model, image, none_masked)
+    # no supervised RoI: a zero mask loss that keeps the graph, so every mask-head
+    # parameter gets an all-zero gradient rather than none
+    assert losses["loss_mask"].item() == 0.0
+    mask_grads = [g for n, g in grads.items() if ".mask_head." in n]
+    assert mask_grads and all(torch.count_nonzero(g) == 0 for g in mask_grads)
+    box_grad = grads["roi_heads.box_predictor.cls_score.weight"]
+    assert torch.count_nonzero(box_grad[2]) > 0  # the box-only class's classifier row trains
+    assert losses["loss_classifier"] > 0
+
+
+def test_masked_instance_trains_the_mask_head(model_and_image):
+    model, image = model_and_image
+    losses, grads = _losses_and_grads(model, image, _targets())
+    assert losses["loss_mask"] > 0
+    assert torch.count_nonzero(grads["roi_heads.mask_head.predictor.conv.weight"]) > 0
+
+
+def test_image_without_instances_trains(model_and_image):
+    model, image = model_and_image
+    empty = {
+        "boxes": torch.zeros(0, 4),
+        "labels": torch.zeros(0, dtype=torch.int64),
+        "masks": torch.zeros(0, SIZE, SIZE, dtype=torch.uint8),
+        "has_mask": torch.zeros(0, dtype=torch.bool),
+    }
+    losses, _ = _losses_and_grads(model, image, empty)
+    assert losses["loss_mask"].item() == 0.0 and losses["loss_classifier"] > 0
+
+
+def test_mask_bce_loss_empty_keeps_graph():
+    logits = torch.zeros(0, 14, 14, requires_grad=True)
+    loss = mask_bce_loss(logits, torch.zeros(0, 14, 14))
+    loss.backward()
+    assert loss.item() == 0.0 and logits.grad is not None
+
+
+@pytest.mark.parametrize("agnostic, channels", [(False, 4), (True, 1)])
+def test_mask_head_shapes(synth_paths, agnostic, channels):
+    cfg = tiny_config(synth_paths, f"model.mask_head.class_agnostic={str(agnostic).lower()}")
+    head = build_model(cfg, num_classes=4).roi_heads.mask_head
+    assert head.predictor.conv.out_channels == channels
+    features = torch.rand(5, 16, 7, 7)  # (R, C, S, S)
+    labels = torch.tensor([1, 2, 3, 1, 2])
+    assert head(features, labels).shape == (5, 14, 14)
+    assert head.predict(features, labels).shape == (5, 1, 14, 14)
+
+
+def test_class_specific_head_selects_the_labels_channel(synth_paths):
+    head = build_model(tiny_config(synth_paths), num_classes=4).roi_heads.mask_head
+    features = torch.rand(3, 16, 7, 7)
+    all_channels = head.predictor.conv(head.features(features))  # (R, K, M, M)
+    labels = torch.tensor([3, 1, 2])
+    assert torch.equal(head(features, labels), all_channels[torch.arange(3), labels])
+
+
+def test_eval_outputs_masks_in_image_size(tiny_cfg):
+    model = build_model(tiny_cfg, num_classes=4).eval()
+    with torch.no_grad():
+        (out,) = model([torch.rand(3, 40, 56)])
+    assert out["masks"].shape[1:] == (1, 40, 56)
+    assert out["masks"].shape[0] == out["boxes"].shape[0] == out["labels"].shape[0]
