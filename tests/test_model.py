@@ -4,6 +4,7 @@ import pytest
 import torch
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.models.detection.roi_heads import paste_masks_in_image, project_masks_on_boxes
 
 from everyseg.modeling.detector import build_model, from_torchvision
 from everyseg.modeling.losses import mask_bce_loss
@@ -137,3 +138,40 @@ def test_eval_outputs_masks_in_image_size(tiny_cfg):
         (out,) = model([torch.rand(3, 40, 56)])
     assert out["masks"].shape[1:] == (1, 40, 56)
     assert out["masks"].shape[0] == out["boxes"].shape[0] == out["labels"].shape[0]
+
+
+def test_mask_head_learns_masks_that_match_the_ground_truth(tiny_cfg):
+    """Fit the mask branch on ground-truth boxes of an easy image, then paste its masks back
+    into the image: they must cover the true shapes (checks loss, RoI targets and pasting
+    agree on geometry)."""
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg, num_classes=4).eval()
+    yy, xx = torch.meshgrid(torch.arange(SIZE), torch.arange(SIZE), indexing="ij")
+    disc = ((yy - 20) ** 2 + (xx - 18) ** 2 <= 100).to(torch.uint8)
+    triangle = ((yy >= 36) & (yy <= 58) & (xx >= 30) & (xx - 30 <= yy - 36)).to(torch.uint8)
+    masks = torch.stack([disc, triangle])  # (2, H, W)
+    image = torch.full((3, SIZE, SIZE), 0.2)
+    image[:, masks.bool().any(0)] = 0.9
+    boxes = torch.tensor([[8.0, 10.0, 29.0, 31.0], [30.0, 36.0, 53.0, 59.0]])
+    labels = torch.tensor([1, 2])
+    roi_heads = model.roi_heads
+    with torch.no_grad():
+        images, _ = model.transform([image])
+        features = model.backbone(images.tensors)
+    head = roi_heads.mask_head.train()
+    optimizer = torch.optim.Adam(head.parameters(), lr=0.01)
+    resolution = roi_heads.mask_roi_pool.output_size[0] * 2
+    targets = project_masks_on_boxes(masks, boxes, torch.tensor([0, 1]), resolution)
+    roi_features = roi_heads.mask_roi_pool(features, [boxes], [(SIZE, SIZE)])
+    initial = head.loss(head(roi_features, labels), targets).item()
+    for _ in range(150):
+        loss = head.loss(head(roi_features, labels), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.3 * initial
+    probs = head.eval().predict(roi_features, labels)  # (2, 1, M, M)
+    pasted = paste_masks_in_image(probs, boxes, (SIZE, SIZE))[:, 0] > 0.5
+    for predicted, truth in zip(pasted, masks.bool()):
+        iou = (predicted & truth).sum() / (predicted | truth).sum()
+        assert iou > 0.8, iou

@@ -1,0 +1,97 @@
+"""The command line end to end on tiny data: synth -> train -> evaluate -> predict."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from everyseg.cli import main
+from everyseg.predictor import Predictor, draw_overlay
+from tests.conftest import TINY_OVERRIDES
+
+METRIC_KEYS = {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    assert main(["synth", str(root / "data"), "--train", "6", "--val", "3", "--size", "64"]) == 0
+    data = {
+        "train_json": root / "data/annotations/train.json",
+        "train_images": root / "data/train",
+        "val_json": root / "data/annotations/val.json",
+        "val_images": root / "data/val",
+    }
+    sets = [f"data.{k}={v}" for k, v in data.items()]
+    sets += [*TINY_OVERRIDES, "train.steps=3", "data.mask_classes=[circle, star, ring]"]
+    argv = ["train", "baseline-tiny", "--out", str(root / "run")]
+    for item in sets:
+        argv += ["--set", item]
+    assert main(argv) == 0
+    return root
+
+
+def test_train_writes_the_run_directory_and_metrics(trained_run):
+    run = trained_run / "run"
+    for name in ("config.yaml", "checkpoints/last.pt", "log.jsonl", "metrics.json"):
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics) == {"segm", "bbox", "seen_classes", "unseen_classes", "images"}
+    assert metrics["seen_classes"] == ["circle", "star", "ring"]
+    assert len(metrics["unseen_classes"]) == 11 and metrics["images"] == 3
+    for kind in ("segm", "bbox"):
+        assert set(metrics[kind]) == {"all", "seen", "unseen", "per_class"}
+        for subset in ("all", "seen", "unseen"):
+            assert set(metrics[kind][subset]) == METRIC_KEYS
+        assert len(metrics[kind]["per_class"]) == 14
+
+
+def test_evaluate_command_rewrites_metrics(trained_run, capsys):
+    run = trained_run / "run"
+    (run / "metrics.json").unlink()
+    data = trained_run / "data"
+    argv = ["evaluate", str(run), "--data", str(data / "annotations/val.json")]
+    assert main([*argv, "--images", str(data / "val")]) == 0
+    assert (run / "metrics.json").is_file()
+    assert "segm unseen" in capsys.readouterr().out
+
+
+def test_predict_writes_results_and_overlays_and_skips_bad_files(trained_run, capsys):
+    images = sorted((trained_run / "data/val").glob("*.png"))
+    broken = trained_run / "broken.png"
+    broken.write_bytes(b"not a png")
+    out = trained_run / "pred"
+    argv = ["predict", str(trained_run / "run"), *map(str, images), str(broken)]
+    code = main([*argv, "--out", str(out), "--score-thresh", "0.0"])
+    assert code == 1  # one file failed; the others were still processed
+    assert "broken.png" in capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    assert results and {r["image_id"] for r in results} <= {1, 2, 3}
+    assert all("counts" in r["segmentation"] and len(r["bbox"]) == 4 for r in results)
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == [p.name for p in images]
+
+
+def test_bad_config_key_is_a_clean_error(trained_run, capsys):
+    code = main(
+        ["train", "maskrcnn-tiny", "--out", str(trained_run / "x"), "--set", "train.nope=1"]
+    )
+    assert code == 2
+    assert "train.nope" in capsys.readouterr().err
+
+
+def test_predictor_accepts_path_array_and_pil(trained_run):
+    predictor = Predictor(trained_run / "run", score_thresh=0.0)
+    path = sorted((trained_run / "data/val").glob("*.png"))[0]
+    array = np.asarray(Image.open(path).convert("RGB"))
+    by_path, by_array, by_pil = predictor(path), predictor(array), predictor(Image.open(path))
+    assert len(by_path) > 0
+    for other in (by_array, by_pil):
+        np.testing.assert_array_equal(by_path.boxes, other.boxes)
+        np.testing.assert_array_equal(by_path.masks, other.masks)
+    assert by_path.masks.shape == (len(by_path), *array.shape[:2])
+    assert by_path.masks.dtype == bool
+    assert all(name in predictor.class_names for name in by_path.class_names)
+    overlay = draw_overlay(array, by_path)
+    assert overlay.size == (array.shape[1], array.shape[0])
+    assert np.any(np.asarray(overlay) != array)  # something was drawn
