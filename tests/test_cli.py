@@ -92,6 +92,8 @@ def test_predictor_accepts_path_array_and_pil(trained_run):
     assert by_path.masks.shape == (len(by_path), *array.shape[:2])
     assert by_path.masks.dtype == bool
     assert all(name in predictor.class_names for name in by_path.class_names)
-    overlay = draw_overlay(array, by_path)
+    overlay = draw_overlay(array, by_path, min_side=1)
     assert overlay.size == (array.shape[1], array.shape[0])
     assert np.any(np.asarray(overlay) != array)  # something was drawn
+    enlarged = draw_overlay(array, by_path, min_side=4 * array.shape[1])
+    assert enlarged.size == (4 * array.shape[1], 4 * array.shape[0])

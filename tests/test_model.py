@@ -6,6 +6,7 @@ from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.models.detection.roi_heads import paste_masks_in_image, project_masks_on_boxes
 
+from everyseg.config import load_config
 from everyseg.modeling.detector import build_model, from_torchvision
 from everyseg.modeling.losses import mask_bce_loss
 from tests.conftest import tiny_config
@@ -175,3 +176,29 @@ def test_mask_head_learns_masks_that_match_the_ground_truth(tiny_cfg):
     for predicted, truth in zip(pasted, masks.bool()):
         iou = (predicted & truth).sum() / (predicted | truth).sum()
         assert iou > 0.8, iou
+
+
+def test_init_from_a_torchvision_state_dict(tmp_path, capsys):
+    """model.init loads a torchvision MaskRCNN .pth: the same predictions when the class
+    count matches; when it differs only the class-dependent predictors start afresh."""
+    torch.manual_seed(0)
+    backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=5)
+    tv = MaskRCNN(backbone, num_classes=6, min_size=SIZE, max_size=SIZE).eval()
+    path = tmp_path / "tv.pth"
+    torch.save(tv.state_dict(), path)
+    sizes = [f"data.min_size=[{SIZE}]", f"data.test_min_size={SIZE}", f"data.max_size={SIZE}"]
+    overrides = ["model.backbone.name=resnet18", "model.backbone.weights=null", *sizes]
+    cfg = load_config("maskrcnn", [*overrides, f"model.init={path}"])
+    ours = build_model(cfg, num_classes=6).eval()
+    images = [torch.rand(3, SIZE, SIZE)]
+    with torch.no_grad():
+        expected, got = tv(images)[0], ours(images)[0]
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+
+    other = build_model(cfg, num_classes=3)
+    reinitialised = capsys.readouterr().out
+    assert "roi_heads.box_predictor.cls_score.weight" in reinitialised
+    assert "roi_heads.mask_head.predictor.conv.weight" in reinitialised
+    tv_conv = tv.backbone.body.layer1[0].conv1.weight
+    assert torch.equal(other.backbone.body.layer1[0].conv1.weight, tv_conv)

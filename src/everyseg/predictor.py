@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,20 +110,31 @@ class Predictor:
         )
 
 
-def draw_overlay(image: ImageLike, instances: Instances, *, alpha: float = 0.45) -> Image.Image:
-    """The image with each instance's mask, box, class name and score drawn on it."""
+def draw_overlay(
+    image: ImageLike, instances: Instances, *, alpha: float = 0.45, min_side: int = 512
+) -> Image.Image:
+    """The image with each instance's mask, box, class name and score drawn on it.
+
+    Small images are enlarged (nearest neighbour, integer factor) until their long side
+    reaches `min_side`, so that captions stay readable on 128 px inputs.
+    """
     canvas = (image_to_tensor(image) * 255).round().to(torch.uint8)  # (3, H, W)
+    scale = max(1, math.ceil(min_side / max(canvas.shape[1:])))
+    canvas = _enlarge(canvas, scale)
     if len(instances) == 0:
         return Image.fromarray(canvas.permute(1, 2, 0).numpy())
     colors = [_color(int(lab)) for lab in instances.labels]
-    canvas = draw_segmentation_masks(
-        canvas, torch.from_numpy(instances.masks), alpha=alpha, colors=colors
-    )
+    masks = _enlarge(torch.from_numpy(instances.masks), scale)
+    canvas = draw_segmentation_masks(canvas, masks, alpha=alpha, colors=colors)
     captions = [f"{n} {s:.2f}" for n, s in zip(instances.class_names, instances.scores)]
-    canvas = draw_bounding_boxes(
-        canvas, torch.from_numpy(instances.boxes), labels=captions, colors=colors, width=1
-    )
+    boxes = torch.from_numpy(instances.boxes) * scale
+    canvas = draw_bounding_boxes(canvas, boxes, labels=captions, colors=colors, width=2)
     return Image.fromarray(canvas.permute(1, 2, 0).numpy())
+
+
+def _enlarge(planes: torch.Tensor, scale: int) -> torch.Tensor:
+    """(C, H, W) -> (C, scale * H, scale * W) by pixel repetition."""
+    return planes.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
 
 
 def _color(label: int) -> tuple[int, int, int]:

@@ -1,4 +1,4 @@
-"""SGD with momentum and weight decay; linear warm-up, then step or cosine decay."""
+"""SGD with momentum (or AdamW) and weight decay; linear warm-up, then step or cosine decay."""
 
 from __future__ import annotations
 

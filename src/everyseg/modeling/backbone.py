@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import torch
 from torch import nn
 from torchvision.models import resnet
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops import FrozenBatchNorm2d
+
+from everyseg.modeling.weights import load_state_dict
 
 RESNETS = {
     "resnet18": (resnet.resnet18, resnet.ResNet18_Weights.IMAGENET1K_V1),
@@ -41,7 +40,14 @@ def resnet_fpn(
     constructor, imagenet = RESNETS[name]
     trunk = constructor(weights=None, norm_layer=NORMS[norm])
     if weights is not None:
-        trunk.load_state_dict(_trunk_state_dict(weights, imagenet))
+        trunk.load_state_dict(
+            load_state_dict(
+                weights,
+                builtin_name="imagenet",
+                builtin=imagenet,
+                config_key="model.backbone.weights",
+            )
+        )
     _freeze(trunk, trainable_layers)
     in_channels_stage2 = trunk.inplanes // 8
     return BackboneWithFPN(
@@ -50,22 +56,6 @@ def resnet_fpn(
         in_channels_list=[in_channels_stage2 * 2 ** (k - 1) for k in range(1, 5)],
         out_channels=fpn_channels,
     )
-
-
-def _trunk_state_dict(weights: str, imagenet) -> dict[str, torch.Tensor]:
-    if weights == "imagenet":
-        try:
-            return imagenet.get_state_dict(progress=True)
-        except Exception as err:  # noqa: BLE001 - any download failure gets the same advice
-            raise RuntimeError(
-                f"could not load torchvision's ImageNet weights ({err}); go online once to cache "
-                "them, or set model.backbone.weights to a local .pth or to null"
-            ) from err
-    path = Path(weights)
-    if not path.is_file():
-        raise FileNotFoundError(f"model.backbone.weights: no such file {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("model", state)
 
 
 def _freeze(trunk: nn.Module, trainable_layers: int) -> None:

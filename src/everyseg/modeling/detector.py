@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection import MaskRCNN, MaskRCNN_ResNet50_FPN_Weights
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
@@ -20,6 +19,7 @@ from everyseg.modeling.backbone import resnet_fpn
 from everyseg.modeling.mask_heads import MASK_HEADS, ClassConvPredictor, MaskHead
 from everyseg.modeling.mask_heads.fcn import FCNFeatures
 from everyseg.modeling.roi_heads import PartialMaskRoIHeads
+from everyseg.modeling.weights import load_state_dict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -172,7 +172,13 @@ def load_torchvision_weights(model: nn.Module, source: str) -> None:
     Tensors whose shape differs (the class-count-dependent predictors when fine-tuning on
     another label set) are skipped and named, so fine-tuning keeps everything else.
     """
-    state = torchvision_to_everyseg_state(_torchvision_state(source))
+    tv_state = load_state_dict(
+        source,
+        builtin_name="torchvision-coco",
+        builtin=MaskRCNN_ResNet50_FPN_Weights.COCO_V1,
+        config_key="model.init",
+    )
+    state = torchvision_to_everyseg_state(tv_state)
     own = model.state_dict()
     mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     for key in mismatched:
@@ -184,21 +190,3 @@ def load_torchvision_weights(model: nn.Module, source: str) -> None:
         print(f"model.init: re-initialised (shape differs): {', '.join(mismatched)}")
     if missing:
         print(f"model.init: not in {source}, kept freshly initialised: {', '.join(missing)}")
-
-
-def _torchvision_state(source: str) -> dict[str, torch.Tensor]:
-    if source == "torchvision-coco":
-        from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
-
-        try:
-            return MaskRCNN_ResNet50_FPN_Weights.COCO_V1.get_state_dict(progress=True)
-        except Exception as err:  # noqa: BLE001 - every download failure gets the same advice
-            raise RuntimeError(
-                f"could not load torchvision's COCO Mask R-CNN weights ({err}); go online once "
-                "to cache them or set model.init to a local .pth"
-            ) from err
-    path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"model.init: no such file {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("model", state)
