@@ -9,7 +9,15 @@ import torch
 from PIL import Image
 from pycocotools.coco import COCO
 
-from everyseg.data.coco import CROWD, DEGENERATE, NO_VALID_POLYGON, CocoInstances, collate
+from everyseg.data.check import report
+from everyseg.data.coco import (
+    CROWD,
+    DEGENERATE,
+    NO_VALID_POLYGON,
+    CocoInstances,
+    DataError,
+    collate,
+)
 from everyseg.data.transforms import load_image
 
 W, H = 40, 30
@@ -122,12 +130,23 @@ def test_every_annotation_kind(tmp_path):
 
 def test_summary_reports_every_skip_with_ids(tmp_path):
     dataset = _dataset(tmp_path)
-    assert dataset.skipped == {CROWD: [107], DEGENERATE: [108]}
-    assert dataset.box_only[NO_VALID_POLYGON] == [109]
+    rep = report(dataset.index)
+    assert rep["skipped_annotations"] == {
+        "degenerate_bbox": {
+            "reason": DEGENERATE.text,
+            "items": [{"image_id": 1, "ann_id": 108, "detail": "bbox [5, 5, 0.5, 10]"}],
+        }
+    }
+    for section, key, ids in [
+        ("dropped_masks", "no_valid_polygon", [109]),
+        ("notes", "crowd", [107]),
+        ("repaired", "clipped_bbox", [109]),
+    ]:
+        assert [f["ann_id"] for f in rep[section][key]["items"]] == ids
     text = dataset.summary()
     assert "1 images" in text and "9 annotations -> 7 instances (4 with masks)" in text
     for reason, ann_id in [(CROWD, 107), (DEGENERATE, 108), (NO_VALID_POLYGON, 109)]:
-        assert f"{reason}: 1 (annotation ids: {ann_id})" in text
+        assert f"{reason.text}: 1 (annotation ids: {ann_id})" in text
     assert "* cat" in text
 
 
@@ -247,24 +266,23 @@ def test_grayscale_image_through_the_dataset(tmp_path):
 
 def test_unknown_category_id_names_annotation_and_category(tmp_path):
     json_path = _write(tmp_path, annotations=[_ann(5, 99, [1, 1, 5, 5])])
-    with pytest.raises(ValueError, match="annotation 5 has category id 99"):
-        _dataset(tmp_path, json_path=json_path)
+    with pytest.raises(DataError, match="annotation 5, image 1: category id not in .* 99"):
+        _dataset(tmp_path, json_path=json_path, on_bad_sample="error")
 
 
 def test_missing_image_names_path_and_id(tmp_path):
     json_path = _write(tmp_path)
     (tmp_path / "img" / "a.png").unlink()
-    dataset = _dataset(tmp_path, json_path=json_path)
-    with pytest.raises(FileNotFoundError) as err:
-        dataset[0]
-    assert str(tmp_path / "img" / "a.png") in str(err.value) and "image id 1" in str(err.value)
+    with pytest.raises(DataError) as err:
+        _dataset(tmp_path, json_path=json_path, on_bad_sample="error")
+    assert str(tmp_path / "img" / "a.png") in str(err.value) and "image 1" in str(err.value)
 
 
 def test_image_size_disagreeing_with_json_is_an_error(tmp_path):
     json_path = _write(tmp_path)
     Image.new("RGB", (W + 1, H)).save(tmp_path / "img" / "a.png")
-    with pytest.raises(ValueError, match="JSON says 40x30"):
-        _dataset(tmp_path, json_path=json_path)[0]
+    with pytest.raises(DataError, match="JSON says 40x30"):
+        _dataset(tmp_path, json_path=json_path, on_bad_sample="error")
 
 
 def test_images_without_instances_and_collate(tmp_path):

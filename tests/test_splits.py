@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from everyseg.config import ConfigError
 from everyseg.data.splits import VOC_CLASSES, resolve_mask_classes
 
 NAMES = ["person", "bicycle", "giraffe", "cat", "toaster", "dog", "kite"]
@@ -110,9 +111,10 @@ def test_random_k_out_of_range(k):
 
 
 def test_unknown_names_are_named_with_suggestion_and_valid_list():
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(ConfigError) as err:
         resolve_mask_classes(["dgo", "unicorn", "cat"], NAMES)
     message = str(err.value)
+    assert message.startswith("data.mask_classes: unknown class name(s)")
     assert "'dgo'" in message and "did you mean 'dog'" in message
     assert "'unicorn'" in message
     assert "valid names: person, bicycle" in message

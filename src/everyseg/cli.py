@@ -1,4 +1,4 @@
-"""`everyseg synth | train | evaluate | predict | demo`."""
+"""`everyseg synth | train | evaluate | predict | check-data | demo`."""
 
 from __future__ import annotations
 
@@ -15,7 +15,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args) or 0
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, OSError) as err:
+    except (
+        ConfigError,
+        FileNotFoundError,
+        FileExistsError,
+        ValueError,
+        OSError,
+        FloatingPointError,
+    ) as err:
         print(f"everyseg {args.command}: error: {err}", file=sys.stderr)
         return 2
 
@@ -57,6 +64,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--score-thresh", type=float, default=0.5)
     p.add_argument("--checkpoint", default="last")
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("check-data", help="scan a dataset; exit 1 if anything is invalid")
+    p.add_argument("source", help="a COCO JSON file, or a config whose train and val sets to check")
+    p.add_argument("--images", help="the image folder of a JSON file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--decode", action="store_true", help="decode every image, not just headers")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_check_data)
 
     p = sub.add_parser("demo", help="synth + train baseline-tiny + evaluate + overlays")
     p.add_argument("--out", type=Path, default=Path("everyseg-demo"))
@@ -124,6 +139,18 @@ def predict_files(predictor, paths: list[Path], out: Path) -> list[str]:
     for line in failures:
         print(f"skipped {line}", file=sys.stderr)
     return failures
+
+
+def _check_data(args) -> int:
+    from everyseg.data.check import run_check_data
+
+    return run_check_data(
+        source=args.source,
+        images=args.images,
+        overrides=args.overrides,
+        decode=args.decode,
+        as_json=args.json,
+    )
 
 
 def _demo(args) -> None:

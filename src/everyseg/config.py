@@ -35,6 +35,9 @@ class DataConfig:
     max_size: int = 1333
     test_min_size: int = 800
     num_workers: int = 2
+    # a bad image or annotation: "error" stops at the first, "skip" drops it and names it in the
+    # start-up summary, "warn" also warns for each (docs/bad_input.md)
+    on_bad_sample: str = "skip"
 
 
 @dataclass
@@ -84,6 +87,31 @@ class MaskHeadConfig:
     # the mask is predicted at twice the pooler resolution (the deconv upsamples)
     pooler_resolution: int = 14
     class_agnostic: bool = False
+    # the final layer: "conv" (Mask R-CNN's per-class 1x1 conv) or "transfer" (Mask^X: that
+    # conv's weights predicted from the box head's weights, see model.transfer)
+    predictor: str = "conv"
+    # Mask^X's fused FCN+MLP head: a class-agnostic MLP on the flattened mask features adds
+    # one M x M logit map to every class's; mlp_hidden is used when mlp_layers > 1
+    mlp_fusion: bool = False
+    mlp_layers: int = 1
+    mlp_hidden: int = 1024
+
+
+@dataclass
+class TransferConfig:
+    """Mask^X's weight transfer function T (model.mask_head.predictor=transfer)."""
+
+    # what T reads per class: cls | box | cls+box (the box predictor's weights for the class),
+    # randn (a fixed random vector) | embedding (a vector from embedding_file)
+    input: str = "cls+box"
+    num_layers: int = 2  # 1 (linear), 2 or 3 FC layers
+    hidden_dim: int | None = None  # null: model.mask_head.channels, as in the authors' code
+    activation: str = "leaky_relu"  # leaky_relu (slope 0.1) | relu
+    # the mask loss trains T but never the box weights T reads
+    stop_gradient: bool = True
+    randn_dim: int = 300
+    # a local text file of "name v1 v2 ..." lines (GloVe's format), for input=embedding
+    embedding_file: str | None = None
 
 
 @dataclass
@@ -95,12 +123,17 @@ class ModelConfig:
     # start from a full Mask R-CNN: "torchvision-coco" (torchvision's COCO weights, needs network
     # or a warm cache) or a local .pth holding a torchvision MaskRCNN state dict
     init: str | None = None
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    # a run directory whose last checkpoint initialises everything but the mask branch
+    # (stage-wise training's stage 2 starts from its stage-1 run)
+    init_from_run: str | None = None
 
 
 @dataclass
 class TrainConfig:
     steps: int = 90000
     batch_size: int = 16
+    optimizer: str = "sgd"  # sgd (with momentum) | adamw
     lr: float = 0.02
     momentum: float = 0.9
     weight_decay: float = 1e-4
@@ -117,6 +150,11 @@ class TrainConfig:
     keep_every: int = 0  # also keep checkpoints/step_XXXXXXX.pt every N steps (0: never)
     log_every: int = 20
     eval_every: int = 0  # evaluate on val every N steps and keep checkpoints/best.pt (0: never)
+    # a NaN/Inf loss: "stop" training (the last checkpoint is intact) or "skip" the update
+    on_nonfinite_loss: str = "stop"
+    # end_to_end | detector (stage 1: boxes of all classes, no masks) | mask (stage 2: only the
+    # mask branch trains, from model.init_from_run); see everyseg.modeling.stages
+    stage: str = "end_to_end"
 
 
 @dataclass

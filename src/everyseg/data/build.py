@@ -25,4 +25,7 @@ def build_dataset(
         train=train,
         hflip_prob=cfg.hflip_prob if train else 0.0,
         seed=seed,
+        on_bad_sample=cfg.on_bad_sample,
+        # evaluation cannot let another image stand in for one that fails to decode mid-way
+        decode_images=not train,
     )

@@ -13,6 +13,8 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
+from everyseg.config import ConfigError
+
 # The 20 PASCAL VOC classes, spelled as their COCO category names, for the VOC / non-VOC
 # benchmark of Mask^X R-CNN and Deep-MAC.
 VOC_CLASSES: tuple[str, ...] = (
@@ -34,8 +36,8 @@ def resolve_mask_classes(
       - `"random:K:SEED"`: K classes drawn with `random.Random(SEED)` (same on every run);
       - a path to a text file with one name per line (blank lines and `#` comments ignored);
       - a comma-separated string of names, or a list/tuple of names.
-    Raises ValueError for unknown names or malformed specs, FileNotFoundError for a `.txt`
-    path that does not exist.
+    Raises ConfigError (a ValueError) naming `data.mask_classes` for unknown names or
+    malformed specs, FileNotFoundError for a `.txt` path that does not exist.
     """
     names = list(class_names)
     if spec is None:
@@ -58,10 +60,10 @@ def resolve_mask_classes(
         return _select(_read_names_file(Path(spec)), names)
     if spec.strip().endswith(".txt"):
         # Without this, a mistyped file name would be read as a single class name.
-        raise FileNotFoundError(f"mask_classes file not found: {spec}")
+        raise FileNotFoundError(f"data.mask_classes file not found: {spec}")
     wanted = [part.strip() for part in spec.split(",") if part.strip()]
     if not wanted:
-        raise ValueError("mask_classes is an empty string; use 'none' for box-only training")
+        raise ConfigError("data.mask_classes is empty; use 'none' for box-only training")
     return _select(wanted, names)
 
 
@@ -69,7 +71,7 @@ def _select(wanted: Sequence[str], names: list[str]) -> list[str]:
     """Check every wanted name exists and return them in class order (duplicates merged)."""
     unknown = [w for w in wanted if w not in names]
     if unknown:
-        raise ValueError(_unknown_message(unknown, names))
+        raise ConfigError(_unknown_message(unknown, names))
     keep = set(wanted)
     return [n for n in names if n in keep]
 
@@ -80,7 +82,7 @@ def _unknown_message(unknown: list[str], names: list[str]) -> str:
         close = difflib.get_close_matches(bad, names, n=1)
         hints.append(f"{bad!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
     shown = ", ".join(names[:12]) + (f", ... ({len(names)} classes)" if len(names) > 12 else "")
-    return f"unknown class name(s) in mask_classes: {', '.join(hints)}; valid names: {shown}"
+    return f"data.mask_classes: unknown class name(s) {', '.join(hints)}; valid names: {shown}"
 
 
 def _read_names_file(path: Path) -> list[str]:
@@ -91,8 +93,8 @@ def _read_names_file(path: Path) -> list[str]:
 def _voc_split(keyword: str, names: list[str]) -> list[str]:
     voc = set(VOC_CLASSES)
     if not voc.intersection(names):
-        raise ValueError(
-            f"mask_classes={keyword!r}: none of the 20 VOC classes (spelled as COCO names, "
+        raise ConfigError(
+            f"data.mask_classes={keyword!r}: none of the 20 VOC classes (spelled as COCO names, "
             f"e.g. 'person', 'airplane') is among the dataset's {len(names)} classes"
         )
     return [n for n in names if (n in voc) == (keyword == "voc")]
@@ -105,12 +107,12 @@ def _random_split(spec: str, names: list[str]) -> list[str]:
             raise ValueError
         k, seed = int(parts[1]), int(parts[2])
     except ValueError:
-        raise ValueError(
-            f"mask_classes={spec!r}: expected 'random:K:SEED' with integers K and SEED, "
+        raise ConfigError(
+            f"data.mask_classes={spec!r}: expected 'random:K:SEED' with integers K and SEED, "
             "e.g. 'random:20:0'"
         ) from None
     if not 1 <= k <= len(names):
-        raise ValueError(f"mask_classes={spec!r}: K must be in 1..{len(names)}, got {k}")
+        raise ConfigError(f"data.mask_classes={spec!r}: K must be in 1..{len(names)}, got {k}")
     # random.Random with an int seed does not depend on PYTHONHASHSEED, and sampling from the
     # list in class order makes the draw depend only on (class list, K, SEED).
     chosen = set(random.Random(seed).sample(names, k))

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import tempfile
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -48,36 +50,110 @@ class RunDir:
     def overlays(self) -> Path:
         return self.root / "overlays"
 
+    @property
+    def index(self) -> Path:
+        """Which step each checkpoint holds (see save_checkpoint)."""
+        return self.checkpoints / "index.json"
+
     def snapshot(self, step: int) -> Path:
         return self.checkpoints / f"step_{step:07d}.pt"
+
+
+_PLAIN_REASONS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EROFS: "the file system is read-only",
+}
 
 
 def atomic_write_bytes(path: Path, write) -> None:
     """Call write(file) on a temporary file beside `path`, fsync it, then rename it into place.
 
     A crash at any moment leaves either the old file or the new one, never a truncated one.
+    A failure to write (disk full, permission denied...) raises OSError saying so plainly.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # a run killed mid-write leaves its temporary file; one writer per run directory
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as err:
-        Path(tmp).unlink(missing_ok=True)
-        reason = {errno.ENOSPC: "the disk is full", errno.EACCES: "permission denied"}.get(
-            err.errno, err.strerror or str(err)
-        )
-        raise OSError(err.errno, f"could not write {path}: {reason}") from err
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        reason = _PLAIN_REASONS.get(err.errno, err.strerror or str(err))
+        raise OSError(
+            err.errno, f"could not write {path}: {reason}; any previous file there is intact"
+        ) from err
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)  # the rename itself must survive a power cut
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        # some file systems (network, FUSE) cannot sync a directory; the rename is still atomic
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write `state` atomically and record its step in `index.json` beside it.
+
+    The index is rewritten after the checkpoint, so a kill between the two leaves it one
+    checkpoint behind; the checkpoint's own "step" is authoritative.
+    """
     atomic_write_bytes(path, lambda f: torch.save(state, f))
+    index_path = path.parent / "index.json"
+    index = read_checkpoint_index(index_path)
+    index[path.name] = {
+        "step": state.get("step"),
+        "saved": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    text = json.dumps(index, indent=2, sort_keys=True).encode()
+    atomic_write_bytes(index_path, lambda f: f.write(text))
+
+
+def read_checkpoint_index(path: Path) -> dict[str, dict]:
+    """checkpoints/index.json: file name -> {"step", "saved"}; empty if there is none yet."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except ValueError:  # edited by hand into invalid JSON: it is rebuilt from here on
+        return {}
+
+
+def trim_log(path: Path, *, step: int) -> None:
+    """Keep the records of steps <= `step`: what a killed run logged past its last checkpoint
+    (and a half-written last line) would otherwise be logged twice after a resume."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line + "\n")
+    text = "".join(kept).encode()
+    atomic_write_bytes(path, lambda f: f.write(text))
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -26,7 +26,9 @@ def load_run(run_dir, *, checkpoint: str = "last", device: str = "auto"):
     # the backbone's pretrained weights are already in the checkpoint: never fetch them again
     cfg.model.backbone.weights = None
     cfg.model.init = None
-    model = build_model(cfg, num_classes=len(state["class_names"]) + 1)
+    cfg.model.init_from_run = None  # nor the stage-1 run a stage-2 run started from
+    classes = state["class_names"]
+    model = build_model(cfg, num_classes=len(classes) + 1, class_names=classes)
     model.load_state_dict(state["model"])
     meta = {k: state[k] for k in ("class_names", "label_to_cat_id", "mask_classes")}
     meta["step"] = state["step"]
@@ -41,6 +43,8 @@ def evaluate_loaded(
     if data_json is not None:
         data.val_json, data.val_images = str(data_json), str(images)
     dataset = build_dataset(data, split="val", mask_classes="all")
+    if dataset.index.findings.num_bad:
+        print(dataset.summary())
     if list(dataset.class_names) != list(meta["class_names"]):
         raise ValueError(
             f"{data.val_json}: its categories {dataset.class_names} differ from the ones the "
@@ -53,7 +57,8 @@ def evaluate_loaded(
         dataset,
         label_to_cat_id=meta["label_to_cat_id"],
         seen_cat_ids=[name_to_cat[n] for n in meta["mask_classes"]],
-        gt_json=data.val_json,
+        # only what the loader kept: skipped images and annotations are not scored
+        gt_json=dataset.ground_truth(),
         device=device,
         progress=progress,
     )

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from everyseg.config import Config, from_dict
+from everyseg.config import Config, ConfigError, from_dict
 from everyseg.data.build import build_dataset
 from everyseg.data.coco import CocoInstances, collate
 from everyseg.engine.checkpoint import (
@@ -22,10 +22,12 @@ from everyseg.engine.checkpoint import (
     restore_rng,
     save_checkpoint,
     seed_everything,
+    trim_log,
 )
 from everyseg.engine.optim import build_optimizer, build_scheduler
 from everyseg.engine.sampler import StepBatchSampler
 from everyseg.modeling.detector import build_model
+from everyseg.modeling.stages import check_stage
 
 
 def resolve_device(name: str) -> torch.device:
@@ -41,19 +43,41 @@ def to_device(images, targets, device):
 
 
 def train_one_step(
-    model, images, targets, *, optimizer, scaler, amp: bool, clip_grad_norm: float | None, step: int
-) -> dict[str, float]:
-    """Forward, backward and update on one batch; returns each loss term as a float."""
+    model,
+    images,
+    targets,
+    *,
+    optimizer,
+    scaler,
+    amp: bool,
+    clip_grad_norm: float | None,
+    step: int,
+    on_nonfinite: str = "stop",
+) -> dict:
+    """Forward, backward and update on one batch; returns each loss term as a float.
+
+    A NaN/Inf loss term raises FloatingPointError naming the step (counted from 1, as in
+    log.jsonl) and the term, before any update; with on_nonfinite="skip" the update is skipped
+    instead and the result has "skipped" saying why.
+    """
     device_type = images[0].device.type
+    # a skipped step must not keep what its forward pass did to BatchNorm statistics either
+    buffers = [b.detach().clone() for b in model.buffers()] if on_nonfinite == "skip" else []
     with torch.autocast(device_type=device_type, enabled=amp):
         losses = model(images, targets)
     total = sum(losses.values())
     values = {name: float(v.detach()) for name, v in losses.items()}
-    for name, value in values.items():
-        if not math.isfinite(value):
-            raise FloatingPointError(
-                f"step {step}: {name} is {value}; training stopped, the last checkpoint is intact"
-            )
+    bad = [f"{name} is {value}" for name, value in values.items() if not math.isfinite(value)]
+    if bad and on_nonfinite != "skip":
+        raise FloatingPointError(
+            f"step {step + 1}: {', '.join(bad)}; training stopped, the last checkpoint is "
+            "intact (train.on_nonfinite_loss=skip would skip such steps instead)"
+        )
+    if bad:
+        with torch.no_grad():
+            for buffer, saved in zip(model.buffers(), buffers):
+                buffer.copy_(saved)
+        return {**values, "loss": sum(values.values()), "skipped": ", ".join(bad)}
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(total).backward()
     if clip_grad_norm is not None:
@@ -78,15 +102,23 @@ def run_metadata(cfg: Config, dataset: CocoInstances) -> dict:
 
 
 def train(cfg: Config, *, out_dir, resume: bool = False, progress: bool = True) -> RunDir:
+    tc = cfg.train
+    if tc.on_nonfinite_loss not in ("stop", "skip"):
+        raise ConfigError(
+            f"train.on_nonfinite_loss: expected stop or skip, got {tc.on_nonfinite_loss!r}"
+        )
+    check_stage(cfg)
     run = RunDir(Path(out_dir))
     _prepare_run_dir(run, cfg, resume=resume)
-    tc = cfg.train
     device = resolve_device(tc.device)
     amp = tc.amp and device.type == "cuda"
     seed_everything(tc.seed)
-    dataset = build_dataset(cfg.data, split="train", seed=tc.seed)
+    # stage-wise training's stage 1 trains the detector alone: no instance keeps its mask
+    no_masks = "none" if tc.stage == "detector" else None
+    dataset = build_dataset(cfg.data, split="train", seed=tc.seed, mask_classes=no_masks)
     print(dataset.summary())
-    model = build_model(cfg, num_classes=len(dataset.class_names) + 1).to(device)
+    classes = dataset.class_names
+    model = build_model(cfg, num_classes=len(classes) + 1, class_names=classes).to(device)
     optimizer = build_optimizer(model, tc)
     scheduler = build_scheduler(optimizer, tc)
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
@@ -94,6 +126,8 @@ def train(cfg: Config, *, out_dir, resume: bool = False, progress: bool = True) 
     if resume and run.last.is_file():
         step = _restore(load_checkpoint(run.last), model, optimizer, scheduler, scaler)
         print(f"resumed from {run.last} at step {step}")
+    if resume:
+        trim_log(run.log, step=step)
     meta = run_metadata(cfg, dataset)
 
     def checkpoint(path: Path) -> None:
@@ -128,12 +162,15 @@ def train(cfg: Config, *, out_dir, resume: bool = False, progress: bool = True) 
                 amp=amp,
                 clip_grad_norm=tc.clip_grad_norm,
                 step=step,
+                on_nonfinite=tc.on_nonfinite_loss,
             )
             scheduler.step()
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{values['loss']:.3f}", mask=f"{values['loss_mask']:.3f}")
-            if step % tc.log_every == 0 or step == tc.steps:
+            if "skipped" in values:
+                tqdm.write(f"step {step}: {values['skipped']}; update skipped")
+            if step % tc.log_every == 0 or step == tc.steps or "skipped" in values:
                 record = {"step": step, "lr": optimizer.param_groups[0]["lr"], **values}
                 record["seconds_per_step"] = (time.perf_counter() - tic) / tc.log_every
                 log.write(json.dumps(record) + "\n")

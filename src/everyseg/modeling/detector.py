@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
+from functools import partial
 
 import torch
 from torch import nn
@@ -16,9 +18,15 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from everyseg.config import Config, ModelConfig
 from everyseg.modeling.backbone import resnet_fpn
-from everyseg.modeling.mask_heads import MASK_HEADS, ClassConvPredictor, MaskHead
+from everyseg.modeling.mask_heads import (
+    MASK_HEADS,
+    ClassConvPredictor,
+    MaskHead,
+    build_mask_predictor,
+)
 from everyseg.modeling.mask_heads.fcn import FCNFeatures
 from everyseg.modeling.roi_heads import PartialMaskRoIHeads
+from everyseg.modeling.stages import apply_stage
 from everyseg.modeling.weights import load_state_dict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -40,8 +48,14 @@ class MultiScaleTransform(GeneralizedRCNNTransform):
         return super().train(mode)
 
 
-def build_model(config: Config, *, num_classes: int) -> GeneralizedRCNN:
-    """`num_classes` counts the background, as in torchvision (K foreground classes -> K + 1)."""
+def build_model(
+    config: Config, *, num_classes: int, class_names: Sequence[str] | None = None
+) -> GeneralizedRCNN:
+    """`num_classes` counts the background, as in torchvision (K foreground classes -> K + 1).
+
+    `class_names` (K names) are needed by model.transfer.input=embedding and checked against
+    model.init_from_run's.
+    """
     cfg, data = config.model, config.data
     b = cfg.backbone
     backbone = resnet_fpn(
@@ -54,13 +68,19 @@ def build_model(config: Config, *, num_classes: int) -> GeneralizedRCNN:
     model = GeneralizedRCNN(
         backbone=backbone,
         rpn=_build_rpn(cfg, backbone.out_channels),
-        roi_heads=_build_roi_heads(cfg, backbone.out_channels, num_classes),
+        roi_heads=_build_roi_heads(cfg, backbone.out_channels, num_classes, class_names),
         transform=MultiScaleTransform(
             train_sizes=data.min_size, test_size=data.test_min_size, max_size=data.max_size
         ),
     )
     if cfg.init is not None:
         load_torchvision_weights(model, cfg.init)
+    apply_stage(
+        model,
+        stage=config.train.stage,
+        init_from_run=cfg.init_from_run,
+        class_names=class_names,
+    )
     return model
 
 
@@ -83,22 +103,33 @@ def _build_rpn(cfg: ModelConfig, channels: int) -> RegionProposalNetwork:
     )
 
 
-def _build_roi_heads(cfg: ModelConfig, channels: int, num_classes: int) -> PartialMaskRoIHeads:
+def _build_roi_heads(
+    cfg: ModelConfig, channels: int, num_classes: int, class_names: Sequence[str] | None
+) -> PartialMaskRoIHeads:
     bh, mh = cfg.box_head, cfg.mask_head
     if mh.name not in MASK_HEADS:
         raise ValueError(f"model.mask_head.name {mh.name!r}: choose one of {', '.join(MASK_HEADS)}")
     pool = bh.pooler_resolution
+    box_head = TwoMLPHead(channels * pool**2, bh.representation_size)
+    # weight transfer reads this very module's weights as they train
+    box_predictor = FastRCNNPredictor(bh.representation_size, num_classes)
+    make_predictor = partial(
+        build_mask_predictor,
+        cfg,
+        box_predictor=box_predictor,
+        num_classes=num_classes,
+        class_names=class_names,
+    )
     return PartialMaskRoIHeads(
         box_roi_pool=MultiScaleRoIAlign(FPN_LEVELS, pool, sampling_ratio=2),
-        box_head=TwoMLPHead(channels * pool**2, bh.representation_size),
-        box_predictor=FastRCNNPredictor(bh.representation_size, num_classes),
+        box_head=box_head,
+        box_predictor=box_predictor,
         mask_roi_pool=MultiScaleRoIAlign(FPN_LEVELS, mh.pooler_resolution, sampling_ratio=2),
         mask_head=MASK_HEADS[mh.name](
             in_channels=channels,
             channels=mh.channels,
             num_convs=mh.num_convs,
-            num_classes=num_classes,
-            class_agnostic=mh.class_agnostic,
+            make_predictor=make_predictor,
         ),
         fg_iou_thresh=bh.fg_iou_thresh,
         bg_iou_thresh=bh.bg_iou_thresh,
@@ -184,9 +215,14 @@ def load_torchvision_weights(model: nn.Module, source: str) -> None:
     for key in mismatched:
         del state[key]
     missing, unexpected = model.load_state_dict(state, strict=False)
+    # a transfer or fused predictor has no plain per-class conv to take torchvision's
+    replaced = [k for k in unexpected if k.startswith("roi_heads.mask_head.predictor.")]
+    unexpected = [k for k in unexpected if k not in replaced]
     if unexpected:
         raise ValueError(f"model.init {source}: keys everyseg does not have: {unexpected[:5]}")
     if mismatched:
         print(f"model.init: re-initialised (shape differs): {', '.join(mismatched)}")
     if missing:
         print(f"model.init: not in {source}, kept freshly initialised: {', '.join(missing)}")
+    if replaced:
+        print(f"model.init: unused, this model's mask predictor differs: {', '.join(replaced)}")

@@ -104,12 +104,10 @@ class PartialMaskRoIHeads(RoIHeads):
         rois, roi_labels, mask_targets = [], [], []
         for boxes, idxs, image_labels, target in zip(proposals, matched_idxs, labels, targets):
             has_mask = target["has_mask"]
-            supervised = image_labels > 0
-            if has_mask.numel() > 0:
-                supervised &= has_mask[idxs]
-            else:  # no ground truth in this image: torchvision clamps idxs to 0, all negative
-                supervised &= False
-            keep = torch.where(supervised)[0]
+            if has_mask.numel() == 0:  # no ground truth: every RoI is background
+                keep = idxs.new_zeros(0)
+            else:
+                keep = torch.where((image_labels > 0) & has_mask[idxs])[0]
             rois.append(boxes[keep])
             roi_labels.append(image_labels[keep])
             mask_targets.append(

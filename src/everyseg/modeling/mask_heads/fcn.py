@@ -1,11 +1,13 @@
-"""Mask R-CNN's FCN mask head: 4 x (3x3 conv + ReLU), 2x deconv, per-class 1x1 conv."""
+"""Mask R-CNN's FCN mask head: 4 x (3x3 conv + ReLU), 2x deconv, then the predictor."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from torch import nn
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 
-from everyseg.modeling.mask_heads.base import ClassConvPredictor, MaskHead
+from everyseg.modeling.mask_heads.base import MaskHead
 
 
 class FCNFeatures(nn.Module):
@@ -22,16 +24,15 @@ class FCNFeatures(nn.Module):
 
 
 def build_fcn_head(
-    *, in_channels: int, channels: int, num_convs: int, num_classes: int, class_agnostic: bool
+    *, in_channels: int, channels: int, num_convs: int, make_predictor: Callable[[], nn.Module]
 ) -> MaskHead:
+    """`make_predictor()` builds the layer reading the (R, channels, 2S, 2S) features (see
+    predictors.py); it is called last, so the feature layers' initial weights never depend on
+    which predictor follows them."""
     convs = MaskRCNNHeads(in_channels, [channels] * num_convs, dilation=1)
     conv_out = channels if num_convs > 0 else in_channels
     upsample = nn.ConvTranspose2d(conv_out, channels, kernel_size=2, stride=2)
     nn.init.kaiming_normal_(upsample.weight, mode="fan_out", nonlinearity="relu")
     nn.init.zeros_(upsample.bias)
-    return MaskHead(
-        features=FCNFeatures(convs=convs, upsample=upsample),
-        predictor=ClassConvPredictor(
-            in_channels=channels, num_classes=num_classes, class_agnostic=class_agnostic
-        ),
-    )
+    features = FCNFeatures(convs=convs, upsample=upsample)
+    return MaskHead(features=features, predictor=make_predictor())

@@ -1,0 +1,172 @@
+"""`everyseg check-data`: what a dataset holds and what is wrong with it, before training.
+
+The same checks run when training and evaluation start (`CocoIndex`); here every problem is
+collected (policy skip) and reported: images found / missing / unreadable / size-mismatched /
+without annotations, annotations skipped, masks dropped and repairs by reason with their ids,
+and per class the boxes and masks kept. Image files are checked from their headers; `decode`
+also decodes the pixels (slower, finds truncated files). The catalogue of bad inputs and what
+happens to each is docs/bad_input.md; tests/test_bad_input.py has one test per kind.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from everyseg.config import ConfigError, load_config
+from everyseg.data.index import CocoIndex
+from everyseg.data.validate import ANNOTATION, IMAGE, MASK, NOTE, REPAIR, DataError
+
+# report section -> finding kind; the first three are bad samples
+SECTIONS = {
+    "skipped_images": IMAGE,
+    "skipped_annotations": ANNOTATION,
+    "dropped_masks": MASK,
+    "repaired": REPAIR,
+    "notes": NOTE,
+}
+_BAD_SECTIONS = ("skipped_images", "skipped_annotations", "dropped_masks")
+_IMAGE_COUNTS = ("missing", "unreadable", "size_mismatch", "malformed_entry")
+
+
+def report(index: CocoIndex) -> dict:
+    """Counts, classes and every finding by section and reason, as JSON-ready data."""
+    sections = {
+        section: {
+            reason.key: {"reason": reason.text, "items": [f.as_dict() for f in found]}
+            for reason, found in index.findings.by_reason((kind,)).items()
+        }
+        for section, kind in SECTIONS.items()
+    }
+    skipped = sections["skipped_images"]
+    images = {key: len(skipped.get(key, {}).get("items", ())) for key in _IMAGE_COUNTS}
+    images = {"total": index.num_json_images, "usable": len(index.image_ids), **images}
+    images["found"] = images["total"] - images["missing"] - images["malformed_entry"]
+    images["without_annotations"] = len(
+        sections["notes"].get("without_annotations", {}).get("items", ())
+    )
+    classes = index.class_counts()
+    return {
+        "json": str(index.json_path),
+        "images_dir": str(index.images_dir),
+        "on_bad_sample": index.findings.policy,
+        "images": images,
+        "annotations": {
+            "total": index.num_json_annotations,
+            "instances": sum(c["boxes"] for c in classes),
+            "with_masks": sum(c["masks"] for c in classes),
+        },
+        "classes": classes,
+        **sections,
+        "num_bad": index.findings.num_bad,
+    }
+
+
+def format_report(rep: dict) -> str:
+    """The report as the start-up summary prints it: every bad sample named with its reason."""
+    im, ann = rep["images"], rep["annotations"]
+    masked = sum(c["mask_class"] for c in rep["classes"])
+    lines = [
+        f"{Path(rep['json']).name}: {im['usable']} images ({im['without_annotations']} without "
+        f"instances), {ann['total']} annotations -> {ann['instances']} instances "
+        f"({ann['with_masks']} with masks)",
+        f"images in the JSON: {im['total']}, found {im['found']}, missing {im['missing']}, "
+        f"unreadable {im['unreadable']}, size mismatch {im['size_mismatch']}, "
+        f"malformed entries {im['malformed_entry']}",
+        f"mask classes: {masked} of {len(rep['classes'])}",
+        f"  {'class':<24} {'boxes':>7} {'masks':>7}",
+    ]
+    for c in rep["classes"]:
+        star = "*" if c["mask_class"] else " "
+        lines.append(f"{star} {c['name']:<24} {c['boxes']:>7} {c['masks']:>7}")
+    lines.append("(* = mask class)")
+    lines.append(
+        f"bad samples: {rep['num_bad']} (data.on_bad_sample={rep['on_bad_sample']}: image "
+        "skipped, annotation skipped, or mask dropped and box kept)"
+    )
+    for section in _BAD_SECTIONS:  # every bad sample is named
+        lines += _reason_lines(rep[section], max_ids=None, detailed=section == "skipped_images")
+    for section in ("repaired", "notes"):  # normal enough to abbreviate
+        if rep[section]:
+            lines += [f"{section}:", *_reason_lines(rep[section], max_ids=20)]
+    return "\n".join(lines)
+
+
+def _reason_lines(groups: dict[str, dict], *, max_ids: int | None, detailed=False) -> list[str]:
+    lines = []
+    for group in groups.values():
+        items = group["items"]
+        if detailed:  # skipped images: few, and the file and the why are what the user needs
+            lines.append(f"  {group['reason']}: {len(items)}")
+            lines += [f"    {_image_line(item)}" for item in items]
+            continue
+        what = "annotation ids" if "ann_id" in items[0] else "image ids"
+        ids = [item.get("ann_id", item.get("image_id", item.get("detail"))) for item in items]
+        shown = ids if max_ids is None else ids[:max_ids]
+        more = ", ..." if len(shown) < len(ids) else ""
+        lines.append(
+            f"  {group['reason']}: {len(ids)} ({what}: {', '.join(map(str, shown))}{more})"
+        )
+    return lines
+
+
+def _image_line(item: dict) -> str:
+    line = f"image {item.get('image_id', '?')}" + (f", {item['file']}" if "file" in item else "")
+    return line + (f": {item['detail']}" if "detail" in item else "")
+
+
+def check_data(
+    *, source: str, images: str | None = None, overrides=(), decode: bool = False
+) -> list[dict]:
+    """One report per dataset: a JSON file with its image folder, or a config's train and val.
+
+    The train set is read with the config's `data.mask_classes`, the val set as evaluation
+    reads it (masks of every class). A dataset that cannot be read at all gets {"error": ...}.
+    """
+    if Path(source).suffix == ".json":
+        if images is None:
+            raise ValueError(f"{source}: give its image folder with --images DIR")
+        return [_check_one("json", json_path=source, images=images, masks="all", decode=decode)]
+    if images is not None:
+        raise ValueError("--images goes with a JSON file; a config has data.*_images")
+    data = load_config(source, list(overrides)).data
+    splits = [s for s in ("train", "val") if getattr(data, f"{s}_json")]
+    if not splits:
+        raise ConfigError(f"{source}: neither data.train_json nor data.val_json is set")
+    return [
+        _check_one(
+            split,
+            json_path=getattr(data, f"{split}_json"),
+            images=getattr(data, f"{split}_images"),
+            masks=data.mask_classes if split == "train" else "all",
+            decode=decode,
+        )
+        for split in splits
+    ]
+
+
+def _check_one(split: str, *, json_path, images, masks, decode: bool) -> dict:
+    where = {"split": split, "json": str(json_path), "images_dir": str(images)}
+    if images is None:
+        return {**where, "error": f"data.{split}_images is not set"}
+    try:
+        index = CocoIndex(
+            json_path=json_path, images_dir=images, mask_classes=masks, decode_images=decode
+        )
+    except (DataError, ConfigError, FileNotFoundError) as err:
+        return {**where, "error": str(err)}
+    return {"split": split, **report(index)}
+
+
+def run_check_data(*, as_json: bool = False, **kwargs) -> int:
+    """Print the reports; exit status 0 when every dataset is clean, else 1."""
+    reports = check_data(**kwargs)
+    ok = all("error" not in r and r["num_bad"] == 0 for r in reports)
+    if as_json:
+        print(json.dumps({"ok": ok, "datasets": reports}, indent=2))
+        return 0 if ok else 1
+    for rep in reports:
+        print(f"== {rep['split']}: {rep['json']} (images: {rep['images_dir']})")
+        print(f"error: {rep['error']}" if "error" in rep else format_report(rep))
+    print("OK: no bad samples" if ok else "PROBLEMS FOUND (see above)")
+    return 0 if ok else 1

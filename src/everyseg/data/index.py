@@ -1,0 +1,298 @@
+"""One COCO / LVIS JSON file checked entry by entry: what the loader and `check-data` share.
+
+Bad data never passes silently: every entry and every image file's header is checked at
+start-up (the catalogue: docs/bad_input.md), `on_bad_sample` (error | skip | warn) is applied,
+and every finding is kept, by reason, for the summary (`everyseg.data.check.report`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from everyseg.data.splits import resolve_mask_classes
+from everyseg.data.transforms import image_file_problem
+from everyseg.data.validate import (
+    ANN_DUPLICATE,
+    ANN_ENTRY,
+    ANN_ID,
+    BAD_AREA,
+    BAD_CROWD_FLAG,
+    CROWD,
+    IMAGE,
+    IMAGE_ENTRY,
+    NO_ANNOTATIONS,
+    NO_SEGMENTATION,
+    SKIPPED_IMAGE,
+    UNKNOWN_CATEGORY,
+    UNKNOWN_IMAGE,
+    DataError,
+    Finding,
+    Findings,
+    Reason,
+    as_int,
+    check_box,
+    check_segmentation,
+    is_number,
+    read_categories,
+    read_coco_json,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ImageMeta:
+    path: Path
+    height: int
+    width: int
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    ann_id: int
+    label: int
+    box: tuple[float, float, float, float]  # xyxy, clipped to the image
+    segm: list | dict | None  # None: box-only
+
+
+class CocoIndex:
+    """The usable images and annotations of one COCO JSON file, and every finding about it.
+
+    Raises DataError for problems of the file as a whole (not JSON, missing top-level lists,
+    bad or duplicate categories, duplicate image ids, no usable image), and under
+    `on_bad_sample="error"` for the first bad image or annotation. `decode_images` decodes every
+    image instead of reading its header only (slower; finds truncated files).
+    """
+
+    def __init__(
+        self,
+        *,
+        json_path: str | os.PathLike,
+        images_dir: str | os.PathLike,
+        mask_classes="all",
+        on_bad_sample: str = "skip",
+        decode_images: bool = False,
+    ):
+        self.json_path = Path(json_path)
+        self.images_dir = Path(images_dir)
+        self.findings = Findings(source=self.json_path, policy=on_bad_sample)
+        data = read_coco_json(self.json_path)
+        categories = read_categories(data["categories"], self.json_path)
+        self.class_names: list[str] = [name for _, name in categories]
+        self.cat_id_to_label = {cid: i + 1 for i, (cid, _) in enumerate(categories)}
+        self.label_to_cat_id = {label: cid for cid, label in self.cat_id_to_label.items()}
+        self.mask_class_names = resolve_mask_classes(mask_classes, self.class_names)
+        mask_labels = {self.class_names.index(n) + 1 for n in self.mask_class_names}
+        self.skipped_image_ids: set[int] = set()
+        entries = self._read_image_entries(data["images"])
+        self.num_json_images = len(data["images"])
+        self.images = self._check_image_files(entries, decode=decode_images)
+        self.image_ids = sorted(self.images)
+        self.instances: dict[int, list[Instance]] = defaultdict(list)
+        # every kept annotation (crowd ones too) as sanitised COCO, for evaluation
+        self.gt_annotations: list[dict] = []
+        self.num_json_annotations = len(data["annotations"])
+        seen: set[int] = set()
+        for position, ann in enumerate(data["annotations"]):
+            self._add_annotation(ann, position=position, seen=seen, mask_labels=mask_labels)
+        self.instances = dict(self.instances)
+        for image_id in self.image_ids:
+            if not self.instances.get(image_id):
+                self.findings.add(Finding(NO_ANNOTATIONS, image_id=image_id))
+        if not self.image_ids:
+            raise DataError(f"{self.json_path}: no usable images ({self._why_empty()})")
+
+    def _flag(self, reason: Reason, detail: str = "", **where) -> None:
+        self.findings.add(Finding(reason, detail, **where))
+
+    def _read_image_entries(self, images: list) -> dict[int, ImageMeta]:
+        ids = [as_int(img.get("id")) for img in images if isinstance(img, dict)]
+        dup = sorted(i for i, n in Counter(ids).items() if i is not None and n > 1)
+        if dup:
+            # annotations could not be told apart between the duplicates
+            raise DataError(f"{self.json_path}: duplicate image id(s) in 'images': {dup}")
+        entries = {}
+        for position, img in enumerate(images):
+            image_id, meta, problem = _image_entry(img, self.images_dir)
+            if problem:
+                self._flag(IMAGE_ENTRY, f"images[{position}]: {problem}", image_id=image_id)
+            else:
+                entries[image_id] = meta
+        self.skipped_image_ids.update(i for i in ids if i is not None and i not in entries)
+        return entries
+
+    def _check_image_files(self, entries: dict[int, ImageMeta], *, decode: bool) -> dict:
+        def probe(meta: ImageMeta):
+            return image_file_problem(
+                meta.path, width=meta.width, height=meta.height, decode=decode
+            )
+
+        usable = {}
+        # threads: the cost is file-system latency, which overlaps well
+        pool = ThreadPoolExecutor(max_workers=8)
+        try:
+            problems = pool.map(probe, entries.values())
+            for (image_id, meta), problem in zip(entries.items(), problems):
+                if problem is None:
+                    usable[image_id] = meta
+                    continue
+                self.skipped_image_ids.add(image_id)
+                self._flag(*problem, image_id=image_id, file=str(meta.path))
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+        return usable
+
+    def _add_annotation(self, ann, *, position: int, seen: set[int], mask_labels: set) -> None:
+        resolved = self._resolve(ann, position=position, seen=seen)
+        if resolved is None:
+            return
+        where, image, label, crowd = resolved
+        reason, box = check_box(ann.get("bbox"), width=image.width, height=image.height)
+        if reason:
+            self._flag(reason, f"bbox {ann.get('bbox')!r}", **where)
+        if box is None:
+            return
+        segm = None
+        if label in mask_labels:
+            segm, reasons = check_segmentation(
+                ann.get("segmentation"), width=image.width, height=image.height
+            )
+            for reason in reasons:
+                if not (crowd and reason is NO_SEGMENTATION):
+                    self._flag(reason, **where)
+        if crowd:
+            self._flag(CROWD, **where)
+        else:
+            self.instances[where["image_id"]].append(Instance(where["ann_id"], label, box, segm))
+        self.gt_annotations.append(self._gt_entry(ann, where, segm=segm, crowd=crowd))
+
+    def _resolve(self, ann, *, position: int, seen: set[int]) -> tuple | None:
+        """(where, image, label, crowd flag) if the annotation's ids resolve, else None."""
+        if not isinstance(ann, dict):
+            self._flag(ANN_ENTRY, f"annotations[{position}] is {type(ann).__name__}")
+            return None
+        raw_id = ann.get("id")
+        ann_id = as_int(raw_id)
+        if ann_id is None or ann_id <= 0:
+            # COCOeval treats a ground-truth id of 0 as "unmatched"
+            self._flag(ANN_ID, f"annotations[{position}] has id {raw_id!r}", ann_id=_scalar(raw_id))
+            return None
+        if ann_id in seen:
+            self._flag(ANN_DUPLICATE, ann_id=ann_id, image_id=_scalar(ann.get("image_id")))
+            return None
+        seen.add(ann_id)
+        image = self._image_of(ann, ann_id)
+        if image is None:
+            return None
+        where = {"ann_id": ann_id, "image_id": as_int(ann["image_id"])}
+        label = self.cat_id_to_label.get(as_int(ann.get("category_id")))
+        if label is None:
+            cats = sorted(self.cat_id_to_label)
+            detail = f"category_id {ann.get('category_id')!r}; categories: {cats}"
+            self._flag(UNKNOWN_CATEGORY, detail, **where)
+            return None
+        crowd = ann.get("iscrowd", 0)
+        if crowd not in (0, 1):
+            self._flag(BAD_CROWD_FLAG, f"iscrowd {crowd!r}", **where)
+            return None
+        return where, image, label, crowd
+
+    def _image_of(self, ann: dict, ann_id: int) -> ImageMeta | None:
+        image_id = as_int(ann.get("image_id"))
+        if image_id in self.skipped_image_ids:
+            self._flag(SKIPPED_IMAGE, ann_id=ann_id, image_id=image_id)
+            return None
+        if image_id not in self.images:
+            self._flag(UNKNOWN_IMAGE, f"image_id {ann.get('image_id')!r}", ann_id=ann_id)
+            return None
+        return self.images[image_id]
+
+    def _gt_entry(self, ann: dict, where: dict, *, segm, crowd) -> dict:
+        # the JSON's own box and area, not the clipped box: AP stays comparable with COCO's tools
+        x, y, w, h = (float(v) for v in ann["bbox"])
+        area = ann.get("area", w * h)  # COCOeval needs an area; the box's is the usual stand-in
+        if not is_number(area) or area < 0:
+            self._flag(BAD_AREA, f"area {area!r}", **where)
+            area = w * h
+        entry = {
+            "id": where["ann_id"],
+            "image_id": where["image_id"],
+            "category_id": as_int(ann["category_id"]),
+            "bbox": [x, y, w, h],
+            "area": float(area),
+            "iscrowd": int(crowd),
+        }
+        if segm is not None:
+            entry["segmentation"] = segm
+        return entry
+
+    def _why_empty(self) -> str:
+        if not self.num_json_images:
+            return "'images' is empty"
+        skipped = [f for f in self.findings.items if f.reason.kind == IMAGE]
+        counts = Counter(f.reason.text for f in skipped)
+        reasons = ", ".join(f"{n} {text}" for text, n in counts.items())
+        example = skipped[0].where() + (f": {skipped[0].detail}" if skipped[0].detail else "")
+        return f"all {self.num_json_images} skipped: {reasons}; e.g. {example}"
+
+    def ground_truth(self) -> dict:
+        """The usable part as a COCO dict for evaluation: crowd annotations included, and
+        segmentations of the mask classes (build with mask_classes="all" to score every mask)."""
+        return {
+            "images": [
+                {"id": i, "width": m.width, "height": m.height, "file_name": str(m.path)}
+                for i, m in sorted(self.images.items())
+            ],
+            "annotations": list(self.gt_annotations),
+            "categories": [
+                {"id": self.label_to_cat_id[label], "name": name}
+                for label, name in enumerate(self.class_names, start=1)
+            ],
+        }
+
+    def class_counts(self) -> list[dict]:
+        """Per class: name, category id, whether it is a mask class, boxes and masks kept."""
+        boxes, masks = Counter(), Counter()
+        for instances in self.instances.values():
+            for inst in instances:
+                boxes[inst.label] += 1
+                masks[inst.label] += inst.segm is not None
+        mask_classes = set(self.mask_class_names)
+        return [
+            {
+                "name": name,
+                "category_id": self.label_to_cat_id[label],
+                "mask_class": name in mask_classes,
+                "boxes": boxes[label],
+                "masks": masks[label],
+            }
+            for label, name in enumerate(self.class_names, start=1)
+        ]
+
+
+def _image_entry(img, images_dir: Path) -> tuple[int | None, ImageMeta | None, str | None]:
+    """(image id, metadata, problem) of one entry of 'images'."""
+    if not isinstance(img, dict):
+        return None, None, f"not a JSON object: {img!r:.60}"
+    image_id = as_int(img.get("id"))
+    width, height = as_int(img.get("width")), as_int(img.get("height"))
+    name = img.get("file_name")
+    if name is None and isinstance(img.get("coco_url"), str):
+        # LVIS has no file_name; detectron2's convention: <images_dir>/<split>/<file>
+        name = "/".join(img["coco_url"].split("/")[-2:])
+    if image_id is None:
+        return None, None, f"id {img.get('id')!r} is not an integer"
+    if width is None or height is None or width <= 0 or height <= 0:
+        return image_id, None, f"width/height {img.get('width')!r}/{img.get('height')!r}"
+    if not isinstance(name, str) or not name:
+        return image_id, None, "no 'file_name' (or LVIS 'coco_url')"
+    return image_id, ImageMeta(images_dir / name, height, width), None
+
+
+def _scalar(value):
+    """An id as it can go in a report (JSON-safe): None, ints and strings as they are."""
+    if value is None or (isinstance(value, (int, str)) and not isinstance(value, bool)):
+        return value
+    return repr(value)

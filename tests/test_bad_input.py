@@ -1,0 +1,288 @@
+"""The bad-input catalogue (docs/bad_input.md), part 1: JSON files, entries, boxes, masks.
+
+Each kind has its own test (or parametrised case) asserting the message or the repair: under
+`skip` the bad sample is named in the report, under `error` the message names the file and the
+annotation / image id. Image files, policies and the config are in test_check_data.py.
+"""
+
+import math
+
+import numpy as np
+import pycocotools.mask as mask_utils
+import pytest
+
+from everyseg.config import ConfigError, load_config
+from everyseg.data.coco import DataError
+from tests.bad_data import SQUARE, H, W, ann, found, image_entry, load, write_dataset
+
+# --- the file as a whole: always an error, whatever the policy -------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        pytest.param('{"images": [', r"not valid JSON: .*line 1 column 13", id="malformed-json"),
+        pytest.param("", r"not valid JSON: Expecting value", id="empty-file"),
+        pytest.param("[]", r"expected a JSON object at the top, got list", id="top-level-list"),
+        pytest.param(
+            '{"images": [], "categories": []}', r"no top-level 'annotations'", id="missing-key"
+        ),
+        pytest.param(
+            '{"images": {}, "annotations": [], "categories": []}',
+            r"'images' must be a list, got dict",
+            id="key-wrong-type",
+        ),
+    ],
+)
+def test_unreadable_json_files(tmp_path, text, message):
+    path = tmp_path / "ann.json"
+    path.write_text(text)
+    with pytest.raises(DataError, match=message) as err:
+        load(tmp_path, path)
+    assert str(path) in str(err.value)
+
+
+def test_json_not_utf8(tmp_path):
+    path = tmp_path / "ann.json"
+    path.write_bytes(b'{"images": "\xff\xfe"}')
+    with pytest.raises(DataError, match="not UTF-8 JSON text"):
+        load(tmp_path, path)
+
+
+def test_json_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError, match="annotation file .*nope.json not found"):
+        load(tmp_path, tmp_path / "nope.json")
+
+
+@pytest.mark.parametrize(
+    ("categories", "message"),
+    [
+        pytest.param([{"id": 1, "name": "a"}, {"id": 1, "name": "b"}], r"category id\(s\): \[1\]"),
+        pytest.param([{"id": 1, "name": "a"}, {"id": 2, "name": "a"}], r"name\(s\): \['a'\]"),
+        pytest.param([{"id": 1}], "category #0 needs an integer 'id' and a 'name'"),
+        pytest.param([{"id": "x", "name": "a"}], "category #0 needs an integer 'id'"),
+        pytest.param([], "'categories' is empty"),
+    ],
+    ids=["duplicate-category-id", "duplicate-name", "no-name", "string-id", "no-categories"],
+)
+def test_bad_categories(tmp_path, categories, message):
+    with pytest.raises(DataError, match=message):
+        load(tmp_path, write_dataset(tmp_path, categories=categories))
+
+
+def test_duplicate_image_ids(tmp_path):
+    images = [image_entry(1, "a.png"), image_entry(1, "b.png")]
+    with pytest.raises(DataError, match=r"duplicate image id\(s\) in 'images': \[1\]"):
+        load(tmp_path, write_dataset(tmp_path, images=images))
+
+
+def test_empty_dataset(tmp_path):
+    with pytest.raises(DataError, match=r"no usable images \('images' is empty\)"):
+        load(tmp_path, write_dataset(tmp_path, images=[], annotations=[]))
+
+
+def test_every_image_skipped_is_an_error_that_says_why(tmp_path):
+    json_path = write_dataset(tmp_path)
+    for name in ("a.png", "b.png"):
+        (tmp_path / "img" / name).unlink()
+    with pytest.raises(DataError, match=r"all 2 skipped: 2 image file not found; e.g. .*a.png"):
+        load(tmp_path, json_path)
+
+
+# --- one bad annotation (id 99 on image 1): skipped, named, or raised --------------------------
+
+NAN, INF = float("nan"), float("inf")
+# kind -> (annotation, report key, id it is reported under, part of the error message)
+BAD_ANNOTATIONS = {
+    "annotation-not-an-object": (["a list"], "malformed_entry", None, "annotations[2] is list"),
+    "annotation-id-0": (ann(0), "bad_id", 0, "annotations[2] has id 0"),
+    "annotation-id-negative": (ann(-4), "bad_id", -4, "annotations[2] has id -4"),
+    "annotation-id-string": (ann("99"), "bad_id", "99", "annotations[2] has id '99'"),
+    "annotation-id-missing": ({"image_id": 1}, "bad_id", None, "annotations[2] has id None"),
+    "duplicate-annotation-id": (ann(10), "duplicate_id", 10, "annotation 10, image 1: duplicate"),
+    "unknown-category-id": (ann(99, category_id=5), "unknown_category", 99, "category_id 5; "),
+    "unknown-image-id": (ann(99, image_id=7), "unknown_image", 99, "annotation 99: image id not"),
+    "iscrowd-not-0-or-1": (ann(99, iscrowd=2), "bad_iscrowd", 99, "image 1: iscrowd is not 0"),
+    "bbox-missing": (ann(99, bbox=None), "bad_bbox", 99, "bbox None"),
+    "bbox-3-numbers": (ann(99, bbox=[1, 2, 3]), "bad_bbox", 99, "bbox [1, 2, 3]"),
+    "bbox-strings": (ann(99, bbox=["1", "2", "3", "4"]), "bad_bbox", 99, "bbox ['1', '2'"),
+    "bbox-nan": (ann(99, bbox=[1, NAN, 5, 5]), "bad_bbox", 99, "bbox [1, nan, 5, 5]"),
+    "bbox-inf": (ann(99, bbox=[1, 1, INF, 5]), "bad_bbox", 99, "bbox [1, 1, inf, 5]"),
+    "bbox-negative-size": (ann(99, bbox=[5, 5, -3, 4]), "negative_bbox", 99, "[5, 5, -3, 4]"),
+    "bbox-zero-size": (ann(99, bbox=[5, 5, 0, 4]), "degenerate_bbox", 99, "bbox [5, 5, 0, 4]"),
+    "bbox-outside-image": (ann(99, bbox=[50, 40, 5, 5]), "degenerate_bbox", 99, "< 1 px after"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_ANNOTATIONS))
+def test_bad_annotation_is_skipped_and_named(tmp_path, kind):
+    bad, key, reported_id, _ = BAD_ANNOTATIONS[kind]
+    dataset = load(tmp_path, write_dataset(tmp_path, annotations=[ann(10), ann(20, 2), bad]))
+    assert found(dataset, "skipped_annotations") == {key: [reported_id]}
+    assert [dataset[i][1]["ann_ids"].tolist() for i in (0, 1)] == [[10], [20]]
+    assert dataset.index.findings.num_bad == 1
+
+
+@pytest.mark.parametrize("kind", list(BAD_ANNOTATIONS))
+def test_bad_annotation_under_error_policy_names_it(tmp_path, kind):
+    bad, _, _, message = BAD_ANNOTATIONS[kind]
+    json_path = write_dataset(tmp_path, annotations=[ann(10), ann(20, 2), bad])
+    with pytest.raises(DataError) as err:
+        load(tmp_path, json_path, on_bad_sample="error")
+    assert message in str(err.value) and str(json_path) in str(err.value)
+
+
+# --- one bad segmentation (annotation 99): the mask is dropped, the box kept -------------------
+
+
+def _rle(height=H, width=W) -> dict:
+    mask = np.zeros((height, width), dtype=np.uint8, order="F")
+    mask[3:11, 2:12] = 1
+    return {"size": [height, width], "counts": mask_utils.encode(mask)["counts"].decode()}
+
+
+BAD_MASKS = {
+    "polygon-under-3-points": ([[1, 1, 5, 5]], "no_valid_polygon"),
+    "polygon-odd-coordinate-count": ([[1, 1, 5, 5, 9, 1, 3]], "bad_polygon"),
+    "polygon-nan": ([[1, 1, NAN, 5, 9, 1]], "bad_polygon"),
+    "polygon-strings": ([["1", "1", "5", "5", "9", "1"]], "bad_polygon"),
+    "polygon-far-outside-image": ([[0, 0, 1e9, 0, 0, 1e9]], "bad_polygon"),
+    "rle-size-differs-from-image": (_rle(H + 1, W), "bad_rle"),
+    "rle-runs-short-of-the-image": ({"size": [H, W], "counts": [5, 10]}, "bad_rle"),
+    "rle-negative-run": ({"size": [H, W], "counts": [5, -10, W * H + 5]}, "bad_rle"),
+    "rle-compressed-truncated": ({"size": [H, W], "counts": _rle()["counts"][:-2]}, "bad_rle"),
+    "rle-compressed-bad-characters": ({"size": [H, W], "counts": "~~~\x7f"}, "bad_rle"),
+    "rle-without-counts": ({"size": [H, W]}, "bad_rle"),
+    "segmentation-a-string": ("polygon", "bad_segmentation"),
+    "segmentation-a-number": (7, "bad_segmentation"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_MASKS))
+def test_bad_segmentation_keeps_the_box_without_a_mask(tmp_path, kind):
+    segm, key = BAD_MASKS[kind]
+    annotations = [ann(10), ann(20, 2), ann(99, segmentation=segm)]
+    dataset = load(tmp_path, write_dataset(tmp_path, annotations=annotations))
+    assert found(dataset, "dropped_masks") == {key: [99]}
+    _, target = dataset[0]
+    assert target["ann_ids"].tolist() == [10, 99]
+    assert target["has_mask"].tolist() == [True, False] and target["masks"][1].sum() == 0
+    with pytest.raises(DataError, match="annotation 99, image 1: "):
+        load(tmp_path, tmp_path / "ann.json", on_bad_sample="error")
+
+
+def test_valid_rle_forms_are_accepted(tmp_path):
+    uncompressed = mask_utils.decode(_rle()).flatten(order="F")
+    runs = np.diff(np.flatnonzero(np.diff(np.r_[0, uncompressed, 1 - uncompressed[-1]])))
+    counts = [int(np.flatnonzero(uncompressed)[0])] + runs.tolist()
+    counts[-1] = W * H - sum(counts[:-1])
+    annotations = [
+        ann(10, segmentation=_rle()),
+        ann(20, 2, segmentation={"size": [H, W], "counts": counts}),
+    ]
+    dataset = load(tmp_path, write_dataset(tmp_path, annotations=annotations))
+    assert dataset.index.findings.num_bad == 0
+    for i in (0, 1):
+        assert dataset[i][1]["masks"][0].sum() == 80
+
+
+# --- documented repairs and normal cases: never errors ----------------------------------------
+
+
+def test_box_partly_outside_is_clipped(tmp_path):
+    annotations = [ann(10, bbox=[35, -4, 10, 8], segmentation=[]), ann(20, 2)]
+    dataset = load(
+        tmp_path, write_dataset(tmp_path, annotations=annotations), on_bad_sample="error"
+    )
+    assert dataset[0][1]["boxes"].tolist() == [[35, 0, 40, 4]]
+    assert found(dataset, "repaired") == {"clipped_bbox": [10]}
+
+
+def test_short_polygon_beside_a_good_one_is_dropped(tmp_path):
+    annotations = [ann(10, segmentation=[SQUARE[0], [30, 1, 31, 2]]), ann(20, 2)]
+    dataset = load(
+        tmp_path, write_dataset(tmp_path, annotations=annotations), on_bad_sample="error"
+    )
+    assert dataset[0][1]["masks"][0].sum() == load(tmp_path)[1][1]["masks"][0].sum() > 0
+    assert found(dataset, "repaired") == {"short_polygon": [10]}
+
+
+def test_flat_polygon_list_is_read_as_one_polygon(tmp_path):
+    annotations = [ann(10, segmentation=SQUARE[0]), ann(20, 2)]
+    dataset = load(
+        tmp_path, write_dataset(tmp_path, annotations=annotations), on_bad_sample="error"
+    )
+    assert dataset[0][1]["has_mask"].tolist() == [True]
+    assert dataset[0][1]["masks"][0].sum() == dataset[1][1]["masks"][0].sum()
+    assert found(dataset, "repaired") == {"flat_polygon": [10]}
+
+
+def test_invalid_area_becomes_the_box_area(tmp_path):
+    annotations = [ann(10, area="big"), ann(20, 2)]
+    dataset = load(
+        tmp_path, write_dataset(tmp_path, annotations=annotations), on_bad_sample="error"
+    )
+    assert dataset.ground_truth()["annotations"][0]["area"] == 80.0
+    assert found(dataset, "repaired") == {"bad_area": [10]}
+
+
+@pytest.mark.parametrize("segm", [[], None, {}], ids=["empty-list", "null", "empty-object"])
+def test_empty_segmentation_is_box_only(tmp_path, segm):
+    annotations = [ann(10, segmentation=segm), ann(20, 2)]
+    dataset = load(
+        tmp_path, write_dataset(tmp_path, annotations=annotations), on_bad_sample="error"
+    )
+    assert dataset[0][1]["has_mask"].tolist() == [False]
+    assert found(dataset, "notes")["no_segmentation"] == [10]
+
+
+def test_crowd_rle_is_an_ignore_region_not_an_instance(tmp_path):
+    crowd = ann(30, iscrowd=1, segmentation=_rle(), bbox=[2, 3, 10, 8])
+    dataset = load(
+        tmp_path,
+        write_dataset(tmp_path, annotations=[ann(10), ann(20, 2), crowd]),
+        on_bad_sample="error",
+    )
+    assert dataset[0][1]["ann_ids"].tolist() == [10]
+    assert found(dataset, "notes")["crowd"] == [30]
+    gt = {a["id"]: a for a in dataset.ground_truth()["annotations"]}
+    assert gt[30]["iscrowd"] == 1 and gt[30]["segmentation"] == _rle()
+
+
+def test_image_without_annotations_is_a_negative(tmp_path):
+    dataset = load(tmp_path, write_dataset(tmp_path, annotations=[ann(10)]), on_bad_sample="error")
+    _, target = dataset[1]
+    assert target["boxes"].shape == (0, 4) and target["masks"].shape == (0, H, W)
+    assert found(dataset, "notes") == {"without_annotations": [2]}
+    assert "(1 without instances)" in dataset.summary()
+
+
+def test_ground_truth_keeps_only_what_the_loader_kept(tmp_path):
+    annotations = [ann(10), ann(20, 2), ann(99, category_id=9), ann(98, bbox=[1, 1, NAN, 1])]
+    gt = load(tmp_path, write_dataset(tmp_path, annotations=annotations)).ground_truth()
+    assert [a["id"] for a in gt["annotations"]] == [10, 20]
+    assert gt["annotations"][0]["bbox"] == [2.0, 3.0, 10.0, 8.0]
+    assert all(math.isfinite(v) for a in gt["annotations"] for v in a["bbox"])
+
+
+# --- the config --------------------------------------------------------------------------------
+
+
+def test_mask_classes_name_not_a_category(tmp_path):
+    with pytest.raises(ConfigError, match=r"'dgo' \(did you mean 'dog'\?\); valid names: cat, dog"):
+        load(tmp_path, write_dataset(tmp_path), mask_classes="cat,dgo")
+
+
+def test_config_key_that_does_not_exist():
+    with pytest.raises(ConfigError, match="unknown config key.*data.on_bad_samples"):
+        load_config("maskrcnn-tiny", ["data.on_bad_samples=skip"])
+
+
+def test_config_value_of_the_wrong_type():
+    with pytest.raises(ConfigError, match="train.steps: expected int, got 'many'"):
+        load_config("maskrcnn-tiny", ["train.steps=many"])
+
+
+def test_unknown_bad_sample_policy(tmp_path):
+    with pytest.raises(ConfigError, match="data.on_bad_sample must be one of"):
+        load(tmp_path, write_dataset(tmp_path), on_bad_sample="ignore")
