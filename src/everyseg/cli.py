@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="synth + train baseline-tiny + evaluate + overlays")
     p.add_argument("--out", type=Path, default=Path("everyseg-demo"))
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: preset)")
+    p.add_argument("--steps", type=int, default=1000, help="training steps (default 1000)")
     p.add_argument("--train", type=int, default=600, help="synthetic training images")
     p.add_argument("--val", type=int, default=100, help="synthetic validation images")
     p.set_defaults(func=_demo)
