@@ -97,3 +97,36 @@ def test_predictor_accepts_path_array_and_pil(trained_run):
     assert np.any(np.asarray(overlay) != array)  # something was drawn
     enlarged = draw_overlay(array, by_path, min_side=4 * array.shape[1])
     assert enlarged.size == (4 * array.shape[1], 4 * array.shape[0])
+
+
+@pytest.mark.parametrize("scale", [1, 2])  # 2: the model resizes the image, boxes must follow
+def test_segment_masks_lie_in_their_boxes(trained_run, scale):
+    predictor = Predictor(trained_run / "run")
+    path = sorted((trained_run / "data/val").glob("*.png"))[0]
+    image = np.asarray(Image.open(path).convert("RGB")).repeat(scale, 0).repeat(scale, 1)
+    boxes = np.array([[4, 6, 30, 20], [33, 40, 63, 64]], dtype=np.float32) * scale
+    instances = predictor.segment(image, boxes)
+    assert instances.masks.shape == (2, *image.shape[:2])
+    assert np.array_equal(instances.boxes, boxes)
+    assert all(1 <= lab <= len(predictor.class_names) for lab in instances.labels)
+    for (x0, y0, x1, y1), probs in zip(boxes.astype(int), instances.mask_probs):
+        inside = np.zeros_like(probs, dtype=bool)
+        inside[y0:y1, x0:x1] = True
+        # pasting: probabilities are 0 outside the box and positive (a sigmoid) inside it
+        assert not probs[~inside].any()
+        assert (probs[inside] > 0).all()
+
+
+def test_segment_command_writes_masks_overlay_and_rle(trained_run, capsys):
+    path = sorted((trained_run / "data/val").glob("*.png"))[0]
+    out = trained_run / "segment"
+    argv = ["segment", str(trained_run / "run"), str(path), "--out", str(out)]
+    argv += ["--box", "4", "6", "30", "20", "--box", "33", "40", "63", "64"]
+    assert main(argv) == 0
+    assert (out / "overlay.png").is_file()
+    for i in range(2):
+        assert np.asarray(Image.open(out / f"mask_{i}.png")).shape == (64, 64)
+    results = json.loads((out / "masks.json").read_text())
+    assert len(results) == 2 and all("counts" in r["segmentation"] for r in results)
+    assert main([*argv[:5], "--box", "5", "5", "5", "9"]) == 2
+    assert "X1 > X0" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""`everyseg synth | train | evaluate | predict | check-data | demo`."""
+"""`everyseg synth | train | evaluate | predict | segment | check-data | demo`."""
 
 from __future__ import annotations
 
@@ -64,6 +64,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--score-thresh", type=float, default=0.5)
     p.add_argument("--checkpoint", default="last")
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("segment", help="one mask per given box, any class: PNGs, overlay, RLE")
+    p.add_argument("run", type=Path)
+    p.add_argument("image", type=Path)
+    p.add_argument(
+        "--box",
+        nargs=4,
+        type=float,
+        action="append",
+        required=True,
+        metavar=("X0", "Y0", "X1", "Y1"),
+    )
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--checkpoint", default="last")
+    p.set_defaults(func=_segment)
 
     p = sub.add_parser("check-data", help="scan a dataset; exit 1 if anything is invalid")
     p.add_argument("source", help="a COCO JSON file, or a config whose train and val sets to check")
@@ -139,6 +154,22 @@ def predict_files(predictor, paths: list[Path], out: Path) -> list[str]:
     for line in failures:
         print(f"skipped {line}", file=sys.stderr)
     return failures
+
+
+def _segment(args) -> None:
+    from PIL import Image
+
+    from everyseg.predictor import Predictor, draw_overlay
+
+    predictor = Predictor(args.run, checkpoint=args.checkpoint)
+    instances = predictor.segment(args.image, args.box)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for i, mask in enumerate(instances.masks):
+        Image.fromarray(mask.astype("uint8") * 255).save(args.out / f"mask_{i}.png")
+    draw_overlay(args.image, instances).save(args.out / "overlay.png")
+    results = predictor.coco_results(instances, image_id=1)
+    (args.out / "masks.json").write_text(json.dumps(results))
+    print(f"{len(instances)} masks -> {args.out}: mask_*.png, overlay.png, masks.json (RLE)")
 
 
 def _check_data(args) -> int:

@@ -81,11 +81,16 @@ class BoxHeadConfig:
 
 @dataclass
 class MaskHeadConfig:
+    # fcn (Mask R-CNN) | resnet | hourglass (Deep-MARC's deep heads, mask_heads/deep.py)
     name: str = "fcn"
     channels: int = 256
-    num_convs: int = 4
-    # the mask is predicted at twice the pooler resolution (the deconv upsamples)
+    num_convs: int = 4  # fcn only
+    # resnet: 4, 8, 12, 16, 20; hourglass: 10, 20, 52, 100 (see mask_heads/deep.py)
+    depth: int = 52
     pooler_resolution: int = 14
+    # M, the side of the predicted mask: null is twice the pooler resolution (fcn's deconv
+    # upsamples); resnet and hourglass resize their input to any M (Deep-MAC: 28, 32, 56)
+    resolution: int | None = None
     class_agnostic: bool = False
     # the final layer: "conv" (Mask R-CNN's per-class 1x1 conv) or "transfer" (Mask^X: that
     # conv's weights predicted from the box head's weights, see model.transfer)
@@ -95,6 +100,10 @@ class MaskHeadConfig:
     mlp_fusion: bool = False
     mlp_layers: int = 1
     mlp_hidden: int = 1024
+
+    @property
+    def mask_resolution(self) -> int:
+        return self.resolution or 2 * self.pooler_resolution
 
 
 @dataclass
@@ -116,6 +125,10 @@ class TransferConfig:
 
 @dataclass
 class ModelConfig:
+    # rcnn (Mask R-CNN) | fcos (Deep-MAC's anchor-free detector: one anchor per FPN level of
+    # rpn.anchor_sizes; box_head's score_thresh, nms_thresh, detections_per_img; train.mask_rois
+    # must be gt)
+    detector: str = "rcnn"
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     rpn: RPNConfig = field(default_factory=RPNConfig)
     box_head: BoxHeadConfig = field(default_factory=BoxHeadConfig)
@@ -155,6 +168,11 @@ class TrainConfig:
     # end_to_end | detector (stage 1: boxes of all classes, no masks) | mask (stage 2: only the
     # mask branch trains, from model.init_from_run); see everyseg.modeling.stages
     stage: str = "end_to_end"
+    # where the mask head's training crops come from: proposals (Mask R-CNN: positive proposals
+    # matched to an instance with a mask) | gt (Deep-MARC: those instances' ground-truth boxes)
+    # | both; mask_roi_jitter moves gt boxes' sides by up to that fraction of their size
+    mask_rois: str = "proposals"
+    mask_roi_jitter: float = 0.0
 
 
 @dataclass

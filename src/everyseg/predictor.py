@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.models.detection.roi_heads import paste_masks_in_image
+from torchvision.models.detection.transform import resize_boxes
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from everyseg.data.transforms import load_image
@@ -78,11 +80,53 @@ class Predictor:
     def __call__(self, image: ImageLike) -> Instances:
         output = self.predict_raw(image_to_tensor(image))
         keep = output["scores"] >= self.score_thresh
-        probs = output["masks"][keep, 0].float().cpu().numpy()
-        labels = output["labels"][keep].cpu().numpy()
+        return self._instances(
+            output["boxes"][keep],
+            output["scores"][keep],
+            output["labels"][keep],
+            output["masks"][keep, 0],
+        )
+
+    @torch.inference_mode()
+    def segment(self, image: ImageLike, boxes, *, labels=None) -> Instances:
+        """One mask per given (N, 4) xyxy box in image pixels, whatever its class (Deep-MAC).
+
+        The class of each box is `labels` (N, in 1..K) when given, else the box classifier's
+        most likely foreground class on that box; a class-specific mask head predicts that
+        class's channel, a class-agnostic one ignores it. Scores are that class's probability.
+        """
+        if not hasattr(self.model, "roi_heads"):
+            raise ValueError("segment needs an R-CNN run (model.detector=rcnn) to class its boxes")
+        tensor = image_to_tensor(image).to(self.device)
+        size = tuple(tensor.shape[1:])
+        boxes = torch.as_tensor(np.asarray(boxes, dtype=np.float32)).reshape(-1, 4)
+        if (boxes[:, 2:] <= boxes[:, :2]).any():
+            raise ValueError(f"boxes must be X0 Y0 X1 Y1 with X1 > X0 and Y1 > Y0, got {boxes}")
+        boxes = boxes.to(self.device)
+        images, _ = self.model.transform([tensor])
+        features = self.model.backbone(images.tensors)
+        rois = [resize_boxes(boxes, size, images.image_sizes[0])]
+        heads = self.model.roi_heads
+        box_features = heads.box_head(heads.box_roi_pool(features, rois, images.image_sizes))
+        class_probs = heads.box_predictor(box_features)[0].softmax(-1)  # (N, K + 1)
+        if labels is None:
+            labels = class_probs[:, 1:].argmax(-1) + 1
+        labels = torch.as_tensor(labels, device=self.device).reshape(-1)
+        mask_features = heads.mask_roi_pool(features, rois, images.image_sizes)
+        probs = heads.mask_head.predict(mask_features, labels)  # (N, 1, M, M)
+        # paste in the original image's pixels, where the boxes were given; torchvision's
+        # paste pads the box by a pixel or two, so cut to the box: a prompt bounds its mask
+        probs = paste_masks_in_image(probs, boxes, size)[:, 0] * _inside(boxes, size)
+        scores = class_probs[torch.arange(len(labels)), labels]
+        return self._instances(boxes, scores, labels, probs)
+
+    def _instances(self, boxes, scores, labels, probs) -> Instances:
+        """(N, 4), (N,), (N,), (N, H, W) tensors -> Instances, masks thresholded."""
+        probs = probs.float().cpu().numpy()
+        labels = labels.cpu().numpy()
         return Instances(
-            boxes=output["boxes"][keep].float().cpu().numpy(),
-            scores=output["scores"][keep].float().cpu().numpy(),
+            boxes=boxes.float().cpu().numpy(),
+            scores=scores.float().cpu().numpy(),
             labels=labels,
             class_names=[self.class_names[int(lab) - 1] for lab in labels],
             masks=probs >= self.mask_thresh,
@@ -108,6 +152,16 @@ class Predictor:
             label_to_cat_id=self.label_to_cat_id,
             mask_threshold=self.mask_thresh,
         )
+
+
+def _inside(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(N, 4) xyxy boxes -> (N, H, W) bool: the pixels whose centres lie in each box."""
+    ys = torch.arange(size[0], device=boxes.device) + 0.5
+    xs = torch.arange(size[1], device=boxes.device) + 0.5
+    x0, y0, x1, y1 = (boxes[:, i, None] for i in range(4))  # (N, 1) each
+    in_y = (ys >= y0) & (ys <= y1)  # (N, H)
+    in_x = (xs >= x0) & (xs <= x1)  # (N, W)
+    return in_y[:, :, None] & in_x[:, None, :]
 
 
 def draw_overlay(

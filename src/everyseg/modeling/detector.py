@@ -16,12 +16,13 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 
-from everyseg.config import Config, ModelConfig
+from everyseg.config import Config, ConfigError, ModelConfig
 from everyseg.modeling.backbone import resnet_fpn
+from everyseg.modeling.fcos import FCOSWithMasks
 from everyseg.modeling.mask_heads import (
-    MASK_HEADS,
     ClassConvPredictor,
     MaskHead,
+    build_mask_head,
     build_mask_predictor,
 )
 from everyseg.modeling.mask_heads.fcn import FCNFeatures
@@ -57,6 +58,8 @@ def build_model(
     model.init_from_run's.
     """
     cfg, data = config.model, config.data
+    if cfg.detector not in ("rcnn", "fcos"):
+        raise ConfigError(f"model.detector {cfg.detector!r}: choose rcnn or fcos")
     b = cfg.backbone
     backbone = resnet_fpn(
         name=b.name,
@@ -65,10 +68,12 @@ def build_model(
         norm=b.norm,
         fpn_channels=b.fpn_channels,
     )
+    if cfg.detector == "fcos":
+        return _build_fcos(config, backbone, num_classes)
     model = GeneralizedRCNN(
         backbone=backbone,
         rpn=_build_rpn(cfg, backbone.out_channels),
-        roi_heads=_build_roi_heads(cfg, backbone.out_channels, num_classes, class_names),
+        roi_heads=_build_roi_heads(config, backbone.out_channels, num_classes, class_names),
         transform=MultiScaleTransform(
             train_sizes=data.min_size, test_size=data.test_min_size, max_size=data.max_size
         ),
@@ -80,6 +85,42 @@ def build_model(
         stage=config.train.stage,
         init_from_run=cfg.init_from_run,
         class_names=class_names,
+    )
+    return model
+
+
+def _build_fcos(config: Config, backbone: nn.Module, num_classes: int) -> FCOSWithMasks:
+    cfg, data, bh, mh = config.model, config.data, config.model.box_head, config.model.mask_head
+    if config.train.mask_rois != "gt" or config.train.stage != "end_to_end" or cfg.init:
+        raise ConfigError(
+            "model.detector=fcos trains end to end from scratch or ImageNet on ground-truth "
+            "crops: it needs train.mask_rois=gt, train.stage=end_to_end and model.init=null"
+        )
+    if mh.predictor == "transfer":  # FCOS has no per-class box weights to transfer from
+        raise ConfigError("model.detector=fcos: model.mask_head.predictor must be conv")
+    model = FCOSWithMasks(
+        backbone=backbone,
+        num_classes=num_classes,
+        anchor_generator=AnchorGenerator(
+            sizes=tuple((s,) for s in cfg.rpn.anchor_sizes),
+            aspect_ratios=((1.0,),) * len(cfg.rpn.anchor_sizes),
+        ),
+        score_thresh=bh.score_thresh,
+        nms_thresh=bh.nms_thresh,
+        detections_per_img=bh.detections_per_img,
+        mask_roi_pool=MultiScaleRoIAlign(FPN_LEVELS, mh.pooler_resolution, sampling_ratio=2),
+        mask_head=build_mask_head(
+            mh,
+            in_channels=backbone.out_channels,
+            make_predictor=partial(
+                build_mask_predictor, cfg, box_predictor=None, num_classes=num_classes
+            ),
+        ),
+        mask_resolution=mh.mask_resolution,
+        mask_roi_jitter=config.train.mask_roi_jitter,
+    )
+    model.transform = MultiScaleTransform(
+        train_sizes=data.min_size, test_size=data.test_min_size, max_size=data.max_size
     )
     return model
 
@@ -104,11 +145,10 @@ def _build_rpn(cfg: ModelConfig, channels: int) -> RegionProposalNetwork:
 
 
 def _build_roi_heads(
-    cfg: ModelConfig, channels: int, num_classes: int, class_names: Sequence[str] | None
+    config: Config, channels: int, num_classes: int, class_names: Sequence[str] | None
 ) -> PartialMaskRoIHeads:
+    cfg = config.model
     bh, mh = cfg.box_head, cfg.mask_head
-    if mh.name not in MASK_HEADS:
-        raise ValueError(f"model.mask_head.name {mh.name!r}: choose one of {', '.join(MASK_HEADS)}")
     pool = bh.pooler_resolution
     box_head = TwoMLPHead(channels * pool**2, bh.representation_size)
     # weight transfer reads this very module's weights as they train
@@ -125,12 +165,7 @@ def _build_roi_heads(
         box_head=box_head,
         box_predictor=box_predictor,
         mask_roi_pool=MultiScaleRoIAlign(FPN_LEVELS, mh.pooler_resolution, sampling_ratio=2),
-        mask_head=MASK_HEADS[mh.name](
-            in_channels=channels,
-            channels=mh.channels,
-            num_convs=mh.num_convs,
-            make_predictor=make_predictor,
-        ),
+        mask_head=build_mask_head(mh, in_channels=channels, make_predictor=make_predictor),
         fg_iou_thresh=bh.fg_iou_thresh,
         bg_iou_thresh=bh.bg_iou_thresh,
         batch_size_per_image=bh.batch_size_per_image,
@@ -138,6 +173,9 @@ def _build_roi_heads(
         score_thresh=bh.score_thresh,
         nms_thresh=bh.nms_thresh,
         detections_per_img=bh.detections_per_img,
+        mask_resolution=mh.mask_resolution,
+        mask_rois=config.train.mask_rois,
+        mask_roi_jitter=config.train.mask_roi_jitter,
     )
 
 

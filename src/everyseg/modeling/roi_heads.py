@@ -17,12 +17,16 @@ from torchvision.models.detection.roi_heads import (
 
 from everyseg.modeling.mask_heads import MaskHead
 
+MASK_ROIS = ("proposals", "gt", "both")
+
 
 class PartialMaskRoIHeads(RoIHeads):
     """torchvision's RoIHeads with a mask branch that respects partial supervision.
 
     `mask_head` is an everyseg MaskHead (it owns its loss and inference); the parent's
     `mask_predictor` stays None, so torchvision's own mask code path never runs.
+    `mask_resolution` is the side M of its masks (None: twice the mask pooler's);
+    `mask_rois` says which boxes it trains on (see TrainConfig.mask_rois).
     """
 
     def __init__(
@@ -40,7 +44,12 @@ class PartialMaskRoIHeads(RoIHeads):
         score_thresh: float = 0.05,
         nms_thresh: float = 0.5,
         detections_per_img: int = 100,
+        mask_resolution: int | None = None,
+        mask_rois: str = "proposals",
+        mask_roi_jitter: float = 0.0,
     ) -> None:
+        if mask_rois not in MASK_ROIS:
+            raise ValueError(f"train.mask_rois {mask_rois!r}: choose one of {', '.join(MASK_ROIS)}")
         super().__init__(
             box_roi_pool,
             box_head,
@@ -56,6 +65,9 @@ class PartialMaskRoIHeads(RoIHeads):
         )
         self.mask_roi_pool = mask_roi_pool
         self.mask_head = mask_head
+        self.mask_resolution = mask_resolution or 2 * mask_roi_pool.output_size[0]
+        self.mask_rois = mask_rois
+        self.mask_roi_jitter = mask_roi_jitter
 
     def forward(
         self,
@@ -95,25 +107,37 @@ class PartialMaskRoIHeads(RoIHeads):
         labels: list[Tensor],
         targets: list[dict[str, Tensor]],
     ) -> tuple[list[Tensor], Tensor, Tensor]:
-        """Positive proposals whose matched instance has a mask.
+        """The mask head's training crops, as `self.mask_rois` says, of instances with a mask.
 
         Returns per-image RoI boxes [(R_i, 4)], their ground-truth labels (R,) and mask
         targets (R, M, M) cut from the matched instances' masks.
         """
-        resolution = self.mask_roi_pool.output_size[0] * 2
         rois, roi_labels, mask_targets = [], [], []
         for boxes, idxs, image_labels, target in zip(proposals, matched_idxs, labels, targets):
-            has_mask = target["has_mask"]
-            if has_mask.numel() == 0:  # no ground truth: every RoI is background
-                keep = idxs.new_zeros(0)
-            else:
-                keep = torch.where((image_labels > 0) & has_mask[idxs])[0]
-            rois.append(boxes[keep])
-            roi_labels.append(image_labels[keep])
+            boxes, idxs = self._crops(boxes, idxs, image_labels, target)
+            rois.append(boxes)
+            roi_labels.append(target["labels"][idxs])
             mask_targets.append(
-                project_masks_on_boxes(target["masks"], boxes[keep], idxs[keep], resolution)
+                project_masks_on_boxes(target["masks"], boxes, idxs, self.mask_resolution)
             )
         return rois, torch.cat(roi_labels), torch.cat(mask_targets)
+
+    def _crops(self, boxes, idxs, image_labels, target) -> tuple[Tensor, Tensor]:
+        """One image's (R, 4) crop boxes and (R,) indices of the instances they cut masks from."""
+        has_mask = target["has_mask"]
+        crops, crop_idxs = [], []
+        if self.mask_rois in ("proposals", "both") and has_mask.numel() > 0:
+            # with no ground truth every proposal is background and idxs are all clamped to 0
+            keep = torch.where((image_labels > 0) & has_mask[idxs])[0]
+            crops.append(boxes[keep])
+            crop_idxs.append(idxs[keep])
+        if self.mask_rois in ("gt", "both"):
+            gt_boxes, gt_idxs = gt_mask_crops(target, jitter=self.mask_roi_jitter)
+            crops.append(gt_boxes)
+            crop_idxs.append(gt_idxs)
+        if not crops:
+            return boxes.new_zeros(0, 4), idxs.new_zeros(0)
+        return torch.cat(crops), torch.cat(crop_idxs)
 
     def _inference(self, features, proposals, image_shapes) -> list[dict[str, Tensor]]:
         box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
@@ -128,3 +152,24 @@ class PartialMaskRoIHeads(RoIHeads):
             {"boxes": b, "labels": lab, "scores": s, "masks": m}
             for b, lab, s, m in zip(boxes, labels, scores, per_image)
         ]
+
+
+def gt_mask_crops(target: dict[str, Tensor], *, jitter: float = 0.0) -> tuple[Tensor, Tensor]:
+    """One image's ground-truth boxes (R, 4) of instances with a mask, and their indices (R,)."""
+    keep = torch.where(target["has_mask"])[0]
+    return jitter_boxes(target["boxes"][keep], jitter=jitter), keep
+
+
+def jitter_boxes(boxes: Tensor, *, jitter: float) -> Tensor:
+    """(N, 4) xyxy -> each side moved by up to `jitter` x the box's width/height.
+
+    Deep-MAC's small jitter keeps the head from relying on crops that fit exactly, as
+    detections at test time never do.
+    """
+    if jitter == 0 or boxes.numel() == 0:
+        return boxes
+    size = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2)
+    jittered = boxes + (torch.rand_like(boxes) * 2 - 1) * jitter * size
+    # a jittered box never collapses: keep x1 > x0 and y1 > y0
+    jittered[:, 2:] = torch.maximum(jittered[:, 2:], jittered[:, :2] + 1)
+    return jittered

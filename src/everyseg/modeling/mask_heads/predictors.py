@@ -1,8 +1,9 @@
 """A mask head's final layer from the config: Mask R-CNN's per-class 1x1 conv or Mask^X's
 weight transfer, optionally fused with the class-agnostic MLP branch.
 
-Every mask head's features end in `model.mask_head.channels` channels at twice the pooler
-resolution, so the predictor is built apart from the head and handed to its builder.
+Every mask head's features end in `model.mask_head.channels` channels at the mask
+resolution M (`MaskHeadConfig.mask_resolution`), so the predictor is built apart from the head
+and handed to its builder.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def build_mask_predictor(
     )
     if not mh.mlp_fusion:
         return predictor
-    resolution = 2 * mh.pooler_resolution
+    resolution = mh.mask_resolution
     mlp = MLPMaskBranch(
         in_features=mh.channels * resolution**2,
         resolution=resolution,
