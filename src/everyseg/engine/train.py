@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -101,88 +102,133 @@ def run_metadata(cfg: Config, dataset: CocoInstances) -> dict:
     }
 
 
-def train(cfg: Config, *, out_dir, resume: bool = False, progress: bool = True) -> RunDir:
-    tc = cfg.train
-    if tc.on_nonfinite_loss not in ("stop", "skip"):
-        raise ConfigError(
-            f"train.on_nonfinite_loss: expected stop or skip, got {tc.on_nonfinite_loss!r}"
-        )
-    check_stage(cfg)
-    run = RunDir(Path(out_dir))
-    _prepare_run_dir(run, cfg, resume=resume)
-    device = resolve_device(tc.device)
-    amp = tc.amp and device.type == "cuda"
-    seed_everything(tc.seed)
-    # stage-wise training's stage 1 trains the detector alone: no instance keeps its mask
-    no_masks = "none" if tc.stage == "detector" else None
-    dataset = build_dataset(cfg.data, split="train", seed=tc.seed, mask_classes=no_masks)
-    print(dataset.summary())
-    classes = dataset.class_names
-    model = build_model(cfg, num_classes=len(classes) + 1, class_names=classes).to(device)
-    optimizer = build_optimizer(model, tc)
-    scheduler = build_scheduler(optimizer, tc)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp)
-    step = 0
-    if resume and run.last.is_file():
-        step = _restore(load_checkpoint(run.last), model, optimizer, scheduler, scaler)
-        print(f"resumed from {run.last} at step {step}")
-    if resume:
-        trim_log(run.log, step=step)
-    meta = run_metadata(cfg, dataset)
+@dataclass
+class TrainingState:
+    """What a checkpoint holds besides the run's metadata: the model, the optimiser, the
+    schedule, the AMP scaler and the number of steps taken."""
 
-    def checkpoint(path: Path) -> None:
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    meta: dict
+    step: int = 0
+
+    def save(self, path: Path) -> None:
         save_checkpoint(
             path,
             {
-                **meta,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "step": step,
+                **self.meta,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "step": self.step,
                 "rng": capture_rng(),
             },
         )
 
-    loader = _loader(dataset, cfg, start_step=step)
-    model.train()
-    bar = tqdm(total=tc.steps, initial=step, disable=not progress, desc="train", dynamic_ncols=True)
+    def restore(self, path: Path) -> None:
+        state = load_checkpoint(path)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        restore_rng(state["rng"])
+        self.step = int(state["step"])
+
+
+def train(cfg: Config, *, out_dir, resume: bool = False, progress: bool = True) -> RunDir:
+    """Train `cfg` into the run directory `out_dir`; resume=True continues from its last
+    checkpoint as if never interrupted."""
+    _check_train_config(cfg)
+    run = RunDir(Path(out_dir))
+    _prepare_run_dir(run, cfg, resume=resume)
+    device = resolve_device(cfg.train.device)
+    seed_everything(cfg.train.seed)
+    # stage-wise training's stage 1 trains the detector alone: no instance keeps its mask
+    no_masks = "none" if cfg.train.stage == "detector" else None
+    dataset = build_dataset(cfg.data, split="train", seed=cfg.train.seed, mask_classes=no_masks)
+    print(dataset.summary())
+    state = _build_state(cfg, dataset, device)
+    if resume and run.last.is_file():
+        state.restore(run.last)
+        print(f"resumed from {run.last} at step {state.step}")
+    if resume:
+        trim_log(run.log, step=state.step)
+    _train_loop(run, state, cfg, dataset, device, progress=progress)
+    return run
+
+
+def _check_train_config(cfg: Config) -> None:
+    if cfg.train.on_nonfinite_loss not in ("stop", "skip"):
+        raise ConfigError(
+            f"train.on_nonfinite_loss: expected stop or skip, got {cfg.train.on_nonfinite_loss!r}"
+        )
+    check_stage(cfg)
+
+
+def _build_state(cfg: Config, dataset: CocoInstances, device: torch.device) -> TrainingState:
+    classes = dataset.class_names
+    model = build_model(cfg, num_classes=len(classes) + 1, class_names=classes).to(device)
+    optimizer = build_optimizer(model, cfg.train)
+    amp = cfg.train.amp and device.type == "cuda"
+    return TrainingState(
+        model=model,
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, cfg.train),
+        scaler=torch.amp.GradScaler(device.type, enabled=amp),
+        meta=run_metadata(cfg, dataset),
+    )
+
+
+def _train_loop(run: RunDir, state: TrainingState, cfg: Config, dataset, device, *, progress):
+    tc = cfg.train
+    loader = _loader(dataset, cfg, start_step=state.step)
+    state.model.train()
+    bar = tqdm(
+        total=tc.steps, initial=state.step, disable=not progress, desc="train", dynamic_ncols=True
+    )
     with run.log.open("a") as log, bar:
         tic = time.perf_counter()
         for images, targets in loader:
-            if step >= tc.steps:
+            if state.step >= tc.steps:
                 break
             images, targets = to_device(images, targets, device)
             values = train_one_step(
-                model,
+                state.model,
                 images,
                 targets,
-                optimizer=optimizer,
-                scaler=scaler,
-                amp=amp,
+                optimizer=state.optimizer,
+                scaler=state.scaler,
+                amp=state.scaler.is_enabled(),
                 clip_grad_norm=tc.clip_grad_norm,
-                step=step,
+                step=state.step,
                 on_nonfinite=tc.on_nonfinite_loss,
             )
-            scheduler.step()
-            step += 1
+            state.scheduler.step()
+            state.step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{values['loss']:.3f}", mask=f"{values['loss_mask']:.3f}")
             if "skipped" in values:
-                tqdm.write(f"step {step}: {values['skipped']}; update skipped")
-            if step % tc.log_every == 0 or step == tc.steps or "skipped" in values:
-                record = {"step": step, "lr": optimizer.param_groups[0]["lr"], **values}
-                record["seconds_per_step"] = (time.perf_counter() - tic) / tc.log_every
+                tqdm.write(f"step {state.step}: {values['skipped']}; update skipped")
+            if state.step % tc.log_every == 0 or state.step == tc.steps or "skipped" in values:
+                record = {"step": state.step, "lr": state.optimizer.param_groups[0]["lr"]}
+                record.update(values, seconds_per_step=(time.perf_counter() - tic) / tc.log_every)
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 tic = time.perf_counter()
-            if step % tc.checkpoint_every == 0 or step == tc.steps:
-                checkpoint(run.last)
-            if tc.keep_every and step % tc.keep_every == 0:
-                checkpoint(run.snapshot(step))
-            if tc.eval_every and step % tc.eval_every == 0 and cfg.data.val_json:
-                _evaluate_and_keep_best(run, model, cfg, meta, checkpoint, step, device)
-    return run
+            _save_and_evaluate_when_due(run, state, cfg, device)
+
+
+def _save_and_evaluate_when_due(run: RunDir, state: TrainingState, cfg: Config, device) -> None:
+    step, tc = state.step, cfg.train
+    if step % tc.checkpoint_every == 0 or step == tc.steps:
+        state.save(run.last)
+    if tc.keep_every and step % tc.keep_every == 0:
+        state.save(run.snapshot(step))
+    if tc.eval_every and step % tc.eval_every == 0 and cfg.data.val_json:
+        _evaluate_and_keep_best(run, state, cfg, device)
 
 
 def _prepare_run_dir(run: RunDir, cfg: Config, *, resume: bool) -> None:
@@ -213,15 +259,6 @@ def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def _restore(state, model, optimizer, scheduler, scaler) -> int:
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
-    restore_rng(state["rng"])
-    return int(state["step"])
-
-
 def _loader(dataset: CocoInstances, cfg: Config, *, start_step: int) -> DataLoader:
     sampler = StepBatchSampler(
         num_items=len(dataset),
@@ -241,19 +278,19 @@ def _loader(dataset: CocoInstances, cfg: Config, *, start_step: int) -> DataLoad
     )
 
 
-def _evaluate_and_keep_best(run, model, cfg, meta, checkpoint, step, device) -> None:
+def _evaluate_and_keep_best(run: RunDir, state: TrainingState, cfg: Config, device) -> None:
     from everyseg.engine.evaluate_run import evaluate_loaded
 
     rng = capture_rng()  # evaluation must not change what the next training step sees
-    metrics = evaluate_loaded(model, cfg, meta, device=device, progress=False)
+    metrics = evaluate_loaded(state.model, cfg, state.meta, device=device, progress=False)
     restore_rng(rng)
-    model.train()
+    state.model.train()
     ap = metrics["segm"]["all"]["AP"] or 0.0
     best_file = run.checkpoints / "best.json"
     best = json.loads(best_file.read_text())["AP"] if best_file.is_file() else -1.0
     with run.log.open("a") as log:
-        log.write(json.dumps({"step": step, "eval": {"segm_AP": ap}}) + "\n")
+        log.write(json.dumps({"step": state.step, "eval": {"segm_AP": ap}}) + "\n")
     if ap > best:
-        checkpoint(run.best)
-        text = json.dumps({"AP": ap, "step": step}).encode()
+        state.save(run.best)
+        text = json.dumps({"AP": ap, "step": state.step}).encode()
         atomic_write_bytes(best_file, lambda f: f.write(text))
