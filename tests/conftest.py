@@ -7,6 +7,7 @@ import torch
 
 from everyseg.config import Config, load_config
 from everyseg.data.synthetic import generate
+from everyseg.modeling.detector import build_model
 
 TINY_OVERRIDES = [
     "data.min_size=[64]",
@@ -24,6 +25,9 @@ TINY_OVERRIDES = [
     "model.box_head.batch_size_per_image=16",
     "model.box_head.detections_per_img=20",
     "model.box_head.score_thresh=0.0",
+    "model.fcos.anchor_sizes=[8,16,32,64,128]",
+    "model.fcos.detections_per_img=20",
+    "model.fcos.score_thresh=0.0",
     "model.mask_head.channels=8",
     "model.mask_head.num_convs=2",
     "model.mask_head.pooler_resolution=7",
@@ -54,3 +58,11 @@ def tiny_config(paths: dict[str, str], *extra: str, preset: str = "maskrcnn-tiny
 @pytest.fixture
 def tiny_cfg(synth_paths) -> Config:
     return tiny_config(synth_paths, "train.steps=4")
+
+
+def model_of(cfg: Config, **kwargs) -> torch.nn.Module:
+    """build_model for `cfg`'s model section at its data's image sizes: the architecture,
+    randomly initialised."""
+    d = cfg.data
+    sizes = dict(min_size=d.min_size, max_size=d.max_size, test_min_size=d.test_min_size)
+    return build_model(cfg.model, **sizes, **kwargs)

@@ -1,7 +1,7 @@
 import pytest
 
 from everyseg.config import ConfigError, load_config, preset_names
-from everyseg.modeling.detector import build_model
+from tests.conftest import model_of
 
 
 def test_bundled_presets_exist_and_load():
@@ -62,6 +62,6 @@ def test_yaml_file_with_base_round_trips(tmp_path):
 @pytest.mark.parametrize("preset", ["maskrcnn-tiny", "baseline-tiny"])
 def test_tiny_presets_build(preset):
     cfg = load_config(preset)
-    model = build_model(cfg, num_classes=15)
+    model = model_of(cfg, num_classes=15)
     agnostic = cfg.model.mask_head.class_agnostic
     assert model.roi_heads.mask_head.predictor.conv.out_channels == (1 if agnostic else 15)

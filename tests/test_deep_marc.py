@@ -8,9 +8,8 @@ import torch
 from everyseg.config import ConfigError, load_config
 from everyseg.engine.evaluate_run import evaluate_run
 from everyseg.engine.train import train
-from everyseg.modeling.detector import build_model
 from everyseg.modeling.mask_heads.deep import HOURGLASS_LAYOUTS, RESNET_DEPTHS
-from tests.conftest import tiny_config
+from tests.conftest import model_of, tiny_config
 from tests.test_model import SIZE, _targets
 
 HEADS = [("resnet", n) for n in RESNET_DEPTHS] + [("hourglass", n) for n in HOURGLASS_LAYOUTS]
@@ -19,7 +18,7 @@ HEADS = [("resnet", n) for n in RESNET_DEPTHS] + [("hourglass", n) for n in HOUR
 def _mask_head_inputs(cfg, target):
     """The (R, 4) boxes and (R,) labels the mask head trains on for one image with `target`."""
     torch.manual_seed(0)
-    model = build_model(cfg, num_classes=4).train()
+    model = model_of(cfg, num_classes=4).train()
     seen = {}
 
     def spy_pool(module, args):
@@ -35,7 +34,7 @@ def _mask_head_inputs(cfg, target):
 
 
 def test_gt_crops_are_exactly_the_masked_instances_boxes(synth_paths):
-    cfg = tiny_config(synth_paths, "train.mask_rois=gt")
+    cfg = tiny_config(synth_paths, "model.mask_head.train_rois=gt")
     target = _targets()  # instance 0 has a mask, instance 1 is box-only
     rois, labels = _mask_head_inputs(cfg, target)
     # the transform keeps 64 px images at 64 px, so image and RoI coordinates agree
@@ -44,7 +43,7 @@ def test_gt_crops_are_exactly_the_masked_instances_boxes(synth_paths):
 
 
 def test_no_crops_without_masks(synth_paths):
-    cfg = tiny_config(synth_paths, "train.mask_rois=gt")
+    cfg = tiny_config(synth_paths, "model.mask_head.train_rois=gt")
     target = dict(_targets(), has_mask=torch.tensor([False, False]))
     rois, labels = _mask_head_inputs(cfg, target)
     assert rois.shape == (0, 4) and labels.numel() == 0
@@ -53,12 +52,14 @@ def test_no_crops_without_masks(synth_paths):
 def test_both_is_proposals_plus_gt(synth_paths):
     target = _targets()
     proposals, _ = _mask_head_inputs(tiny_config(synth_paths), target)
-    both, _ = _mask_head_inputs(tiny_config(synth_paths, "train.mask_rois=both"), target)
+    both, _ = _mask_head_inputs(tiny_config(synth_paths, "model.mask_head.train_rois=both"), target)
     assert torch.equal(both, torch.cat([proposals, target["boxes"][:1]]))
 
 
 def test_jitter_moves_gt_crops_a_little(synth_paths):
-    cfg = tiny_config(synth_paths, "train.mask_rois=gt", "train.mask_roi_jitter=0.1")
+    cfg = tiny_config(
+        synth_paths, "model.mask_head.train_rois=gt", "model.mask_head.roi_jitter=0.1"
+    )
     target = _targets()
     rois, _ = _mask_head_inputs(cfg, target)
     shift = (rois - target["boxes"][:1]).abs()
@@ -66,8 +67,8 @@ def test_jitter_moves_gt_crops_a_little(synth_paths):
 
 
 def test_unknown_mask_rois(synth_paths):
-    with pytest.raises(ValueError, match="mask_rois"):
-        build_model(tiny_config(synth_paths, "train.mask_rois=boxes"), num_classes=4)
+    with pytest.raises(ValueError, match="train_rois"):
+        model_of(tiny_config(synth_paths, "model.mask_head.train_rois=boxes"), num_classes=4)
 
 
 @pytest.mark.parametrize("name, depth", HEADS)
@@ -80,7 +81,7 @@ def test_deep_head_shapes(synth_paths, name, depth, agnostic):
         "model.mask_head.resolution=28",
         f"model.mask_head.class_agnostic={str(agnostic).lower()}",
     )
-    head = build_model(cfg, num_classes=4).roi_heads.mask_head
+    head = model_of(cfg, num_classes=4).roi_heads.mask_head
     features = torch.rand(3, 16, 7, 7)  # (R, C, S, S)
     labels = torch.tensor([1, 3, 2])
     all_channels = head.predictor.conv(head.features(features))
@@ -96,9 +97,9 @@ def test_deep_head_resolutions_through_the_model(synth_paths, resolution):
         "model.mask_head.name=hourglass",
         "model.mask_head.depth=10",
         f"model.mask_head.resolution={resolution}",
-        "train.mask_rois=gt",
+        "model.mask_head.train_rois=gt",
     )
-    model = build_model(cfg, num_classes=4).train()
+    model = model_of(cfg, num_classes=4).train()
     losses = model([torch.rand(3, SIZE, SIZE)], [_targets()])
     assert losses["loss_mask"] > 0
     with torch.no_grad():
@@ -110,7 +111,7 @@ def test_deep_head_resolutions_through_the_model(synth_paths, resolution):
 def test_deep_heads_train_on_a_tiny_batch(synth_paths, name, depth):
     cfg = tiny_config(synth_paths, f"model.mask_head.name={name}", f"model.mask_head.depth={depth}")
     torch.manual_seed(0)
-    head = build_model(cfg, num_classes=4).roi_heads.mask_head.train()
+    head = model_of(cfg, num_classes=4).roi_heads.mask_head.train()
     features = torch.rand(4, 16, 7, 7)
     labels = torch.tensor([1, 2, 3, 1])
     targets = (torch.rand(4, 14, 14) > 0.5).float()
@@ -127,18 +128,18 @@ def test_deep_heads_train_on_a_tiny_batch(synth_paths, name, depth):
 
 def test_depth_and_resolution_errors(synth_paths):
     with pytest.raises(ConfigError, match="depth 6 for hourglass"):
-        build_model(
+        model_of(
             tiny_config(synth_paths, "model.mask_head.name=hourglass", "model.mask_head.depth=6"),
             num_classes=4,
         )
     with pytest.raises(ConfigError, match="fcn head's deconv"):
-        build_model(tiny_config(synth_paths, "model.mask_head.resolution=32"), num_classes=4)
+        model_of(tiny_config(synth_paths, "model.mask_head.resolution=32"), num_classes=4)
 
 
 def test_deepmarc_presets():
     full, tiny = load_config("deepmarc"), load_config("deepmarc-tiny")
     for cfg in (full, tiny):
-        assert cfg.train.mask_rois == "gt" and cfg.model.mask_head.name == "hourglass"
+        assert cfg.model.mask_head.train_rois == "gt" and cfg.model.mask_head.name == "hourglass"
         assert cfg.model.mask_head.class_agnostic
     assert full.model.mask_head.depth == 52 and full.model.backbone.name == "resnet50"
     assert tiny.data.mask_classes == load_config("baseline-tiny").data.mask_classes
@@ -164,7 +165,7 @@ def test_deep_heads_take_the_transfer_and_fused_predictors(synth_paths, name):
         "model.mask_head.predictor=transfer",
         "model.mask_head.mlp_fusion=true",
     )
-    head = build_model(cfg, num_classes=4).roi_heads.mask_head
+    head = model_of(cfg, num_classes=4).roi_heads.mask_head
     assert head(torch.rand(2, 16, 7, 7), torch.tensor([1, 3])).shape == (2, 32, 32)
 
 
@@ -182,9 +183,9 @@ def test_deepmac_tiny_fcos_trains_and_evaluates(synth_paths, tmp_path):
 
 def test_fcos_masks_in_eval_and_config_errors(synth_paths):
     cfg = tiny_config(synth_paths, "model.backbone.fpn_channels=64", preset="deepmac-tiny")
-    model = build_model(cfg, num_classes=4).eval()
+    model = model_of(cfg, num_classes=4).eval()
     with torch.no_grad():
         (out,) = model([torch.rand(3, 40, 56)])
     assert out["masks"].shape[1:] == (1, 40, 56) and len(out["masks"]) == len(out["boxes"])
-    with pytest.raises(ConfigError, match="mask_rois=gt"):
-        build_model(tiny_config(synth_paths, "model.detector=fcos"), num_classes=4)
+    with pytest.raises(ConfigError, match="train_rois=gt"):
+        model_of(tiny_config(synth_paths, "model.detector=fcos"), num_classes=4)

@@ -7,9 +7,10 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.models.detection.roi_heads import paste_masks_in_image, project_masks_on_boxes
 
 from everyseg.config import load_config
-from everyseg.modeling.detector import build_model, from_torchvision
+from everyseg.engine.initialize import initialize_for_training
+from everyseg.modeling.detector import from_torchvision
 from everyseg.modeling.losses import mask_bce_loss
-from tests.conftest import tiny_config
+from tests.conftest import model_of, tiny_config
 
 SIZE = 64
 
@@ -38,7 +39,7 @@ def _losses_and_grads(model, image, target, seed=0):
 @pytest.fixture
 def model_and_image(tiny_cfg):
     torch.manual_seed(0)
-    model = build_model(tiny_cfg, num_classes=4).train()
+    model = model_of(tiny_cfg, num_classes=4).train()
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     return model, torch.rand(3, SIZE, SIZE)
@@ -117,7 +118,7 @@ def test_mask_bce_loss_empty_keeps_graph():
 @pytest.mark.parametrize("agnostic, channels", [(False, 4), (True, 1)])
 def test_mask_head_shapes(synth_paths, agnostic, channels):
     cfg = tiny_config(synth_paths, f"model.mask_head.class_agnostic={str(agnostic).lower()}")
-    head = build_model(cfg, num_classes=4).roi_heads.mask_head
+    head = model_of(cfg, num_classes=4).roi_heads.mask_head
     assert head.predictor.conv.out_channels == channels
     features = torch.rand(5, 16, 7, 7)  # (R, C, S, S)
     labels = torch.tensor([1, 2, 3, 1, 2])
@@ -126,7 +127,7 @@ def test_mask_head_shapes(synth_paths, agnostic, channels):
 
 
 def test_class_specific_head_selects_the_labels_channel(synth_paths):
-    head = build_model(tiny_config(synth_paths), num_classes=4).roi_heads.mask_head
+    head = model_of(tiny_config(synth_paths), num_classes=4).roi_heads.mask_head
     features = torch.rand(3, 16, 7, 7)
     all_channels = head.predictor.conv(head.features(features))  # (R, K, M, M)
     labels = torch.tensor([3, 1, 2])
@@ -134,7 +135,7 @@ def test_class_specific_head_selects_the_labels_channel(synth_paths):
 
 
 def test_eval_outputs_masks_in_image_size(tiny_cfg):
-    model = build_model(tiny_cfg, num_classes=4).eval()
+    model = model_of(tiny_cfg, num_classes=4).eval()
     with torch.no_grad():
         (out,) = model([torch.rand(3, 40, 56)])
     assert out["masks"].shape[1:] == (1, 40, 56)
@@ -146,7 +147,7 @@ def test_mask_head_learns_masks_that_match_the_ground_truth(tiny_cfg):
     into the image: they must cover the true shapes (checks loss, RoI targets and pasting
     agree on geometry)."""
     torch.manual_seed(0)
-    model = build_model(tiny_cfg, num_classes=4).eval()
+    model = model_of(tiny_cfg, num_classes=4).eval()
     yy, xx = torch.meshgrid(torch.arange(SIZE), torch.arange(SIZE), indexing="ij")
     disc = ((yy - 20) ** 2 + (xx - 18) ** 2 <= 100).to(torch.uint8)
     triangle = ((yy >= 36) & (yy <= 58) & (xx >= 30) & (xx - 30 <= yy - 36)).to(torch.uint8)
@@ -189,14 +190,17 @@ def test_init_from_a_torchvision_state_dict(tmp_path, capsys):
     sizes = [f"data.min_size=[{SIZE}]", f"data.test_min_size={SIZE}", f"data.max_size={SIZE}"]
     overrides = ["model.backbone.name=resnet18", "model.backbone.weights=null", *sizes]
     cfg = load_config("maskrcnn", [*overrides, f"model.init={path}"])
-    ours = build_model(cfg, num_classes=6).eval()
+    ours = model_of(cfg, num_classes=6)
+    initialize_for_training(ours, cfg)
+    ours.eval()
     images = [torch.rand(3, SIZE, SIZE)]
     with torch.no_grad():
         expected, got = tv(images)[0], ours(images)[0]
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
 
-    other = build_model(cfg, num_classes=3)
+    other = model_of(cfg, num_classes=3)
+    initialize_for_training(other, cfg)
     reinitialised = capsys.readouterr().out
     assert "roi_heads.box_predictor.cls_score.weight" in reinitialised
     assert "roi_heads.mask_head.predictor.conv.weight" in reinitialised

@@ -11,12 +11,11 @@ from everyseg.data.build import build_dataset
 from everyseg.data.coco import collate
 from everyseg.engine.checkpoint import RunDir, load_checkpoint
 from everyseg.engine.evaluate_run import evaluate_run
+from everyseg.engine.initialize import MASK_BRANCH, initialize_for_training
 from everyseg.engine.optim import build_optimizer
 from everyseg.engine.train import train, train_one_step
-from everyseg.modeling.detector import build_model
 from everyseg.modeling.mask_heads.transfer import build_transfer_predictor, word_vectors
-from everyseg.modeling.stages import MASK_BRANCH
-from tests.conftest import tiny_config
+from tests.conftest import model_of, tiny_config
 
 NAMES = ["circle", "traffic light", "T-shape", "dining_table"]
 K, REP, D, M = len(NAMES), 16, 8, 14
@@ -85,7 +84,7 @@ def test_transfer_reads_the_box_predictor_without_owning_it():
 
 def test_model_lists_the_box_predictor_once(synth_paths):
     cfg = tiny_config(synth_paths, preset="maskx-tiny")
-    model = build_model(cfg, num_classes=K + 1)
+    model = model_of(cfg, num_classes=K + 1)
     params = list(model.parameters())
     assert len(params) == len({id(p) for p in params})
     assert len(dict(model.named_parameters())) == len(params)
@@ -130,7 +129,7 @@ def test_only_the_needed_classes_are_transferred():
 def test_mlp_fusion_adds_the_same_logits_to_every_class(synth_paths, predictor):
     overrides = ["model.mask_head.mlp_fusion=true", *predictor]
     cfg = tiny_config(synth_paths, *overrides, preset="maskx-tiny")
-    fused = build_model(cfg, num_classes=K + 1).roi_heads.mask_head.predictor
+    fused = model_of(cfg, num_classes=K + 1).roi_heads.mask_head.predictor
     x = torch.rand(3, cfg.model.mask_head.channels, M, M)
     mlp = fused.mlp(x)  # (R, M, M)
     assert mlp.shape == (3, M, M) and mlp.any()
@@ -143,14 +142,15 @@ def test_mlp_fusion_adds_the_same_logits_to_every_class(synth_paths, predictor):
 def test_transfer_needs_class_specific_masks(synth_paths):
     cfg = tiny_config(synth_paths, "model.mask_head.class_agnostic=true", preset="maskx-tiny")
     with pytest.raises(ConfigError, match="class_agnostic=false"):
-        build_model(cfg, num_classes=K + 1)
+        model_of(cfg, num_classes=K + 1)
 
 
 def test_stage_errors(synth_paths, tmp_path):
     with pytest.raises(ConfigError, match="init_from_run"):
         train(tiny_config(synth_paths, "train.stage=mask"), out_dir=tmp_path, progress=False)
     with pytest.raises(ConfigError, match="train.stage"):
-        build_model(tiny_config(synth_paths, "train.stage=stage2"), num_classes=K + 1)
+        cfg = tiny_config(synth_paths, "train.stage=stage2")
+        initialize_for_training(model_of(cfg, num_classes=K + 1), cfg)
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +181,9 @@ def test_stage2_changes_only_the_mask_branch(synth_paths, stage1_run):
     )
     dataset = build_dataset(cfg.data, split="train")
     names = dataset.class_names
-    model = build_model(cfg, num_classes=len(names) + 1, class_names=names).train()
+    model = model_of(cfg, num_classes=len(names) + 1, class_names=names)
+    initialize_for_training(model, cfg, class_names=names)
+    model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     stage1 = load_checkpoint(stage1_run.last)["model"]
     assert all(

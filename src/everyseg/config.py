@@ -100,6 +100,11 @@ class MaskHeadConfig:
     mlp_fusion: bool = False
     mlp_layers: int = 1
     mlp_hidden: int = 1024
+    # where the head's training crops come from: proposals (Mask R-CNN: positive proposals
+    # matched to an instance with a mask) | gt (Deep-MARC: those instances' ground-truth boxes)
+    # | both; roi_jitter moves gt boxes' sides by up to that fraction of their size
+    train_rois: str = "proposals"
+    roi_jitter: float = 0.0
 
     @property
     def mask_resolution(self) -> int:
@@ -124,14 +129,27 @@ class TransferConfig:
 
 
 @dataclass
+class FCOSConfig:
+    """Deep-MAC's anchor-free detector (model.detector=fcos): torchvision's FCOS."""
+
+    # one anchor per FPN level (P2..P6); FCOS assigns a box to the level whose anchor size
+    # fits it
+    anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
+    # torchvision's FCOS defaults
+    score_thresh: float = 0.2
+    nms_thresh: float = 0.6
+    detections_per_img: int = 100
+
+
+@dataclass
 class ModelConfig:
-    # rcnn (Mask R-CNN) | fcos (Deep-MAC's anchor-free detector: one anchor per FPN level of
-    # rpn.anchor_sizes; box_head's score_thresh, nms_thresh, detections_per_img; train.mask_rois
-    # must be gt)
+    # rcnn (Mask R-CNN: rpn, box_head) | fcos (Deep-MAC's anchor-free detector: model.fcos;
+    # its mask head trains on ground-truth crops, model.mask_head.train_rois=gt)
     detector: str = "rcnn"
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     rpn: RPNConfig = field(default_factory=RPNConfig)
     box_head: BoxHeadConfig = field(default_factory=BoxHeadConfig)
+    fcos: FCOSConfig = field(default_factory=FCOSConfig)
     mask_head: MaskHeadConfig = field(default_factory=MaskHeadConfig)
     # start from a full Mask R-CNN: "torchvision-coco" (torchvision's COCO weights, needs network
     # or a warm cache) or a local .pth holding a torchvision MaskRCNN state dict
@@ -166,13 +184,8 @@ class TrainConfig:
     # a NaN/Inf loss: "stop" training (the last checkpoint is intact) or "skip" the update
     on_nonfinite_loss: str = "stop"
     # end_to_end | detector (stage 1: boxes of all classes, no masks) | mask (stage 2: only the
-    # mask branch trains, from model.init_from_run); see everyseg.modeling.stages
+    # mask branch trains, from model.init_from_run); see everyseg.engine.initialize
     stage: str = "end_to_end"
-    # where the mask head's training crops come from: proposals (Mask R-CNN: positive proposals
-    # matched to an instance with a mask) | gt (Deep-MARC: those instances' ground-truth boxes)
-    # | both; mask_roi_jitter moves gt boxes' sides by up to that fraction of their size
-    mask_rois: str = "proposals"
-    mask_roi_jitter: float = 0.0
 
 
 @dataclass

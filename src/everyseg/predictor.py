@@ -9,8 +9,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.models.detection.roi_heads import paste_masks_in_image
-from torchvision.models.detection.transform import resize_boxes
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from everyseg.data.transforms import load_image
@@ -91,34 +89,25 @@ class Predictor:
     def segment(self, image: ImageLike, boxes, *, labels=None) -> Instances:
         """One mask per given (N, 4) xyxy box in image pixels, whatever its class (Deep-MAC).
 
-        The class of each box is `labels` (N, in 1..K) when given, else the box classifier's
-        most likely foreground class on that box; a class-specific mask head predicts that
-        class's channel, a class-agnostic one ignores it. Scores are that class's probability.
+        Boxes must be finite with X1 > X0 and Y1 > Y0; parts outside the image are clipped
+        off (a box entirely outside it is an error). The class of each box is `labels` (N
+        integers in 1..K) when given, else the detector's most likely foreground class on it
+        (see the detector's `masks_for_boxes`); a class-specific mask head predicts that
+        class's channel, a class-agnostic one ignores it. Scores are that class's score.
+        Bad boxes or labels raise ValueError.
         """
-        if not hasattr(self.model, "roi_heads"):
-            raise ValueError("segment needs an R-CNN run (model.detector=rcnn) to class its boxes")
         tensor = image_to_tensor(image).to(self.device)
-        size = tuple(tensor.shape[1:])
-        boxes = torch.as_tensor(np.asarray(boxes, dtype=np.float32)).reshape(-1, 4)
-        if (boxes[:, 2:] <= boxes[:, :2]).any():
-            raise ValueError(f"boxes must be X0 Y0 X1 Y1 with X1 > X0 and Y1 > Y0, got {boxes}")
-        boxes = boxes.to(self.device)
-        images, _ = self.model.transform([tensor])
-        features = self.model.backbone(images.tensors)
-        rois = [resize_boxes(boxes, size, images.image_sizes[0])]
-        heads = self.model.roi_heads
-        box_features = heads.box_head(heads.box_roi_pool(features, rois, images.image_sizes))
-        class_probs = heads.box_predictor(box_features)[0].softmax(-1)  # (N, K + 1)
-        if labels is None:
-            labels = class_probs[:, 1:].argmax(-1) + 1
-        labels = torch.as_tensor(labels, device=self.device).reshape(-1)
-        mask_features = heads.mask_roi_pool(features, rois, images.image_sizes)
-        probs = heads.mask_head.predict(mask_features, labels)  # (N, 1, M, M)
-        # paste in the original image's pixels, where the boxes were given; torchvision's
-        # paste pads the box by a pixel or two, so cut to the box: a prompt bounds its mask
-        probs = paste_masks_in_image(probs, boxes, size)[:, 0] * _inside(boxes, size)
-        scores = class_probs[torch.arange(len(labels)), labels]
-        return self._instances(boxes, scores, labels, probs)
+        boxes = _as_tensor(boxes, torch.float32, "boxes")
+        if boxes.ndim == 1 and boxes.numel() == 4:
+            boxes = boxes[None]  # a single box
+        if labels is not None:
+            labels = [_as_tensor(labels, None, "labels").reshape(-1)]
+        (output,) = self.model.masks_for_boxes([tensor], [boxes], labels)
+        boxes, size = output["boxes"], tuple(tensor.shape[1:])
+        # torchvision's paste pads the box by a pixel or two, so cut to the box: a prompt
+        # bounds its mask
+        probs = output["masks"][:, 0] * _inside(boxes, size)
+        return self._instances(boxes, output["scores"], output["labels"], probs)
 
     def _instances(self, boxes, scores, labels, probs) -> Instances:
         """(N, 4), (N,), (N,), (N, H, W) tensors -> Instances, masks thresholded."""
@@ -152,6 +141,13 @@ class Predictor:
             label_to_cat_id=self.label_to_cat_id,
             mask_threshold=self.mask_thresh,
         )
+
+
+def _as_tensor(values, dtype, name: str) -> torch.Tensor:
+    try:
+        return torch.as_tensor(np.asarray(values, dtype=dtype))
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be numbers, got {values!r}") from None
 
 
 def _inside(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

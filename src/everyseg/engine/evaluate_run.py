@@ -10,6 +10,7 @@ from everyseg.config import Config, from_dict
 from everyseg.data.build import build_dataset
 from everyseg.engine.checkpoint import RunDir, load_checkpoint
 from everyseg.engine.evaluate import evaluate_model, format_metrics_table, write_metrics
+from everyseg.engine.initialize import freeze_for_stage
 from everyseg.engine.train import resolve_device
 from everyseg.modeling.detector import build_model
 
@@ -23,12 +24,17 @@ def load_run(run_dir, *, checkpoint: str = "last", device: str = "auto"):
     path = Path(checkpoint) if checkpoint.endswith(".pt") else run.checkpoints / f"{checkpoint}.pt"
     state = load_checkpoint(path)
     cfg = from_dict(state["config"])
-    # the backbone's pretrained weights are already in the checkpoint: never fetch them again
-    cfg.model.backbone.weights = None
-    cfg.model.init = None
-    cfg.model.init_from_run = None  # nor the stage-1 run a stage-2 run started from
-    classes = state["class_names"]
-    model = build_model(cfg, num_classes=len(classes) + 1, class_names=classes)
+    classes, d = state["class_names"], cfg.data
+    # the architecture alone: every weight, pretrained or trained, is in the checkpoint
+    model = build_model(
+        cfg.model,
+        num_classes=len(classes) + 1,
+        class_names=classes,
+        min_size=d.min_size,
+        max_size=d.max_size,
+        test_min_size=d.test_min_size,
+    )
+    freeze_for_stage(model, stage=cfg.train.stage)
     model.load_state_dict(state["model"])
     meta = {k: state[k] for k in ("class_names", "label_to_cat_id", "mask_classes")}
     meta["step"] = state["step"]

@@ -25,10 +25,10 @@ from everyseg.engine.checkpoint import (
     seed_everything,
     trim_log,
 )
+from everyseg.engine.initialize import check_stage, initialize_for_training
 from everyseg.engine.optim import build_optimizer, build_scheduler
 from everyseg.engine.sampler import StepBatchSampler
 from everyseg.modeling.detector import build_model
-from everyseg.modeling.stages import check_stage
 
 
 def resolve_device(name: str) -> torch.device:
@@ -170,7 +170,17 @@ def _check_train_config(cfg: Config) -> None:
 
 def _build_state(cfg: Config, dataset: CocoInstances, device: torch.device) -> TrainingState:
     classes = dataset.class_names
-    model = build_model(cfg, num_classes=len(classes) + 1, class_names=classes).to(device)
+    d = cfg.data
+    model = build_model(
+        cfg.model,
+        num_classes=len(classes) + 1,
+        class_names=classes,
+        min_size=d.min_size,
+        max_size=d.max_size,
+        test_min_size=d.test_min_size,
+    )
+    initialize_for_training(model, cfg, class_names=classes)
+    model.to(device)
     optimizer = build_optimizer(model, cfg.train)
     amp = cfg.train.amp and device.type == "cuda"
     return TrainingState(

@@ -15,6 +15,8 @@ RESNETS = {
     "resnet50": (resnet.resnet50, resnet.ResNet50_Weights.IMAGENET1K_V1),
     "resnet101": (resnet.resnet101, resnet.ResNet101_Weights.IMAGENET1K_V1),
 }
+# the FPN maps RoI poolers read (P2..P5); "pool" (P6) only feeds the RPN or FCOS
+FPN_LEVELS = ["0", "1", "2", "3"]
 _TRAINABLE_ORDER = ["layer4", "layer3", "layer2", "layer1", "conv1"]
 
 
@@ -26,9 +28,10 @@ NORMS = {"frozen_bn": FrozenBatchNorm2d, "bn": nn.BatchNorm2d, "gn": _group_norm
 
 
 def resnet_fpn(
-    *, name: str, weights: str | None, trainable_layers: int, norm: str, fpn_channels: int
+    *, name: str, trainable_layers: int, norm: str, fpn_channels: int
 ) -> BackboneWithFPN:
-    """A ResNet trunk whose C2..C5 feed an FPN with `fpn_channels` outputs (P2..P6)."""
+    """A randomly initialised ResNet trunk whose C2..C5 feed an FPN with `fpn_channels`
+    outputs (P2..P6); `load_trunk_weights` puts pretrained weights in the trunk."""
     if name not in RESNETS:
         raise ValueError(f"model.backbone.name {name!r}: choose one of {', '.join(RESNETS)}")
     if norm not in NORMS:
@@ -37,17 +40,8 @@ def resnet_fpn(
         raise ValueError(
             f"model.backbone.trainable_layers must be in [0, 5], got {trainable_layers}"
         )
-    constructor, imagenet = RESNETS[name]
+    constructor, _ = RESNETS[name]
     trunk = constructor(weights=None, norm_layer=NORMS[norm])
-    if weights is not None:
-        trunk.load_state_dict(
-            load_state_dict(
-                weights,
-                builtin_name="imagenet",
-                builtin=imagenet,
-                config_key="model.backbone.weights",
-            )
-        )
     _freeze(trunk, trainable_layers)
     in_channels_stage2 = trunk.inplanes // 8
     return BackboneWithFPN(
@@ -56,6 +50,16 @@ def resnet_fpn(
         in_channels_list=[in_channels_stage2 * 2 ** (k - 1) for k in range(1, 5)],
         out_channels=fpn_channels,
     )
+
+
+def load_trunk_weights(backbone: BackboneWithFPN, *, name: str, source: str) -> None:
+    """Load ResNet `name`'s weights ("imagenet": torchvision's, else a local .pth) into the
+    backbone's trunk; the classifier (fc) has no place in it."""
+    _, imagenet = RESNETS[name]
+    state = load_state_dict(
+        source, builtin_name="imagenet", builtin=imagenet, config_key="model.backbone.weights"
+    )
+    backbone.body.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")})
 
 
 def _freeze(trunk: nn.Module, trainable_layers: int) -> None:

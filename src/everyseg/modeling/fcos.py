@@ -1,19 +1,27 @@
 """Deep-MAC's anchor-free variant: torchvision's FCOS plus everyseg's mask heads.
 
-FCOS has no proposals, so the mask head trains on ground-truth crops only (train.mask_rois=gt)
-and at test time reads the FPN features in the detected boxes, exactly as in the R-CNN model:
-the same MaskHead, mask pooler and crop code (roi_heads.gt_mask_crops).
+FCOS has no proposals, so the mask head trains on ground-truth crops only
+(model.mask_head.train_rois=gt) and at test time reads the FPN features in the detected
+boxes, exactly as in the R-CNN model: the same MaskHead, mask pooler and mask-branch glue
+(mask_branch.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from functools import partial
+
 import torch
 from torch import Tensor, nn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.fcos import FCOS
-from torchvision.models.detection.roi_heads import project_masks_on_boxes
+from torchvision.ops import MultiScaleRoIAlign
 
-from everyseg.modeling.mask_heads import MaskHead
-from everyseg.modeling.roi_heads import gt_mask_crops
+from everyseg.config import ConfigError, ModelConfig
+from everyseg.modeling.backbone import FPN_LEVELS
+from everyseg.modeling.box_prompts import masks_for_box_prompts
+from everyseg.modeling.mask_branch import gt_mask_crops, mask_probabilities, mask_training_loss
+from everyseg.modeling.mask_heads import MaskHead, build_mask_head, build_mask_predictor
 
 
 class FCOSWithMasks(FCOS):
@@ -45,32 +53,139 @@ class FCOSWithMasks(FCOS):
         num_anchors_per_level = [x.size(2) * x.size(3) for x in levels]
         if self.training:
             losses = self.compute_loss(targets, head_outputs, anchors, num_anchors_per_level)
-            losses["loss_mask"] = self._mask_loss(features, targets, images.image_sizes)
+            losses["loss_mask"] = mask_training_loss(
+                roi_pool=self.mask_roi_pool,
+                head=self.mask_head,
+                features=features,
+                crops=[gt_mask_crops(t, jitter=self.mask_roi_jitter) for t in targets],
+                targets=targets,
+                image_shapes=images.image_sizes,
+                resolution=self.mask_resolution,
+            )
             return losses
         split_outputs = {
             k: list(v.split(num_anchors_per_level, dim=1)) for k, v in head_outputs.items()
         }
         split_anchors = [list(a.split(num_anchors_per_level)) for a in anchors]
         detections = self.postprocess_detections(split_outputs, split_anchors, images.image_sizes)
-        self._add_masks(features, detections, images.image_sizes)
+        masks = self._masks(
+            features,
+            [d["boxes"] for d in detections],
+            images.image_sizes,
+            [d["labels"] for d in detections],
+        )
+        for detection, image_masks in zip(detections, masks):
+            detection["masks"] = image_masks
         return self.transform.postprocess(detections, images.image_sizes, original_sizes)
 
-    def _mask_loss(self, features, targets, image_sizes) -> Tensor:
-        crops = [gt_mask_crops(t, jitter=self.mask_roi_jitter) for t in targets]
-        rois = [boxes for boxes, _ in crops]
-        labels = [t["labels"][idxs] for t, (_, idxs) in zip(targets, crops)]
-        mask_targets = [
-            project_masks_on_boxes(t["masks"], boxes, idxs, self.mask_resolution)
-            for t, (boxes, idxs) in zip(targets, crops)
-        ]
-        mask_features = self.mask_roi_pool(features, rois, image_sizes)  # (R, C, S, S)
-        logits = self.mask_head(mask_features, torch.cat(labels))  # (R, M, M)
-        return self.mask_head.loss(logits, torch.cat(mask_targets))
+    def masks_for_boxes(
+        self,
+        images: list[Tensor],
+        boxes: list[Tensor],
+        labels: list[Tensor] | None = None,
+    ) -> list[dict[str, Tensor]]:
+        """Masks for given boxes, whatever their class; call in eval mode.
 
-    def _add_masks(self, features, detections, image_sizes) -> None:
-        boxes = [d["boxes"] for d in detections]
-        mask_features = self.mask_roi_pool(features, boxes, image_sizes)
-        labels = torch.cat([d["labels"] for d in detections])
-        probs = self.mask_head.predict(mask_features, labels)  # (R, 1, M, M)
-        for detection, masks in zip(detections, probs.split([len(b) for b in boxes])):
-            detection["masks"] = masks
+        Per image: (3, H, W) float image, (N_i, 4) xyxy boxes in its pixels (clipped to it)
+        and, optionally, (N_i,) labels in 1..K. Without labels each box gets the class FCOS
+        scores highest at the feature locations inside it (the nearest one if none is);
+        "scores" are FCOS's score of the box's class there, sqrt(class x centerness) as in
+        its detections. Returns per image "boxes", "labels", "scores", "masks" (N_i, 1, H, W).
+        Raises ValueError for bad boxes or labels (box_prompts.check_box_prompts).
+        """
+        if self.training:
+            raise RuntimeError("masks_for_boxes predicts: call model.eval() first")
+        return masks_for_box_prompts(
+            transform=self.transform,
+            backbone=self.backbone,
+            images=images,
+            boxes=boxes,
+            labels=labels,
+            num_classes=self.head.classification_head.num_classes,
+            segment=self._segment_boxes,
+        )
+
+    def _segment_boxes(self, images, features, boxes, labels) -> list[dict[str, Tensor]]:
+        levels = list(features.values())
+        head_outputs = self.head(levels)
+        anchors = self.anchor_generator(images, levels)
+        class_scores = [
+            _box_class_scores(head_outputs, i, anchors[i], b) for i, b in enumerate(boxes)
+        ]  # (N_i, K + 1) per image
+        if labels is None:
+            labels = [s[:, 1:].argmax(-1) + 1 for s in class_scores]
+        scores = [s[torch.arange(len(lab)), lab] for s, lab in zip(class_scores, labels)]
+        masks = self._masks(features, boxes, images.image_sizes, labels)
+        return [
+            {"boxes": b, "labels": lab, "scores": s, "masks": m}
+            for b, lab, s, m in zip(boxes, labels, scores, masks)
+        ]
+
+    def _masks(self, features, boxes, image_sizes, labels) -> list[Tensor]:
+        return mask_probabilities(
+            roi_pool=self.mask_roi_pool,
+            head=self.mask_head,
+            features=features,
+            boxes=boxes,
+            labels=labels,
+            image_shapes=image_sizes,
+        )
+
+
+def _box_class_scores(head_outputs, index: int, anchors: Tensor, boxes: Tensor) -> Tensor:
+    """Image `index`'s (N, 4) boxes -> (N, K + 1): per class, FCOS's best score at the
+    locations (anchor centres, all levels) inside each box, or at the one nearest its centre."""
+    scores = torch.sqrt(
+        head_outputs["cls_logits"][index].sigmoid() * head_outputs["bbox_ctrness"][index].sigmoid()
+    )  # (L, K + 1)
+    centres = (anchors[:, :2] + anchors[:, 2:]) / 2  # (L, 2)
+    inside = ((centres >= boxes[:, None, :2]) & (centres <= boxes[:, None, 2:])).all(-1)  # (N, L)
+    nearest = torch.cdist((boxes[:, :2] + boxes[:, 2:]) / 2, centres).argmin(1)  # (N,)
+    inside[torch.arange(len(boxes)), nearest] = True
+    return torch.stack([scores[where].amax(0) for where in inside]).reshape(len(boxes), -1)
+
+
+def build_fcos(
+    cfg: ModelConfig,
+    *,
+    backbone: nn.Module,
+    num_classes: int,
+    class_names: Sequence[str] | None,
+    transform: nn.Module,
+) -> FCOSWithMasks:
+    """FCOS as `model.fcos` says, with `model.mask_head` trained on ground-truth crops."""
+    f, mh = cfg.fcos, cfg.mask_head
+    if mh.train_rois != "gt":
+        raise ConfigError(
+            "model.detector=fcos has no proposals: its mask head trains on ground-truth crops, "
+            f"set model.mask_head.train_rois=gt (got {mh.train_rois!r})"
+        )
+    if mh.predictor == "transfer":  # FCOS has no per-class box weights to transfer from
+        raise ConfigError("model.detector=fcos: model.mask_head.predictor must be conv")
+    model = FCOSWithMasks(
+        backbone=backbone,
+        num_classes=num_classes,
+        anchor_generator=AnchorGenerator(
+            sizes=tuple((s,) for s in f.anchor_sizes),
+            aspect_ratios=((1.0,),) * len(f.anchor_sizes),
+        ),
+        score_thresh=f.score_thresh,
+        nms_thresh=f.nms_thresh,
+        detections_per_img=f.detections_per_img,
+        mask_roi_pool=MultiScaleRoIAlign(FPN_LEVELS, mh.pooler_resolution, sampling_ratio=2),
+        mask_head=build_mask_head(
+            mh,
+            in_channels=backbone.out_channels,
+            make_predictor=partial(
+                build_mask_predictor,
+                cfg,
+                box_predictor=None,
+                num_classes=num_classes,
+                class_names=class_names,
+            ),
+        ),
+        mask_resolution=mh.mask_resolution,
+        mask_roi_jitter=mh.roi_jitter,
+    )
+    model.transform = transform
+    return model

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torchvision.models.detection.roi_heads import (
-    RoIHeads,
-    fastrcnn_loss,
-    project_masks_on_boxes,
+from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
+
+from everyseg.modeling.mask_branch import (
+    MASK_ROIS,
+    gt_mask_crops,
+    mask_probabilities,
+    mask_training_loss,
 )
-
 from everyseg.modeling.mask_heads import MaskHead
-
-MASK_ROIS = ("proposals", "gt", "both")
 
 
 class PartialMaskRoIHeads(RoIHeads):
@@ -26,7 +26,8 @@ class PartialMaskRoIHeads(RoIHeads):
     `mask_head` is an everyseg MaskHead (it owns its loss and inference); the parent's
     `mask_predictor` stays None, so torchvision's own mask code path never runs.
     `mask_resolution` is the side M of its masks (None: twice the mask pooler's);
-    `mask_rois` says which boxes it trains on (see TrainConfig.mask_rois).
+    `mask_rois` says which boxes it trains on (see MaskHeadConfig.train_rois) and
+    `mask_roi_jitter` how far ground-truth crops are jittered.
     """
 
     def __init__(
@@ -49,7 +50,9 @@ class PartialMaskRoIHeads(RoIHeads):
         mask_roi_jitter: float = 0.0,
     ) -> None:
         if mask_rois not in MASK_ROIS:
-            raise ValueError(f"train.mask_rois {mask_rois!r}: choose one of {', '.join(MASK_ROIS)}")
+            raise ValueError(
+                f"model.mask_head.train_rois {mask_rois!r}: choose one of {', '.join(MASK_ROIS)}"
+            )
         super().__init__(
             box_roi_pool,
             box_head,
@@ -89,41 +92,28 @@ class PartialMaskRoIHeads(RoIHeads):
         loss_classifier, loss_box_reg = fastrcnn_loss(
             class_logits, box_regression, labels, regression_targets
         )
-        rois, roi_labels, mask_targets = self._mask_training_rois(
-            proposals, matched_idxs, labels, targets
+        crops = [
+            self._crops(boxes, idxs, image_labels, target)
+            for boxes, idxs, image_labels, target in zip(proposals, matched_idxs, labels, targets)
+        ]
+        loss_mask = mask_training_loss(
+            roi_pool=self.mask_roi_pool,
+            head=self.mask_head,
+            features=features,
+            crops=crops,
+            targets=targets,
+            image_shapes=image_shapes,
+            resolution=self.mask_resolution,
         )
-        mask_features = self.mask_roi_pool(features, rois, image_shapes)  # (R, C, S, S)
-        logits = self.mask_head(mask_features, roi_labels)  # (R, M, M)
         return {
             "loss_classifier": loss_classifier,
             "loss_box_reg": loss_box_reg,
-            "loss_mask": self.mask_head.loss(logits, mask_targets),
+            "loss_mask": loss_mask,
         }
 
-    def _mask_training_rois(
-        self,
-        proposals: list[Tensor],
-        matched_idxs: list[Tensor],
-        labels: list[Tensor],
-        targets: list[dict[str, Tensor]],
-    ) -> tuple[list[Tensor], Tensor, Tensor]:
-        """The mask head's training crops, as `self.mask_rois` says, of instances with a mask.
-
-        Returns per-image RoI boxes [(R_i, 4)], their ground-truth labels (R,) and mask
-        targets (R, M, M) cut from the matched instances' masks.
-        """
-        rois, roi_labels, mask_targets = [], [], []
-        for boxes, idxs, image_labels, target in zip(proposals, matched_idxs, labels, targets):
-            boxes, idxs = self._crops(boxes, idxs, image_labels, target)
-            rois.append(boxes)
-            roi_labels.append(target["labels"][idxs])
-            mask_targets.append(
-                project_masks_on_boxes(target["masks"], boxes, idxs, self.mask_resolution)
-            )
-        return rois, torch.cat(roi_labels), torch.cat(mask_targets)
-
     def _crops(self, boxes, idxs, image_labels, target) -> tuple[Tensor, Tensor]:
-        """One image's (R, 4) crop boxes and (R,) indices of the instances they cut masks from."""
+        """One image's mask training crops, as `self.mask_rois` says, of instances with a mask:
+        (R, 4) boxes and (R,) indices of the instances they cut masks from."""
         has_mask = target["has_mask"]
         crops, crop_idxs = [], []
         if self.mask_rois in ("proposals", "both") and has_mask.numel() > 0:
@@ -145,31 +135,37 @@ class PartialMaskRoIHeads(RoIHeads):
         boxes, scores, labels = self.postprocess_detections(
             class_logits, box_regression, proposals, image_shapes
         )
-        mask_features = self.mask_roi_pool(features, boxes, image_shapes)
-        probs = self.mask_head.predict(mask_features, torch.cat(labels))  # (R, 1, M, M)
-        per_image = probs.split([len(b) for b in boxes])
+        return self._with_masks(features, boxes, scores, labels, image_shapes)
+
+    def segment_boxes(
+        self,
+        features: dict[str, Tensor],
+        boxes: list[Tensor],
+        image_shapes: list[tuple[int, int]],
+        labels: list[Tensor] | None = None,
+    ) -> list[dict[str, Tensor]]:
+        """Masks for given per-image (N_i, 4) boxes (the transformed images' pixels), each
+        of class `labels` (N_i,) or, without them, the box classifier's most likely
+        foreground class on it. Returns per image "boxes", "labels", "scores" (the
+        classifier's probability of that class) and "masks" (N_i, 1, M, M)."""
+        box_features = self.box_head(self.box_roi_pool(features, boxes, image_shapes))
+        class_logits, _ = self.box_predictor(box_features)
+        class_probs = class_logits.softmax(-1).split([len(b) for b in boxes])  # (N_i, K + 1)
+        if labels is None:
+            labels = [p[:, 1:].argmax(-1) + 1 for p in class_probs]
+        scores = [p[torch.arange(len(lab)), lab] for p, lab in zip(class_probs, labels)]
+        return self._with_masks(features, boxes, scores, labels, image_shapes)
+
+    def _with_masks(self, features, boxes, scores, labels, image_shapes):
+        masks = mask_probabilities(
+            roi_pool=self.mask_roi_pool,
+            head=self.mask_head,
+            features=features,
+            boxes=boxes,
+            labels=labels,
+            image_shapes=image_shapes,
+        )
         return [
             {"boxes": b, "labels": lab, "scores": s, "masks": m}
-            for b, lab, s, m in zip(boxes, labels, scores, per_image)
+            for b, lab, s, m in zip(boxes, labels, scores, masks)
         ]
-
-
-def gt_mask_crops(target: dict[str, Tensor], *, jitter: float = 0.0) -> tuple[Tensor, Tensor]:
-    """One image's ground-truth boxes (R, 4) of instances with a mask, and their indices (R,)."""
-    keep = torch.where(target["has_mask"])[0]
-    return jitter_boxes(target["boxes"][keep], jitter=jitter), keep
-
-
-def jitter_boxes(boxes: Tensor, *, jitter: float) -> Tensor:
-    """(N, 4) xyxy -> each side moved by up to `jitter` x the box's width/height.
-
-    Deep-MAC's small jitter keeps the head from relying on crops that fit exactly, as
-    detections at test time never do.
-    """
-    if jitter == 0 or boxes.numel() == 0:
-        return boxes
-    size = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2)
-    jittered = boxes + (torch.rand_like(boxes) * 2 - 1) * jitter * size
-    # a jittered box never collapses: keep x1 > x0 and y1 > y0
-    jittered[:, 2:] = torch.maximum(jittered[:, 2:], jittered[:, :2] + 1)
-    return jittered

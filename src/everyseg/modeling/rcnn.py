@@ -1,0 +1,124 @@
+"""Mask R-CNN from torchvision's parts (backbone, RPN, box head) plus everyseg's partial-mask
+RoI heads. In eval mode it is torchvision's MaskRCNN, bit for bit (tests/test_model.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+
+from torch import Tensor, nn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+from torchvision.ops import MultiScaleRoIAlign
+
+from everyseg.config import ModelConfig
+from everyseg.modeling.backbone import FPN_LEVELS
+from everyseg.modeling.box_prompts import masks_for_box_prompts
+from everyseg.modeling.mask_heads import build_mask_head, build_mask_predictor
+from everyseg.modeling.roi_heads import PartialMaskRoIHeads
+
+
+class RCNN(GeneralizedRCNN):
+    """torchvision's GeneralizedRCNN (backbone, rpn, roi_heads, transform) that also
+    segments given boxes."""
+
+    def masks_for_boxes(
+        self,
+        images: list[Tensor],
+        boxes: list[Tensor],
+        labels: list[Tensor] | None = None,
+    ) -> list[dict[str, Tensor]]:
+        """Masks for given boxes, whatever their class (Deep-MAC); call in eval mode.
+
+        Per image: (3, H, W) float image, (N_i, 4) xyxy boxes in its pixels (clipped to it)
+        and, optionally, (N_i,) labels in 1..K; without labels each box gets the box
+        classifier's most likely foreground class on it. Returns per image "boxes",
+        "labels", "scores" (the classifier's probability of that class) and "masks"
+        (N_i, 1, H, W): for a detection's box and label, the masks eval-mode forward gives.
+        Raises ValueError for bad boxes or labels (box_prompts.check_box_prompts).
+        """
+        if self.training:
+            raise RuntimeError("masks_for_boxes predicts: call model.eval() first")
+        return masks_for_box_prompts(
+            transform=self.transform,
+            backbone=self.backbone,
+            images=images,
+            boxes=boxes,
+            labels=labels,
+            num_classes=self.roi_heads.box_predictor.cls_score.out_features,
+            segment=lambda images, features, rois, labels: self.roi_heads.segment_boxes(
+                features, rois, images.image_sizes, labels
+            ),
+        )
+
+
+def build_rcnn(
+    cfg: ModelConfig,
+    *,
+    backbone: nn.Module,
+    num_classes: int,
+    class_names: Sequence[str] | None,
+    transform: nn.Module,
+) -> RCNN:
+    """Mask R-CNN as `model.rpn`, `model.box_head` and `model.mask_head` say."""
+    return RCNN(
+        backbone=backbone,
+        rpn=_build_rpn(cfg, backbone.out_channels),
+        roi_heads=_build_roi_heads(cfg, backbone.out_channels, num_classes, class_names),
+        transform=transform,
+    )
+
+
+def _build_rpn(cfg: ModelConfig, channels: int) -> RegionProposalNetwork:
+    r = cfg.rpn
+    anchors = AnchorGenerator(
+        sizes=tuple((s,) for s in r.anchor_sizes),
+        aspect_ratios=(tuple(r.aspect_ratios),) * len(r.anchor_sizes),
+    )
+    return RegionProposalNetwork(
+        anchors,
+        RPNHead(channels, anchors.num_anchors_per_location()[0]),
+        r.fg_iou_thresh,
+        r.bg_iou_thresh,
+        r.batch_size_per_image,
+        r.positive_fraction,
+        dict(training=r.pre_nms_top_n_train, testing=r.pre_nms_top_n_test),
+        dict(training=r.post_nms_top_n_train, testing=r.post_nms_top_n_test),
+        r.nms_thresh,
+    )
+
+
+def _build_roi_heads(
+    cfg: ModelConfig, channels: int, num_classes: int, class_names: Sequence[str] | None
+) -> PartialMaskRoIHeads:
+    bh, mh = cfg.box_head, cfg.mask_head
+    pool = bh.pooler_resolution
+    box_head = TwoMLPHead(channels * pool**2, bh.representation_size)
+    # weight transfer reads this very module's weights as they train
+    box_predictor = FastRCNNPredictor(bh.representation_size, num_classes)
+    make_predictor = partial(
+        build_mask_predictor,
+        cfg,
+        box_predictor=box_predictor,
+        num_classes=num_classes,
+        class_names=class_names,
+    )
+    return PartialMaskRoIHeads(
+        box_roi_pool=MultiScaleRoIAlign(FPN_LEVELS, pool, sampling_ratio=2),
+        box_head=box_head,
+        box_predictor=box_predictor,
+        mask_roi_pool=MultiScaleRoIAlign(FPN_LEVELS, mh.pooler_resolution, sampling_ratio=2),
+        mask_head=build_mask_head(mh, in_channels=channels, make_predictor=make_predictor),
+        fg_iou_thresh=bh.fg_iou_thresh,
+        bg_iou_thresh=bh.bg_iou_thresh,
+        batch_size_per_image=bh.batch_size_per_image,
+        positive_fraction=bh.positive_fraction,
+        score_thresh=bh.score_thresh,
+        nms_thresh=bh.nms_thresh,
+        detections_per_img=bh.detections_per_img,
+        mask_resolution=mh.mask_resolution,
+        mask_rois=mh.train_rois,
+        mask_roi_jitter=mh.roi_jitter,
+    )
