@@ -97,7 +97,7 @@ class Predictor:
         Bad boxes or labels raise ValueError.
         """
         tensor = image_to_tensor(image).to(self.device)
-        boxes = _as_tensor(boxes, torch.float32, "boxes")
+        boxes = _as_tensor(boxes, np.float32, "boxes")
         if boxes.ndim == 1 and boxes.numel() == 4:
             boxes = boxes[None]  # a single box
         if labels is not None:
