@@ -33,7 +33,9 @@ from everyseg.modeling.detector import build_model, from_torchvision
 
 def torchvision_twin(cfg, num_classes: int) -> MaskRCNN:
     """torchvision's MaskRCNN with every size taken from an everyseg config."""
-    parts = build_model(cfg, num_classes=num_classes)
+    d = cfg.data
+    sizes = dict(min_size=d.min_size, max_size=d.max_size, test_min_size=d.test_min_size)
+    parts = build_model(cfg.model, num_classes=num_classes, **sizes)
     r, b, m = cfg.model.rpn, cfg.model.box_head, cfg.model.mask_head
     heads = parts.roi_heads
     return MaskRCNN(

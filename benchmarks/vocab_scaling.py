@@ -37,7 +37,10 @@ def mask_branch(preset: str, *, num_classes: int, predictor: str, device):
     overrides = ["model.backbone.weights=null", f"model.mask_head.predictor={predictor}"]
     cfg = load_config(preset, overrides)
     torch.manual_seed(0)
-    heads = build_model(cfg, num_classes=num_classes + 1).roi_heads.to(device)
+    sizes = dict(
+        min_size=cfg.data.min_size, max_size=cfg.data.max_size, test_min_size=cfg.data.test_min_size
+    )
+    heads = build_model(cfg.model, num_classes=num_classes + 1, **sizes).roi_heads.to(device)
     return heads.mask_head, cfg
 
 

@@ -70,9 +70,9 @@ class FCOSWithMasks(FCOS):
         detections = self.postprocess_detections(split_outputs, split_anchors, images.image_sizes)
         masks = self._masks(
             features,
-            [d["boxes"] for d in detections],
-            images.image_sizes,
-            [d["labels"] for d in detections],
+            boxes=[d["boxes"] for d in detections],
+            labels=[d["labels"] for d in detections],
+            image_sizes=images.image_sizes,
         )
         for detection, image_masks in zip(detections, masks):
             detection["masks"] = image_masks
@@ -115,13 +115,14 @@ class FCOSWithMasks(FCOS):
         if labels is None:
             labels = [s[:, 1:].argmax(-1) + 1 for s in class_scores]
         scores = [s[torch.arange(len(lab)), lab] for s, lab in zip(class_scores, labels)]
-        masks = self._masks(features, boxes, images.image_sizes, labels)
+        masks = self._masks(features, boxes=boxes, labels=labels, image_sizes=images.image_sizes)
         return [
             {"boxes": b, "labels": lab, "scores": s, "masks": m}
             for b, lab, s, m in zip(boxes, labels, scores, masks)
         ]
 
-    def _masks(self, features, boxes, image_sizes, labels) -> list[Tensor]:
+    def _masks(self, features, *, boxes, labels, image_sizes) -> list[Tensor]:
+        """Per image (N_i, 4) boxes, (N_i,) labels -> (N_i, 1, M, M) mask probabilities."""
         return mask_probabilities(
             roi_pool=self.mask_roi_pool,
             head=self.mask_head,
