@@ -93,6 +93,9 @@ def test_masks_for_boxes_of_both_detectors(synth_paths, preset):
     assert labelled["labels"].tolist() == [3, 1]
     # pasted into the image's pixels: nothing far outside its box
     assert not out["masks"][0, 0, 30:, :].any() and not out["masks"][1, 0, :10, :].any()
+    with torch.no_grad():
+        (none,) = model.masks_for_boxes([image], [boxes[:0]])
+    assert none["masks"].shape == (0, 1, 48, 64) and none["labels"].shape == (0,)
 
 
 @pytest.mark.parametrize(

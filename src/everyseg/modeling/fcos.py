@@ -143,7 +143,9 @@ def _box_class_scores(head_outputs, index: int, anchors: Tensor, boxes: Tensor) 
     inside = ((centres >= boxes[:, None, :2]) & (centres <= boxes[:, None, 2:])).all(-1)  # (N, L)
     nearest = torch.cdist((boxes[:, :2] + boxes[:, 2:]) / 2, centres).argmin(1)  # (N,)
     inside[torch.arange(len(boxes)), nearest] = True
-    return torch.stack([scores[where].amax(0) for where in inside]).reshape(len(boxes), -1)
+    if len(boxes) == 0:
+        return scores.new_zeros(0, scores.shape[1])
+    return torch.stack([scores[where].amax(0) for where in inside])
 
 
 def build_fcos(
