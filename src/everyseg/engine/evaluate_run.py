@@ -106,7 +106,6 @@ def evaluate_run(run_dir, *, data_json=None, images=None, checkpoint="last", pro
         write_metrics(metrics, path)
     except OSError as err:
         raise OSError(
-            err.errno,
-            f"could not write {path}: {err.strerror or err}; the table above has the metrics",
+            f"could not write {path}: {err.strerror or err}; the table above has the metrics"
         ) from err
     return metrics
