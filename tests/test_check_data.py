@@ -9,10 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from everyseg.cli import main, predict_files
+from everyseg.cli import main
 from everyseg.data.coco import DataError
 from everyseg.data.transforms import load_image
 from everyseg.data.validate import BadSampleWarning
+from everyseg.predict_files import predict_files
 from everyseg.predictor import Instances
 from tests.bad_data import H, W, ann, found, image_entry, load, write_dataset, write_image
 
@@ -290,7 +291,7 @@ def test_predict_reports_each_bad_file_and_processes_the_rest(tmp_path, capsys):
         bad["text.png"],
         bad["gone.png"],
     ]
-    failures = predict_files(_EmptyPredictor(), paths, tmp_path / "out")
+    failures = predict_files(_EmptyPredictor(), paths, overlays=tmp_path / "out" / "overlays")
     assert len(failures) == 5
     assert [f.split(":")[0] for f in failures] == [str(p) for p in paths if p != good]
     assert "truncated" in failures[0] and "No such file" in failures[-1]

@@ -50,11 +50,36 @@ def test_train_writes_the_run_directory_and_metrics(trained_run):
 def test_evaluate_command_rewrites_metrics(trained_run, capsys):
     run = trained_run / "run"
     (run / "metrics.json").unlink()
-    data = trained_run / "data"
-    argv = ["evaluate", str(run), "--data", str(data / "annotations/val.json")]
-    assert main([*argv, "--images", str(data / "val")]) == 0
+    assert main(["evaluate", str(run)]) == 0
     assert (run / "metrics.json").is_file()
     assert "segm unseen" in capsys.readouterr().out
+
+
+def test_evaluate_on_other_data_writes_its_own_metrics_file(trained_run, capsys):
+    run, data = trained_run / "run", trained_run / "data"
+    before = (run / "metrics.json").read_bytes()
+    argv = ["evaluate", str(run), "--data", str(data / "annotations/val.json")]
+    assert main([*argv, "--images", str(data / "val")]) == 0
+    assert (run / "metrics.json").read_bytes() == before  # the run's own numbers stay
+    metrics = json.loads((run / "metrics-val.json").read_text())
+    assert metrics["data"]["json"] == str(data / "annotations/val.json")
+    assert metrics["seen_classes"] == ["circle", "star", "ring"] and metrics["images"] == 3
+    assert "segm unseen" in capsys.readouterr().out
+
+
+def test_evaluate_prints_the_table_when_the_metrics_cannot_be_written(trained_run, capsys):
+    run, data = trained_run / "run", trained_run / "data"
+    blocked = run / "metrics-val.json"
+    blocked.unlink(missing_ok=True)
+    blocked.mkdir()  # as unwritable as a read-only directory, even for root
+    try:
+        argv = ["evaluate", str(run), "--data", str(data / "annotations/val.json")]
+        assert main([*argv, "--images", str(data / "val")]) == 2
+    finally:
+        blocked.rmdir()
+    out, err = capsys.readouterr()
+    assert "segm unseen" in out
+    assert f"everyseg evaluate: error: could not write {blocked}" in err
 
 
 def test_predict_writes_results_and_overlays_and_skips_bad_files(trained_run, capsys):
@@ -70,6 +95,71 @@ def test_predict_writes_results_and_overlays_and_skips_bad_files(trained_run, ca
     assert results and {r["image_id"] for r in results} <= {1, 2, 3}
     assert all("counts" in r["segmentation"] and len(r["bbox"]) == 4 for r in results)
     assert sorted(p.name for p in (out / "overlays").iterdir()) == [p.name for p in images]
+
+
+def test_predict_never_overwrites_one_inputs_outputs_with_anothers(trained_run):
+    first, second = sorted((trained_run / "data/val").glob("*.png"))[:2]
+    for folder, source in (("a", first), ("b", second)):
+        (trained_run / folder).mkdir(exist_ok=True)
+        (trained_run / folder / "img.png").write_bytes(source.read_bytes())
+    inputs = [trained_run / "a/img.png", trained_run / "b/img.png", first]
+    out = trained_run / "pred-same-stem"
+    argv = ["predict", str(trained_run / "run"), *map(str, inputs), "--out", str(out)]
+    assert main([*argv, "--score-thresh", "0"]) == 0
+    overlays = out / "overlays"
+    assert sorted(p.name for p in overlays.iterdir()) == sorted(
+        ["img-1.png", "img-2.png", first.name]
+    )
+    assert not np.array_equal(
+        np.asarray(Image.open(overlays / "img-1.png")),
+        np.asarray(Image.open(overlays / "img-2.png")),
+    )
+    results = json.loads((out / "results.json").read_text())
+    files = {r["image_id"]: r["file_name"] for r in results}
+    assert files == {i: str(path) for i, path in enumerate(inputs, start=1)}
+
+
+def test_predict_keeps_the_results_done_when_an_image_fails_unexpectedly(
+    trained_run, monkeypatch, capsys
+):
+    images = sorted((trained_run / "data/val").glob("*.png"))
+    calls = []
+    original = Predictor.__call__
+
+    def fail_on_second(self, image):
+        calls.append(image)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return original(self, image)
+
+    monkeypatch.setattr(Predictor, "__call__", fail_on_second)
+    out = trained_run / "pred-stopped"
+    argv = ["predict", str(trained_run / "run"), *map(str, images), "--out", str(out)]
+    with pytest.raises(RuntimeError, match="simulated"):
+        main([*argv, "--score-thresh", "0"])
+    results = json.loads((out / "results.json").read_text())
+    assert results and {r["image_id"] for r in results} == {1}
+    assert [p.name for p in (out / "overlays").iterdir()] == [images[0].name]
+    assert f"stopped at {images[1]} (2 of 3)" in capsys.readouterr().err
+
+
+def test_predict_refuses_to_write_over_an_input(trained_run, capsys):
+    out = trained_run / "pred-over-input"
+    (out / "overlays").mkdir(parents=True)
+    victim = out / "overlays/img.png"
+    victim.write_bytes((sorted((trained_run / "data/val").glob("*.png"))[0]).read_bytes())
+    before = victim.read_bytes()
+    assert main(["predict", str(trained_run / "run"), str(victim), "--out", str(out)]) == 2
+    assert "would overwrite it" in capsys.readouterr().err
+    assert victim.read_bytes() == before
+
+
+def test_predictor_thresholds_are_checked_before_loading(tmp_path):
+    for bad in (float("nan"), float("inf"), -0.1, 1.5, True, "0.5", None):
+        with pytest.raises(ValueError, match="score_thresh"):
+            Predictor(tmp_path / "no-run", score_thresh=bad)
+        with pytest.raises(ValueError, match="mask_thresh"):
+            Predictor(tmp_path / "no-run", mask_thresh=bad)
 
 
 def test_bad_config_key_is_a_clean_error(trained_run, capsys):

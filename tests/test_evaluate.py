@@ -396,3 +396,20 @@ def test_evaluate_model_runs_tiny_maskrcnn(monkeypatch):
     assert {r["image_id"] for r in seen_results} <= {1, 3}
     assert {r["category_id"] for r in seen_results} <= {1, 3}
     assert all("segmentation" in r for r in seen_results)
+
+
+def test_written_metrics_never_hold_nan_or_infinity(tmp_path):
+    metrics = coco_metrics(_gt(), _perfect(_gt()), seen_cat_ids=SEEN)
+    metrics["segm"]["all"]["AP"] = float("nan")
+    metrics["bbox"]["per_class"]["a"] = float("inf")
+    metrics["extra"] = [float("-inf"), 1.5]
+    path = tmp_path / "metrics.json"
+    write_metrics(metrics, path)
+
+    def refuse(token):
+        raise AssertionError(f"{token} in the JSON")
+
+    written = json.loads(path.read_text(), parse_constant=refuse)
+    assert written["segm"]["all"]["AP"] is None and written["bbox"]["per_class"]["a"] is None
+    assert written["extra"] == [None, 1.5]
+    assert written["segm"]["seen"] == metrics["segm"]["seen"]

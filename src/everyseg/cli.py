@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 from everyseg.config import ConfigError, load_config, preset_names
+from everyseg.data.synthetic import MIN_SIZE
+
+# Upper bounds that no sensible run reaches, so a typo (an extra zero or three) fails at once
+# instead of filling the disk or running for days.
+MAX_IMAGES = 1_000_000
+MAX_SIDE = 4096
+MAX_STEPS = 10_000_000
+MAX_SEED = 2**32 - 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,10 +45,13 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synth", help="write seeded synthetic COCO data (shapes)")
     p.add_argument("out", type=Path)
-    p.add_argument("--train", type=int, default=1000, help="training images (default 1000)")
-    p.add_argument("--val", type=int, default=200, help="validation images (default 200)")
-    p.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
-    p.add_argument("--seed", type=int, default=0)
+    images = int_in(1, MAX_IMAGES)
+    p.add_argument("--train", type=images, default=1000, help="training images (default 1000)")
+    p.add_argument("--val", type=images, default=200, help="validation images (default 200)")
+    p.add_argument(
+        "--size", type=int_in(MIN_SIZE, MAX_SIDE), default=128, help="image side (default 128)"
+    )
+    p.add_argument("--seed", type=int_in(0, MAX_SEED), default=0)
     p.set_defaults(func=_synth)
 
     p = sub.add_parser("train", help="train a model; evaluates on val at the end if set")
@@ -61,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run", type=Path)
     p.add_argument("images", nargs="+", type=Path)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--score-thresh", type=float, default=0.5)
+    p.add_argument("--score-thresh", type=float_in(0.0, 1.0), default=0.5)
     p.add_argument("--checkpoint", default="last")
     p.set_defaults(func=_predict)
 
@@ -71,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--box",
         nargs=4,
-        type=float,
+        type=float_in(-math.inf, math.inf),
         action="append",
         required=True,
         metavar=("X0", "Y0", "X1", "Y1"),
@@ -90,11 +102,45 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="synth + train baseline-tiny + evaluate + overlays")
     p.add_argument("--out", type=Path, default=Path("everyseg-demo"))
-    p.add_argument("--steps", type=int, default=1000, help="training steps (default 1000)")
-    p.add_argument("--train", type=int, default=600, help="synthetic training images")
-    p.add_argument("--val", type=int, default=100, help="synthetic validation images")
+    p.add_argument(
+        "--steps", type=int_in(1, MAX_STEPS), default=1000, help="training steps (default 1000)"
+    )
+    p.add_argument("--train", type=images, default=600, help="synthetic training images")
+    p.add_argument("--val", type=images, default=100, help="synthetic validation images")
     p.set_defaults(func=_demo)
     return parser
+
+
+def int_in(low: int, high: int):
+    """An argparse `type`: an integer in [low, high]; argparse names the option on error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {text}")
+        return value
+
+    return parse
+
+
+def float_in(low: float, high: float):
+    """An argparse `type`: a finite number in [low, high] (never NaN or infinite)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {text}")
+        return value
+
+    return parse
 
 
 def _synth(args) -> None:
@@ -125,50 +171,35 @@ def _evaluate(args) -> None:
 
 
 def _predict(args) -> int:
+    from everyseg.predict_files import predict_files
     from everyseg.predictor import Predictor
 
     predictor = Predictor(args.run, checkpoint=args.checkpoint, score_thresh=args.score_thresh)
-    failures = predict_files(predictor, args.images, args.out)
+    results = args.out / "results.json"
+    failures = predict_files(
+        predictor, args.images, overlays=args.out / "overlays", results=results
+    )
+    done = len(args.images) - len(failures)
+    print(f"{done} of {len(args.images)} images -> {results}, {args.out / 'overlays'}")
     return 1 if failures else 0
-
-
-def predict_files(predictor, paths: list[Path], out: Path) -> list[str]:
-    """Predict each file; a bad file is reported and skipped, the others still get results."""
-    from tqdm import tqdm
-
-    from everyseg.predictor import draw_overlay
-
-    (out / "overlays").mkdir(parents=True, exist_ok=True)
-    results, failures = [], []
-    for image_id, path in enumerate(tqdm(paths, desc="predict"), start=1):
-        try:
-            instances = predictor(path)
-        except (OSError, ValueError) as err:
-            failures.append(f"{path}: {err}")
-            continue
-        for entry in predictor.coco_results(instances, image_id=image_id):
-            results.append({**entry, "file_name": str(path)})
-        draw_overlay(path, instances).save(out / "overlays" / f"{path.stem}.png")
-    (out / "results.json").write_text(json.dumps(results))
-    print(f"{len(paths) - len(failures)} images -> {out / 'results.json'}, {out / 'overlays'}")
-    for line in failures:
-        print(f"skipped {line}", file=sys.stderr)
-    return failures
 
 
 def _segment(args) -> None:
     from PIL import Image
 
+    from everyseg.engine.jsonfile import write_json
     from everyseg.predictor import Predictor, draw_overlay
 
+    for x0, y0, x1, y1 in args.box:  # before loading anything
+        if not (x1 > x0 and y1 > y0):
+            raise ValueError(f"--box {x0:g} {y0:g} {x1:g} {y1:g}: needs X1 > X0 and Y1 > Y0")
     predictor = Predictor(args.run, checkpoint=args.checkpoint)
     instances = predictor.segment(args.image, args.box)
     args.out.mkdir(parents=True, exist_ok=True)
     for i, mask in enumerate(instances.masks):
         Image.fromarray(mask.astype("uint8") * 255).save(args.out / f"mask_{i}.png")
     draw_overlay(args.image, instances).save(args.out / "overlay.png")
-    results = predictor.coco_results(instances, image_id=1)
-    (args.out / "masks.json").write_text(json.dumps(results))
+    write_json(predictor.coco_results(instances, image_id=1), args.out / "masks.json", indent=None)
     print(f"{len(instances)} masks -> {args.out}: mask_*.png, overlay.png, masks.json (RLE)")
 
 

@@ -10,7 +10,8 @@ from everyseg.data.synthetic import generate
 from everyseg.engine.checkpoint import RunDir
 from everyseg.engine.evaluate_run import evaluate_run
 from everyseg.engine.train import train
-from everyseg.predictor import Predictor, draw_overlay
+from everyseg.predict_files import predict_files
+from everyseg.predictor import Predictor
 
 DEMO_PRESET = "baseline-tiny"
 NUM_OVERLAYS = 8
@@ -43,9 +44,8 @@ def run_demo(out: Path, *, steps: int, num_train: int, num_val: int) -> dict:
 def _write_overlays(run: RunDir, images_dir: Path) -> None:
     # a short CPU run scores lower than a converged model: show its confident-ish detections
     predictor = Predictor(run.root, score_thresh=0.3)
-    run.overlays.mkdir(parents=True, exist_ok=True)
-    for path in sorted(images_dir.glob("*.png"))[:NUM_OVERLAYS]:
-        draw_overlay(path, predictor(path)).save(run.overlays / path.name)
+    paths = sorted(images_dir.glob("*.png"))[:NUM_OVERLAYS]
+    predict_files(predictor, paths, overlays=run.overlays)
 
 
 def _fmt(value) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,15 @@ def _from_array(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(scaled)).permute(2, 0, 1)
 
 
+def check_fraction(value, *, name: str) -> float:
+    """`value` as a float if it is a finite number in [0, 1], else ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    if not 0.0 <= float(value) <= 1.0:  # NaN fails this too
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+    return float(value)
+
+
 class Predictor:
     """`Predictor(run_dir)(image)` -> Instances scoring at least `score_thresh`."""
 
@@ -66,13 +76,13 @@ class Predictor:
         score_thresh: float = 0.5,
         mask_thresh: float = 0.5,
     ) -> None:
+        self.score_thresh = check_fraction(score_thresh, name="score_thresh")
+        self.mask_thresh = check_fraction(mask_thresh, name="mask_thresh")
         self.model, self.cfg, meta = load_run(run_dir, checkpoint=checkpoint, device=device)
         self.class_names: list[str] = meta["class_names"]
         self.label_to_cat_id: dict[int, int] = meta["label_to_cat_id"]
         self.mask_classes: list[str] = meta["mask_classes"]
         self.device = next(self.model.parameters()).device
-        self.score_thresh = score_thresh
-        self.mask_thresh = mask_thresh
 
     @torch.inference_mode()
     def __call__(self, image: ImageLike) -> Instances:

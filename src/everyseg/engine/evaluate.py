@@ -6,10 +6,8 @@ COCO tables print them; a number that has no ground truth to be measured on is `
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +21,7 @@ from everyseg.engine.coco_results import (
     precision_array,
     to_coco_results,
 )
+from everyseg.engine.jsonfile import write_json
 
 __all__ = [
     "coco_metrics",
@@ -142,6 +141,7 @@ def evaluate_model(
     label_to_cat_id: dict[int, int],
     seen_cat_ids: Iterable[int],
     gt_json: str | os.PathLike | dict,
+    ignore_labels: Iterable[int] = (),
     device: str | torch.device = "cpu",
     batch_size: int = 1,
     num_workers: int = 0,
@@ -155,6 +155,8 @@ def evaluate_model(
         dataset: map-style dataset of ``(image, target)`` with ``target["image_id"]`` a scalar
             tensor (or int) naming the image in ``gt_json``.
         label_to_cat_id, seen_cat_ids, gt_json: see :func:`to_coco_results` / :func:`coco_metrics`.
+        ignore_labels: labels whose detections are dropped before scoring: classes of the model
+            that ``gt_json`` does not have (every other label needs a ``label_to_cat_id``).
         device: where the images go; the model must already be there.
         batch_size, num_workers: DataLoader settings.
         progress: show a tqdm bar.
@@ -166,6 +168,7 @@ def evaluate_model(
     )
     results: list[dict[str, Any]] = []
     image_ids: list[int] = []
+    ignore = torch.tensor(sorted(set(ignore_labels)), dtype=torch.int64)
     was_training = model.training
     model.eval()
     try:
@@ -175,12 +178,21 @@ def evaluate_model(
                 for output, target in zip(outputs, targets, strict=True):
                     image_id = int(target["image_id"])
                     image_ids.append(image_id)
+                    output = _without_labels(output, ignore)
                     results.extend(
                         to_coco_results(output, image_id=image_id, label_to_cat_id=label_to_cat_id)
                     )
     finally:
         model.train(was_training)
     return coco_metrics(gt_json, results, seen_cat_ids=seen_cat_ids, image_ids=image_ids)
+
+
+def _without_labels(output: dict[str, torch.Tensor], labels: torch.Tensor) -> dict:
+    """One image's detections minus those whose label is in ``labels`` (L,)."""
+    if not len(labels):
+        return output
+    keep = ~torch.isin(output["labels"], labels.to(output["labels"].device))  # (N,)
+    return {key: value[keep] for key, value in output.items()}
 
 
 def _collate_pairs(batch: list[tuple[Any, Any]]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
@@ -217,17 +229,5 @@ def _cell(value: float | None) -> str:
 
 
 def write_metrics(metrics: dict[str, Any], path: str | os.PathLike) -> None:
-    """Write ``metrics`` as JSON (indent 2) atomically: a temp file beside it, then os.replace,
-    so a crash never leaves a truncated metrics.json."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Same directory, so os.replace is an atomic rename; open() keeps the umask's permissions.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(metrics, f, indent=2, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write ``metrics`` as JSON (indent 2) atomically, non-finite numbers as null."""
+    write_json(metrics, path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -9,6 +11,7 @@ import torch
 from everyseg.config import Config, from_dict
 from everyseg.data.build import build_dataset
 from everyseg.engine.checkpoint import RunDir, load_checkpoint
+from everyseg.engine.eval_data import map_classes, metrics_file_name
 from everyseg.engine.evaluate import evaluate_model, format_metrics_table, write_metrics
 from everyseg.engine.initialize import freeze_for_stage
 from everyseg.engine.train import resolve_device
@@ -44,40 +47,71 @@ def load_run(run_dir, *, checkpoint: str = "last", device: str = "auto"):
 def evaluate_loaded(
     model, cfg: Config, meta: dict, *, device, data_json=None, images=None, progress=True
 ) -> dict:
-    """COCO metrics of `model` on the config's val set (or on `data_json` + `images`)."""
+    """COCO metrics of `model` on the config's val set (or on `data_json` + `images`).
+
+    Classes are matched by name (see `map_classes`); run classes the file lacks are listed
+    under the added key "unscored_classes" and their detections dropped.
+    """
     data = cfg.data
     if data_json is not None:
-        data.val_json, data.val_images = str(data_json), str(images)
+        data = replace(data, val_json=str(data_json), val_images=str(images))
     dataset = build_dataset(data, split="val", mask_classes="all")
     if dataset.index.findings.num_bad:
         print(dataset.summary())
-    if list(dataset.class_names) != list(meta["class_names"]):
-        raise ValueError(
-            f"{data.val_json}: its categories {dataset.class_names} differ from the ones the "
-            f"model was trained on {meta['class_names']}"
+    mapping = map_classes(
+        run_classes=meta["class_names"],
+        mask_classes=meta["mask_classes"],
+        data_cat_ids={
+            name: dataset.label_to_cat_id[i + 1] for i, name in enumerate(dataset.class_names)
+        },
+        source=data.val_json,
+    )
+    if mapping.unscored:
+        print(
+            f"everyseg: {data.val_json} has no class(es) {mapping.unscored}: the run's "
+            "detections of them are dropped, not scored",
+            file=sys.stderr,
         )
-    name_to_cat = {n: meta["label_to_cat_id"][i + 1] for i, n in enumerate(meta["class_names"])}
     model.eval()
-    return evaluate_model(
+    metrics = evaluate_model(
         model,
         dataset,
-        label_to_cat_id=meta["label_to_cat_id"],
-        seen_cat_ids=[name_to_cat[n] for n in meta["mask_classes"]],
+        label_to_cat_id=mapping.label_to_cat_id,
+        seen_cat_ids=mapping.seen_cat_ids,
+        ignore_labels=mapping.unscored_labels,
         # only what the loader kept: skipped images and annotations are not scored
         gt_json=dataset.ground_truth(),
         device=device,
         progress=progress,
     )
+    if mapping.unscored:
+        metrics["unscored_classes"] = mapping.unscored
+    return metrics
 
 
 def evaluate_run(run_dir, *, data_json=None, images=None, checkpoint="last", progress=True):
-    """Evaluate a run, write DIR/metrics.json, print the table; returns the metrics."""
+    """Evaluate a run, print the table and write it beside the run's other results.
+
+    On the run's own val set that is DIR/metrics.json; on another file (`data_json`) it is
+    DIR/metrics-<its stem>.json, with the file named inside, so metrics.json is never replaced
+    by numbers on other data. The table is printed first: a failed write loses nothing.
+    """
     model, cfg, meta = load_run(run_dir, checkpoint=checkpoint)
     device = next(model.parameters()).device
     with torch.inference_mode():
         metrics = evaluate_loaded(
             model, cfg, meta, device=device, data_json=data_json, images=images, progress=progress
         )
-    write_metrics(metrics, RunDir(Path(run_dir)).metrics)
+    run = RunDir(Path(run_dir))
+    path = run.metrics
+    if data_json is not None:
+        metrics["data"] = {"json": str(data_json), "images": str(images)}
+        path = run.root / metrics_file_name(data_json)
     print(format_metrics_table(metrics))
+    try:
+        write_metrics(metrics, path)
+    except OSError as err:
+        raise OSError(
+            f"could not write {path}: {err.strerror or err}; the table above has the metrics"
+        ) from err
     return metrics
