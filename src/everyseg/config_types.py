@@ -3,7 +3,8 @@
 A field's annotation says everything about its values:
 
     optimizer: Literal["sgd", "adamw"]             the choices
-    lr: Annotated[float, Range(gt=0)]              a number's bounds (a float is always finite)
+    lr: Annotated[float, Range(gt=0)]              a number's bounds (a float is always finite,
+                                                   an int always fits in 64 bits)
     device: Annotated[str, Pattern(r"...", "...")] a string's syntax
     min_size: Annotated[list[PositiveInt], Length(min=1)]   a list's length, bounds per item
 
@@ -126,6 +127,9 @@ def check_value(value: Any, hint: Any, key: str) -> Any:
     if hint is float:
         return _finite_float(value, key)
     if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        # torch, numpy and float arithmetic (a schedule's step / steps) all need int64
+        if not -(2**63) <= value < 2**63:
+            raise ConfigError(f"{key}: expected an integer that fits in 64 bits, got {value!r}")
         return value
     if hint not in (int, float) and isinstance(value, hint):
         return value
