@@ -323,6 +323,7 @@ def test_exponent_floats_are_floats_in_overrides_and_files(tmp_path):
         ("train=3", "train: expected a mapping, got 3"),
         ("train.steps.x=1", "'steps' is not a section"),
         ("train.lr=!!python/object/apply:os.system [ls]", "not valid YAML"),
+        ("train.milestones=" + "[" * 5000 + "]" * 5000, "nested too deeply"),
     ],
 )
 def test_malformed_overrides_are_config_errors(override, message):

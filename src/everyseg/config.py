@@ -247,6 +247,8 @@ def _parse_yaml(text: str, where: str) -> Any:
         return yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"{where}: not valid YAML: {err}") from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError(f"{where}: YAML nested too deeply") from None
 
 
 def _read_source(source: str | Path) -> tuple[str, str]:
