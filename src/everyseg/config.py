@@ -167,7 +167,7 @@ class TrainConfig:
     # sgd: momentum and weight decay on every parameter (Mask R-CNN's recipe); adamw: no weight
     # decay on norm layers' parameters and biases (set lr to an AdamW rate, e.g. 1e-4)
     optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: PositiveFloat = 0.02
+    lr: NonNegativeFloat = 0.02  # 0 is allowed: a baseline whose weights never move
     momentum: Annotated[float, Range(ge=0, lt=1)] = 0.9  # sgd; adamw's beta1
     weight_decay: NonNegativeFloat = 1e-4
     schedule: Literal["step", "cosine"] = "step"
