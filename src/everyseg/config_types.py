@@ -29,7 +29,12 @@ class ConfigError(ValueError):
     """A config file, preset name or override that cannot be used; the message names the key."""
 
 
-_BOUNDS = {"ge": operator.ge, "gt": operator.gt, "le": operator.le, "lt": operator.lt}
+_BOUNDS = {
+    "ge": (operator.ge, ">="),
+    "gt": (operator.gt, ">"),
+    "le": (operator.le, "<="),
+    "lt": (operator.lt, "<"),
+}
 
 
 @dataclass(frozen=True)
@@ -42,17 +47,19 @@ class Range:
     lt: float | str | None = None
 
     def check(self, value: float, key: str) -> None:
-        numeric = {k: v for k, v in self._bounds() if not isinstance(v, str)}
-        if not all(_BOUNDS[k](value, bound) for k, bound in numeric.items()):
+        numeric = [(k, bound) for k, bound in self._bounds() if not isinstance(bound, str)]
+        if not all(_BOUNDS[k][0](value, bound) for k, bound in numeric):
             raise ConfigError(f"{key}: expected a number {self.describe()}, got {value!r}")
 
     def check_siblings(self, value: float, key: str, section: Any, prefix: str) -> None:
         for kind, name in self._bounds():
-            if isinstance(name, str) and not _BOUNDS[kind](value, getattr(section, name)):
-                symbol = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}[kind]
+            if not isinstance(name, str):
+                continue
+            test, symbol = _BOUNDS[kind]
+            other = getattr(section, name)
+            if not test(value, other):
                 raise ConfigError(
-                    f"{key}: must be {symbol} {prefix}{name} ({getattr(section, name)!r}), "
-                    f"got {value!r}"
+                    f"{key}: must be {symbol} {prefix}{name} ({other!r}), got {value!r}"
                 )
 
     def describe(self) -> str:
