@@ -163,8 +163,9 @@ def _poison(monkeypatch, *, at_step: int, term: str, value: float) -> None:
 
 
 def test_unknown_nonfinite_policy_is_a_config_error(synth_paths, tmp_path):
-    cfg = tiny_config(synth_paths, "train.on_nonfinite_loss=ignore")
+    # refused when the config loads, before train() could create anything
     with pytest.raises(ConfigError, match="train.on_nonfinite_loss: expected stop or skip"):
+        cfg = tiny_config(synth_paths, "train.on_nonfinite_loss=ignore")
         train(cfg, out_dir=tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
 

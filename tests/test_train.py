@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from everyseg.config import TrainConfig
+from everyseg.config import TrainConfig, load_config
 from everyseg.engine import train as train_module
 from everyseg.engine.checkpoint import RunDir, load_checkpoint
 from everyseg.engine.optim import lr_factor
@@ -122,5 +122,6 @@ def test_lr_schedule_warmup_step_and_cosine():
     cos = TrainConfig(steps=100, warmup_steps=0, schedule="cosine")
     assert lr_factor(0, cos) == 1.0 and lr_factor(50, cos) == pytest.approx(0.5)
     assert lr_factor(100, cos) == pytest.approx(0.0)
+    # an unknown schedule never reaches lr_factor: it is refused when the config loads
     with pytest.raises(ValueError, match="train.schedule"):
-        lr_factor(0, TrainConfig(schedule="linear"))
+        load_config("maskrcnn-tiny", ["train.schedule=linear"])

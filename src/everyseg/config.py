@@ -1,24 +1,40 @@
 """Typed configuration: dataclasses, YAML presets with `_base_` inheritance, `--set` overrides.
 
-Unknown keys and wrongly typed values are errors that name the key, because a typo in a
-config silently falling back to a default costs a whole training run.
+Unknown keys, wrongly typed values, choices not in their list and numbers that are not finite
+or out of range are errors that name the key, all found at load (a field's type declares what
+it accepts, see config_types.py), because a typo in a config silently falling back to a
+default, or failing hours into training, costs a whole run.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 
+from everyseg.config_types import (
+    ConfigError,
+    Fraction,
+    Length,
+    NonNegativeFloat,
+    NonNegativeInt,
+    Pattern,
+    PositiveFloat,
+    PositiveInt,
+    Range,
+    check_relations,
+    check_value,
+)
 
-class ConfigError(ValueError):
-    """A config file, preset name or override that cannot be used; the message names the key."""
+# one per FPN output (P2..P6): the RPN's anchor generator needs exactly that many
+FpnLevelSizes = Annotated[list[PositiveInt], Length(min=5, max=5)]
+# the syntax only: whether such a device exists is known when a run resolves it
+Device = Annotated[str, Pattern(r"auto|cpu|mps|cuda(:\d+)?", "auto, cpu, cuda, cuda:N or mps")]
 
 
 @dataclass
@@ -29,82 +45,84 @@ class DataConfig:
     val_images: str | None = None
     # "all", "none", "voc", "nonvoc", "random:K:SEED", a text file, or a list of class names
     mask_classes: str | list[str] = "all"
-    hflip_prob: float = 0.5
+    hflip_prob: Fraction = 0.5
     # a training image's short side is drawn from this list (multi-scale when it has several)
-    min_size: list[int] = field(default_factory=lambda: [800])
-    max_size: int = 1333
-    test_min_size: int = 800
-    num_workers: int = 2
+    min_size: Annotated[list[PositiveInt], Length(min=1)] = field(default_factory=lambda: [800])
+    max_size: PositiveInt = 1333
+    test_min_size: PositiveInt = 800
+    num_workers: NonNegativeInt = 2
     # a bad image or annotation: "error" stops at the first, "skip" drops it and names it in the
     # start-up summary, "warn" also warns for each (docs/bad_input.md)
-    on_bad_sample: str = "skip"
+    on_bad_sample: Literal["error", "skip", "warn"] = "skip"
 
 
 @dataclass
 class BackboneConfig:
-    name: str = "resnet50"
+    name: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
     # "imagenet" (torchvision's weights API, needs network or a warm cache), a local .pth, or null
     weights: str | None = "imagenet"
-    trainable_layers: int = 3
+    trainable_layers: Annotated[int, Range(ge=0, le=5)] = 3
     # frozen_bn for pretrained backbones; bn or gn when training from scratch
-    norm: str = "frozen_bn"
-    fpn_channels: int = 256
+    norm: Literal["frozen_bn", "bn", "gn"] = "frozen_bn"
+    fpn_channels: PositiveInt = 256
 
 
 @dataclass
 class RPNConfig:
-    anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
-    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
-    pre_nms_top_n_train: int = 2000
-    post_nms_top_n_train: int = 2000
-    pre_nms_top_n_test: int = 1000
-    post_nms_top_n_test: int = 1000
-    nms_thresh: float = 0.7
-    fg_iou_thresh: float = 0.7
-    bg_iou_thresh: float = 0.3
-    batch_size_per_image: int = 256
-    positive_fraction: float = 0.5
+    anchor_sizes: FpnLevelSizes = field(default_factory=lambda: [32, 64, 128, 256, 512])
+    aspect_ratios: Annotated[list[PositiveFloat], Length(min=1)] = field(
+        default_factory=lambda: [0.5, 1.0, 2.0]
+    )
+    pre_nms_top_n_train: PositiveInt = 2000
+    post_nms_top_n_train: PositiveInt = 2000
+    pre_nms_top_n_test: PositiveInt = 1000
+    post_nms_top_n_test: PositiveInt = 1000
+    nms_thresh: Fraction = 0.7
+    fg_iou_thresh: Fraction = 0.7
+    bg_iou_thresh: Annotated[Fraction, Range(le="fg_iou_thresh")] = 0.3
+    batch_size_per_image: PositiveInt = 256
+    positive_fraction: Fraction = 0.5
 
 
 @dataclass
 class BoxHeadConfig:
-    representation_size: int = 1024
-    pooler_resolution: int = 7
-    batch_size_per_image: int = 512
-    positive_fraction: float = 0.25
-    fg_iou_thresh: float = 0.5
-    bg_iou_thresh: float = 0.5
-    score_thresh: float = 0.05
-    nms_thresh: float = 0.5
-    detections_per_img: int = 100
+    representation_size: PositiveInt = 1024
+    pooler_resolution: PositiveInt = 7
+    batch_size_per_image: PositiveInt = 512
+    positive_fraction: Fraction = 0.25
+    fg_iou_thresh: Fraction = 0.5
+    bg_iou_thresh: Annotated[Fraction, Range(le="fg_iou_thresh")] = 0.5
+    score_thresh: Fraction = 0.05
+    nms_thresh: Fraction = 0.5
+    detections_per_img: PositiveInt = 100
 
 
 @dataclass
 class MaskHeadConfig:
     # fcn (Mask R-CNN) | resnet | hourglass (Deep-MARC's deep heads, mask_heads/deep.py)
-    name: str = "fcn"
-    channels: int = 256
-    num_convs: int = 4  # fcn only
+    name: Literal["fcn", "resnet", "hourglass"] = "fcn"
+    channels: PositiveInt = 256
+    num_convs: NonNegativeInt = 4  # fcn only
     # resnet: 4, 8, 12, 16, 20; hourglass: 10, 20, 52, 100 (see mask_heads/deep.py)
-    depth: int = 52
-    pooler_resolution: int = 14
+    depth: PositiveInt = 52
+    pooler_resolution: PositiveInt = 14
     # M, the side of the predicted mask: null is twice the pooler resolution (fcn's deconv
     # upsamples); resnet and hourglass resize their input to any M (Deep-MAC: 28, 32, 56)
-    resolution: int | None = None
+    resolution: PositiveInt | None = None
     class_agnostic: bool = False
     # the final layer: "conv" (Mask R-CNN's per-class 1x1 conv) or "transfer" (Mask^X: that
     # conv's weights predicted from the box head's weights, see model.transfer)
-    predictor: str = "conv"
+    predictor: Literal["conv", "transfer"] = "conv"
     # Mask^X's fused FCN+MLP head: a class-agnostic MLP on the flattened mask features adds
     # one M x M logit map to every class's; mlp_hidden is used when mlp_layers > 1
     mlp_fusion: bool = False
-    mlp_layers: int = 1
-    mlp_hidden: int = 1024
+    mlp_layers: PositiveInt = 1
+    mlp_hidden: PositiveInt = 1024
     # where the head's training crops come from: proposals (Mask R-CNN: positive proposals
     # matched to an instance with a mask) | gt (Deep-MARC: those instances' ground-truth boxes)
     # | both; roi_jitter moves gt boxes' sides by up to that fraction of their size
-    train_rois: str = "proposals"
-    roi_jitter: float = 0.0
+    train_rois: Literal["proposals", "gt", "both"] = "proposals"
+    roi_jitter: Fraction = 0.0
 
     @property
     def mask_resolution(self) -> int:
@@ -117,13 +135,13 @@ class TransferConfig:
 
     # what T reads per class: cls | box | cls+box (the box predictor's weights for the class),
     # randn (a fixed random vector) | embedding (a vector from embedding_file)
-    input: str = "cls+box"
-    num_layers: int = 2  # 1 (linear), 2 or 3 FC layers
-    hidden_dim: int | None = None  # null: model.mask_head.channels, as in the authors' code
-    activation: str = "leaky_relu"  # leaky_relu (slope 0.1) | relu
+    input: Literal["cls", "box", "cls+box", "randn", "embedding"] = "cls+box"
+    num_layers: Annotated[int, Range(ge=1, le=3)] = 2  # 1 (linear), 2 or 3 FC layers
+    hidden_dim: PositiveInt | None = None  # null: model.mask_head.channels, as in the authors' code
+    activation: Literal["leaky_relu", "relu"] = "leaky_relu"  # leaky_relu (slope 0.1) | relu
     # the mask loss trains T but never the box weights T reads
     stop_gradient: bool = True
-    randn_dim: int = 300
+    randn_dim: PositiveInt = 300
     # a local text file of "name v1 v2 ..." lines (GloVe's format), for input=embedding
     embedding_file: str | None = None
 
@@ -134,18 +152,18 @@ class FCOSConfig:
 
     # one anchor per FPN level (P2..P6); FCOS assigns a box to the level whose anchor size
     # fits it
-    anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
+    anchor_sizes: FpnLevelSizes = field(default_factory=lambda: [32, 64, 128, 256, 512])
     # torchvision's FCOS defaults
-    score_thresh: float = 0.2
-    nms_thresh: float = 0.6
-    detections_per_img: int = 100
+    score_thresh: Fraction = 0.2
+    nms_thresh: Fraction = 0.6
+    detections_per_img: PositiveInt = 100
 
 
 @dataclass
 class ModelConfig:
     # rcnn (Mask R-CNN: rpn, box_head) | fcos (Deep-MAC's anchor-free detector: model.fcos;
     # its mask head trains on ground-truth crops, model.mask_head.train_rois=gt)
-    detector: str = "rcnn"
+    detector: Literal["rcnn", "fcos"] = "rcnn"
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     rpn: RPNConfig = field(default_factory=RPNConfig)
     box_head: BoxHeadConfig = field(default_factory=BoxHeadConfig)
@@ -162,30 +180,34 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 90000
-    batch_size: int = 16
-    optimizer: str = "sgd"  # sgd (with momentum) | adamw
-    lr: float = 0.02
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    schedule: str = "step"  # step | cosine
-    milestones: list[int] = field(default_factory=lambda: [60000, 80000])
-    gamma: float = 0.1
-    warmup_steps: int = 1000
-    warmup_factor: float = 0.001
-    clip_grad_norm: float | None = None
+    steps: PositiveInt = 90000
+    batch_size: PositiveInt = 16
+    # sgd: momentum and weight decay on every parameter (Mask R-CNN's recipe); adamw: no weight
+    # decay on norm layers' parameters and biases (set lr to an AdamW rate, e.g. 1e-4)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: NonNegativeFloat = 0.02  # 0 is allowed: a baseline whose weights never move
+    momentum: Annotated[float, Range(ge=0, lt=1)] = 0.9  # sgd; adamw's beta1
+    weight_decay: NonNegativeFloat = 1e-4
+    schedule: Literal["step", "cosine"] = "step"
+    milestones: list[NonNegativeInt] = field(default_factory=lambda: [60000, 80000])
+    gamma: Annotated[float, Range(gt=0, le=1)] = 0.1
+    warmup_steps: NonNegativeInt = 1000
+    warmup_factor: Fraction = 0.001
+    clip_grad_norm: PositiveFloat | None = None
     amp: bool = True  # only takes effect on CUDA
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    checkpoint_every: int = 5000
-    keep_every: int = 0  # also keep checkpoints/step_XXXXXXX.pt every N steps (0: never)
-    log_every: int = 20
-    eval_every: int = 0  # evaluate on val every N steps and keep checkpoints/best.pt (0: never)
+    seed: Annotated[int, Range(ge=0, le=2**32 - 1)] = 0  # numpy's seed range
+    device: Device = "auto"
+    checkpoint_every: PositiveInt = 5000
+    keep_every: NonNegativeInt = 0  # also keep checkpoints/step_XXXXXXX.pt every N steps (0: never)
+    log_every: PositiveInt = 20
+    eval_every: NonNegativeInt = (
+        0  # evaluate on val every N steps and keep checkpoints/best.pt (0: never)
+    )
     # a NaN/Inf loss: "stop" training (the last checkpoint is intact) or "skip" the update
-    on_nonfinite_loss: str = "stop"
+    on_nonfinite_loss: Literal["stop", "skip"] = "stop"
     # end_to_end | detector (stage 1: boxes of all classes, no masks) | mask (stage 2: only the
     # mask branch trains, from model.init_from_run); see everyseg.engine.initialize
-    stage: str = "end_to_end"
+    stage: Literal["end_to_end", "detector", "mask"] = "end_to_end"
 
 
 @dataclass
@@ -218,24 +240,37 @@ def from_dict(raw: dict[str, Any]) -> Config:
     return _build(Config, raw, "")
 
 
-def _read_with_bases(source: str | Path) -> dict[str, Any]:
+def _read_with_bases(source: str | Path, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     text, where = _read_source(source)
-    try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{where}: not valid YAML: {err}") from None
+    if where in seen:
+        raise ConfigError(f"{where}: _base_ chain loops: {' -> '.join((*seen, where))}")
+    raw = _parse_yaml(text, where)
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: a config must be a mapping, got {type(raw).__name__}")
     base = raw.pop("_base_", None)
     if base is None:
         return raw
-    return _deep_merge(_read_with_bases(base), raw)
+    if not isinstance(base, str):
+        raise ConfigError(f"{where}: _base_ must be a preset name or a YAML path, got {base!r}")
+    return _deep_merge(_read_with_bases(base, (*seen, where)), raw)
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: not valid YAML: {err}") from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError(f"{where}: YAML nested too deeply") from None
 
 
 def _read_source(source: str | Path) -> tuple[str, str]:
     path = Path(source)
     if path.suffix in (".yaml", ".yml") and path.is_file():
-        return path.read_text(), str(path)
+        try:
+            return path.read_text(encoding="utf-8"), str(path)
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text ({err.reason})") from None
     name = path.name[: -len(path.suffix)] if path.suffix in (".yaml", ".yml") else str(source)
     preset = resources.files("everyseg") / "configs" / f"{name}.yaml"
     if preset.is_file():
@@ -257,10 +292,11 @@ def _deep_merge(base: dict, top: dict) -> dict:
 
 def _apply_override(raw: dict, item: str) -> None:
     key, sep, text = item.partition("=")
-    if not sep or not key:
+    parts = key.strip().split(".")
+    if not sep or not all(parts):
         raise ConfigError(f"override {item!r} must look like key.subkey=value")
-    value = yaml.safe_load(text) if text else None
-    *parents, leaf = key.strip().split(".")
+    value = _parse_yaml(text, f"override {item!r}") if text else None
+    *parents, leaf = parts
     node = raw
     for part in parents:
         node = node.setdefault(part, {})
@@ -271,10 +307,10 @@ def _apply_override(raw: dict, item: str) -> None:
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls, include_extras=True)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
+    unknown = sorted(map(str, set(raw) - names))
     if unknown:
         where = f"section {prefix!r}" if prefix else "the top level"
         raise ConfigError(
@@ -287,37 +323,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         if dataclasses.is_dataclass(hint):
             values[name] = _build(hint, value, key + ".")
         else:
-            values[name] = _check_type(value, hint, key)
-    return cls(**values)
-
-
-def _check_type(value: Any, hint: Any, key: str) -> Any:
-    origin = typing.get_origin(hint)
-    if origin in (Union, types.UnionType):
-        for option in typing.get_args(hint):
-            try:
-                return _check_type(value, option, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(hint)}")
-    if origin is list:
-        (item_type,) = typing.get_args(hint)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_check_type(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
-    if hint is type(None):
-        if value is None:
-            return None
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif isinstance(value, hint):
-        return value
-    raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r}")
-
-
-def _type_name(hint: Any) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+            values[name] = check_value(value, hint, key)
+    section = cls(**values)
+    check_relations(section, hints, prefix)
+    return section
