@@ -19,10 +19,12 @@ from everyseg.cli import main
 from everyseg.config import ConfigError
 from everyseg.data.coco import DataError
 from everyseg.data.synthetic import generate
-from everyseg.engine import checkpoint as checkpoint_module
+from everyseg.engine import files as files_module
 from everyseg.engine import train as train_module
-from everyseg.engine.checkpoint import RunDir, atomic_write_bytes, load_checkpoint
+from everyseg.engine.checkpoint import load_checkpoint
 from everyseg.engine.evaluate_run import evaluate_run
+from everyseg.engine.files import atomic_write_bytes
+from everyseg.engine.run_dir import RunDir
 from everyseg.engine.train import train
 from tests.conftest import tiny_config
 
@@ -109,7 +111,7 @@ def test_failed_write_says_why_and_keeps_the_previous_file(tmp_path, monkeypatch
     def fail(*args, **kwargs):
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(checkpoint_module.os, "fsync", fail)
+    monkeypatch.setattr(files_module.os, "fsync", fail)
     with pytest.raises(
         OSError, match=f"could not write .*last.pt: {plain}; any previous file"
     ) as err:

@@ -23,6 +23,7 @@ from everyseg.engine.coco_results import (
     precision_array,
     to_coco_results,
 )
+from everyseg.engine.files import atomic_write_bytes
 
 __all__ = [
     "coco_metrics",
@@ -217,17 +218,7 @@ def _cell(value: float | None) -> str:
 
 
 def write_metrics(metrics: dict[str, Any], path: str | os.PathLike) -> None:
-    """Write ``metrics`` as JSON (indent 2) atomically: a temp file beside it, then os.replace,
-    so a crash never leaves a truncated metrics.json."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Same directory, so os.replace is an atomic rename; open() keeps the umask's permissions.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(metrics, f, indent=2, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write ``metrics`` as JSON (indent 2) atomically (see files.atomic_write_bytes), so a
+    crash never leaves a truncated metrics.json; NaN is refused (ValueError), never written."""
+    text = (json.dumps(metrics, indent=2, allow_nan=False) + "\n").encode()
+    atomic_write_bytes(Path(path), lambda f: f.write(text))

@@ -23,7 +23,8 @@ from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
 from everyseg.config import Config, ConfigError
-from everyseg.engine.checkpoint import RunDir, load_checkpoint
+from everyseg.engine.checkpoint import load_checkpoint
+from everyseg.engine.run_dir import RunDir
 
 STAGES = ("end_to_end", "detector", "mask")
 MASK_BRANCH = "roi_heads.mask_head."
