@@ -51,6 +51,10 @@ def _serialize(state: dict[str, Any]) -> bytes:
     return buffer.getvalue()
 
 
+def _unreadable(path: Path, reason: str) -> str:
+    return f"{path}: not a readable checkpoint (truncated, or not written by torch.save): {reason}"
+
+
 def read_checkpoint_index(path: Path) -> dict[str, dict]:
     """checkpoints/index.json: file name -> {"step", "saved"}; empty if there is none yet."""
     try:
@@ -70,17 +74,17 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        # torch names the first global it blocks: a function or class the file would call
         found = re.search(r"GLOBAL ([\w.]+)", str(err))
-        what = f"a {found.group(1)} object" if found else "Python objects"
-        raise ValueError(
-            f"{path}: refused to load: it holds {what}, not only tensors and plain values, and "
-            "loading it could run code (everyseg's own checkpoints hold tensors and plain "
-            "values only)"
-        ) from None
+        if found:
+            raise ValueError(
+                f"{path}: refused to load: it holds a {found.group(1)} object, not only tensors "
+                "and plain values, and loading it could run code (everyseg's own checkpoints "
+                "hold tensors and plain values only)"
+            ) from None
+        raise ValueError(_unreadable(path, "not a pickle of tensors and plain values")) from None
     except (RuntimeError, KeyError, EOFError) as err:
-        raise ValueError(
-            f"{path}: not a readable checkpoint (truncated, or not written by torch.save): {err}"
-        ) from None
+        raise ValueError(_unreadable(path, str(err))) from None
     if not isinstance(state, dict) or "model" not in state:
         raise ValueError(f"{path}: not an everyseg checkpoint (no model weights in it)")
     return state
