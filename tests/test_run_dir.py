@@ -103,6 +103,14 @@ def test_garbage_checkpoint_is_a_plain_error(tmp_path):
         load_checkpoint(path)
 
 
+def test_checkpoint_whose_weights_do_not_fit_its_config(run, tmp_path):
+    state = load_checkpoint(run.last)
+    state["config"]["model"]["backbone"]["fpn_channels"] = 8  # the weights have 16
+    torch.save(state, tmp_path / "edited.pt")
+    with pytest.raises(ValueError, match="edited.pt: its weights do not fit the model its config"):
+        load_run(run.root, checkpoint=str(tmp_path / "edited.pt"))
+
+
 def test_checkpoints_load_weights_only_and_model_pt_is_slim(run, synth_paths):
     full = torch.load(run.last, weights_only=True)
     slim = torch.load(run.model, weights_only=True)
