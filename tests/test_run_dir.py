@@ -178,6 +178,17 @@ def test_resume_without_a_checkpoint_says_so(tiny_cfg, tmp_path):
     assert not (tmp_path / "new").exists()
 
 
+def test_new_run_after_one_killed_before_its_first_checkpoint_logs_each_step_once(
+    tiny_cfg, tmp_path
+):
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    run.log.write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 9.0}\n{"st')  # killed
+    train(tiny_cfg, out_dir=run.root, progress=False)  # as `everyseg demo` re-run does
+    steps = [json.loads(line)["step"] for line in run.log.read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
 def test_resume_with_renamed_classes_is_refused(run, synth_paths, tmp_path):
     data = json.loads(Path(synth_paths["train_json"]).read_text())
     old_name = data["categories"][0]["name"]

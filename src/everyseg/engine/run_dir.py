@@ -114,11 +114,12 @@ class RunRecord:
     mask_classes: list[str]  # the classes that had masks in training ("seen")
 
     def to_plain(self) -> dict[str, Any]:
+        """Built-in types only (a numpy integer would make the checkpoint unloadable)."""
         return {
             "config": self.config,
-            "class_names": list(self.class_names),
-            "label_to_cat_id": dict(self.label_to_cat_id),
-            "mask_classes": list(self.mask_classes),
+            "class_names": [str(name) for name in self.class_names],
+            "label_to_cat_id": {int(k): int(v) for k, v in self.label_to_cat_id.items()},
+            "mask_classes": [str(name) for name in self.mask_classes],
         }
 
     @classmethod

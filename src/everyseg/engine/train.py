@@ -105,7 +105,8 @@ def train(cfg: Config, *, out_dir, resume: bool = False, progress: bool = True) 
         if resume:
             state.restore(run.last)
             print(f"resumed from {run.last} at step {state.step}")
-            trim_log(run.log, step=state.step)
+        # also a new run's: a run killed before its first checkpoint leaves its log behind
+        trim_log(run.log, step=state.step)
         _train_loop(run, state, cfg, dataset, device, progress=progress)
     return run
 
