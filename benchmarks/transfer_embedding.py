@@ -26,7 +26,8 @@ from torchvision.ops import roi_align
 from tqdm import tqdm
 
 from everyseg.data.coco import CocoInstances
-from everyseg.engine.checkpoint import RunDir, load_checkpoint
+from everyseg.engine.checkpoint import load_checkpoint
+from everyseg.engine.run_dir import RunDir
 
 
 def mean_class_masks(dataset: CocoInstances, *, max_images: int, resolution: int) -> np.ndarray:

@@ -1,5 +1,6 @@
 """The command line end to end on tiny data: synth -> train -> evaluate -> predict."""
 
+import errno
 import json
 
 import numpy as np
@@ -79,7 +80,7 @@ def test_evaluate_prints_the_table_when_the_metrics_cannot_be_written(trained_ru
         blocked.rmdir()
     out, err = capsys.readouterr()
     assert "segm unseen" in out
-    assert f"everyseg evaluate: error: could not write {blocked}" in err
+    assert f"everyseg evaluate: error: [Errno {errno.EISDIR}] could not write {blocked}" in err
 
 
 def test_predict_writes_results_and_overlays_and_skips_bad_files(trained_run, capsys):

@@ -13,15 +13,17 @@ from pycocotools.coco import COCO
 from everyseg.data.synthetic import CATEGORY_IDS, CLASS_NAMES
 from everyseg.engine.eval_data import map_classes, metrics_file_name
 from everyseg.engine.evaluate_run import evaluate_loaded
+from everyseg.engine.run_dir import RunRecord
 from tests.conftest import tiny_config
 
 MASK_CLASSES = ["circle", "star", "ring"]
 # the run's record of its training file: labels 1..K in CLASS_NAMES order, odd category ids
-META = {
-    "class_names": list(CLASS_NAMES),
-    "label_to_cat_id": {label: cid for label, cid in enumerate(CATEGORY_IDS, start=1)},
-    "mask_classes": MASK_CLASSES,
-}
+META = RunRecord(
+    config={},
+    class_names=list(CLASS_NAMES),
+    label_to_cat_id={label: cid for label, cid in enumerate(CATEGORY_IDS, start=1)},
+    mask_classes=MASK_CLASSES,
+)
 
 
 class _Replay(torch.nn.Module):
@@ -39,7 +41,7 @@ def _perfect_outputs(val_json: str) -> list[dict]:
     """Exactly the ground truth of each image (sorted by id) as detections in run labels."""
     coco = COCO(val_json)
     label_of = {
-        cat["id"]: META["class_names"].index(cat["name"]) + 1 for cat in coco.dataset["categories"]
+        cat["id"]: META.class_names.index(cat["name"]) + 1 for cat in coco.dataset["categories"]
     }
     outputs = []
     for image_id in sorted(coco.imgs):

@@ -19,10 +19,12 @@ from everyseg.cli import main
 from everyseg.config import ConfigError
 from everyseg.data.coco import DataError
 from everyseg.data.synthetic import generate
-from everyseg.engine import checkpoint as checkpoint_module
+from everyseg.engine import files as files_module
 from everyseg.engine import train as train_module
-from everyseg.engine.checkpoint import RunDir, atomic_write_bytes, load_checkpoint
+from everyseg.engine.checkpoint import load_checkpoint
 from everyseg.engine.evaluate_run import evaluate_run
+from everyseg.engine.files import atomic_write_bytes
+from everyseg.engine.run_dir import RunDir
 from everyseg.engine.train import train
 from tests.conftest import tiny_config
 
@@ -109,7 +111,7 @@ def test_failed_write_says_why_and_keeps_the_previous_file(tmp_path, monkeypatch
     def fail(*args, **kwargs):
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(checkpoint_module.os, "fsync", fail)
+    monkeypatch.setattr(files_module.os, "fsync", fail)
     with pytest.raises(
         OSError, match=f"could not write .*last.pt: {plain}; any previous file"
     ) as err:
@@ -192,6 +194,47 @@ def test_inf_loss_is_skipped_when_asked(synth_paths, tmp_path, monkeypatch):
     assert _same(before["model"], after["model"])  # no update, BatchNorm statistics restored
     assert _same(before["optimizer"]["state"], after["optimizer"]["state"])  # nor momentum
     assert not _same(after["model"], load_checkpoint(run.snapshot(4))["model"])
+
+
+def test_weights_gone_nan_stop_training_without_a_nan_checkpoint(
+    synth_paths, tmp_path, monkeypatch
+):
+    """An update that makes the weights NaN while its loss was finite: the following losses
+    are NaN and, under skip, skipped; training must stop, not finish with a NaN model."""
+    real_step = train_module.train_one_step
+
+    def diverging(model, *args, step, **kwargs):
+        values = real_step(model, *args, step=step, **kwargs)
+        if step + 1 == 3:
+            with torch.no_grad():
+                model.roi_heads.box_predictor.cls_score.weight.fill_(NAN)
+        return values
+
+    monkeypatch.setattr(train_module, "train_one_step", diverging)
+    cfg = tiny_config(
+        synth_paths, "train.steps=6", "train.checkpoint_every=2", "train.on_nonfinite_loss=skip"
+    )
+    run = RunDir(tmp_path / "run")
+    message = (
+        r"step 3: the model's weights hold NaN or Inf \(roi_heads.box_predictor.cls_score.weight\)"
+        rf"; training stopped .*; the last checkpoint, {run.last}, is intact"
+    )
+    with pytest.raises(FloatingPointError, match=message):
+        train(cfg, out_dir=run.root, progress=False)
+    for path in (run.last, run.model):
+        state = load_checkpoint(path)
+        assert state["step"] == 2
+        assert all(
+            torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point()
+        )
+
+
+def test_stop_before_any_checkpoint_says_none_was_written(synth_paths, tmp_path, monkeypatch):
+    _poison(monkeypatch, at_step=1, term="loss_mask", value=NAN)
+    run = RunDir(tmp_path / "run")
+    with pytest.raises(FloatingPointError, match="step 1: .*; no checkpoint was written"):
+        train(tiny_config(synth_paths, "train.steps=2"), out_dir=run.root, progress=False)
+    assert not run.checkpoints.exists()
 
 
 def _same(a, b) -> bool:

@@ -8,8 +8,9 @@ import torch
 
 from everyseg.config import TrainConfig, load_config
 from everyseg.engine import train as train_module
-from everyseg.engine.checkpoint import RunDir, load_checkpoint
+from everyseg.engine.checkpoint import load_checkpoint
 from everyseg.engine.optim import lr_factor
+from everyseg.engine.run_dir import RunDir
 from everyseg.engine.sampler import StepBatchSampler
 from everyseg.engine.train import train
 from tests.conftest import tiny_config

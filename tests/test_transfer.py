@@ -9,10 +9,11 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from everyseg.config import ConfigError
 from everyseg.data.build import build_dataset
 from everyseg.data.coco import collate
-from everyseg.engine.checkpoint import RunDir, load_checkpoint
+from everyseg.engine.checkpoint import load_checkpoint
 from everyseg.engine.evaluate_run import evaluate_run
 from everyseg.engine.initialize import MASK_BRANCH, initialize_for_training
 from everyseg.engine.optim import build_optimizer
+from everyseg.engine.run_dir import RunDir
 from everyseg.engine.train import train, train_one_step
 from everyseg.modeling.mask_heads.transfer import build_transfer_predictor, word_vectors
 from tests.conftest import model_of, tiny_config

@@ -187,7 +187,7 @@ def _predict(args) -> int:
 def _segment(args) -> None:
     from PIL import Image
 
-    from everyseg.engine.jsonfile import write_json
+    from everyseg.engine.files import write_json
     from everyseg.predictor import Predictor, draw_overlay
 
     for x0, y0, x1, y1 in args.box:  # before loading anything

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from everyseg.config import load_config
 from everyseg.data.synthetic import generate
-from everyseg.engine.checkpoint import RunDir
 from everyseg.engine.evaluate_run import evaluate_run
+from everyseg.engine.run_dir import RunDir
 from everyseg.engine.train import train
 from everyseg.predict_files import predict_files
 from everyseg.predictor import Predictor
@@ -27,7 +27,8 @@ def run_demo(out: Path, *, steps: int, num_train: int, num_val: int) -> dict:
     # the preset's schedule at a length that keeps the whole demo within 10 CPU minutes
     overrides.append(f"train.steps={steps}")
     cfg = load_config(DEMO_PRESET, overrides)
-    run = train(cfg, out_dir=out / "run", resume=True)
+    run = RunDir(out / "run")
+    train(cfg, out_dir=run.root, resume=run.last.is_file())
     metrics = evaluate_run(run.root)
     _write_overlays(run, Path(paths["val_images"]))
     segm = metrics["segm"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from everyseg.engine.jsonfile import write_json
+from everyseg.engine.files import write_json
 from everyseg.predictor import Predictor, draw_overlay
 
 

@@ -14,7 +14,7 @@ from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from everyseg.data.transforms import load_image
 from everyseg.engine.coco_results import to_coco_results
-from everyseg.engine.evaluate_run import load_run
+from everyseg.engine.load import load_run
 
 ImageLike = str | Path | np.ndarray | Image.Image
 
@@ -78,10 +78,11 @@ class Predictor:
     ) -> None:
         self.score_thresh = check_fraction(score_thresh, name="score_thresh")
         self.mask_thresh = check_fraction(mask_thresh, name="mask_thresh")
-        self.model, self.cfg, meta = load_run(run_dir, checkpoint=checkpoint, device=device)
-        self.class_names: list[str] = meta["class_names"]
-        self.label_to_cat_id: dict[int, int] = meta["label_to_cat_id"]
-        self.mask_classes: list[str] = meta["mask_classes"]
+        run = load_run(run_dir, checkpoint=checkpoint, device=device)
+        self.model, self.cfg = run.model, run.config
+        self.class_names: list[str] = run.record.class_names
+        self.label_to_cat_id: dict[int, int] = run.record.label_to_cat_id
+        self.mask_classes: list[str] = run.record.mask_classes
         self.device = next(self.model.parameters()).device
 
     @torch.inference_mode()

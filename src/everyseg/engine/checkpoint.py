@@ -1,115 +1,29 @@
-"""Run directories and checkpoints: written atomically, holding everything a resume needs."""
+"""Checkpoint files: a run record (run_dir.RunRecord) plus tensors, written atomically and
+read with torch.load(weights_only=True), so that loading one never runs code.
+
+    last.pt, best.pt, step_XXXXXXX.pt  the record's fields, "step", "model", "optimizer",
+                                       "scheduler", "scaler" (state dicts) and "rng"
+                                       (rng.capture_rng): everything a resume needs
+    model.pt                           the record's fields, "step" and "model" alone, to
+                                       share (TrainingState.export_model)
+"""
 
 from __future__ import annotations
 
-import errno
+import io
 import json
-import os
-import random
-import tempfile
+import pickle
+import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-
-@dataclass(frozen=True)
-class RunDir:
-    """The files of one training run (see DESIGN.md, "Run directory")."""
-
-    root: Path
-
-    @property
-    def config(self) -> Path:
-        return self.root / "config.yaml"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
-
-    @property
-    def last(self) -> Path:
-        return self.checkpoints / "last.pt"
-
-    @property
-    def best(self) -> Path:
-        return self.checkpoints / "best.pt"
-
-    @property
-    def log(self) -> Path:
-        return self.root / "log.jsonl"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics.json"
-
-    @property
-    def overlays(self) -> Path:
-        return self.root / "overlays"
-
-    @property
-    def index(self) -> Path:
-        """Which step each checkpoint holds (see save_checkpoint)."""
-        return self.checkpoints / "index.json"
-
-    def snapshot(self, step: int) -> Path:
-        return self.checkpoints / f"step_{step:07d}.pt"
-
-
-_PLAIN_REASONS = {
-    errno.ENOSPC: "the disk is full",
-    errno.EDQUOT: "the disk quota is exceeded",
-    errno.EACCES: "permission denied",
-    errno.EPERM: "permission denied",
-    errno.EROFS: "the file system is read-only",
-}
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """Call write(file) on a temporary file beside `path`, fsync it, then rename it into place.
-
-    A crash at any moment leaves either the old file or the new one, never a truncated one.
-    A failure to write (disk full, permission denied...) raises OSError saying so plainly.
-    """
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # a run killed mid-write leaves its temporary file; one writer per run directory
-        for stale in path.parent.glob(f".{path.name}.*.tmp"):
-            stale.unlink(missing_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        reason = _PLAIN_REASONS.get(err.errno, err.strerror or str(err))
-        raise OSError(
-            err.errno, f"could not write {path}: {reason}; any previous file there is intact"
-        ) from err
-    except BaseException:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)  # the rename itself must survive a power cut
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as err:
-        # some file systems (network, FUSE) cannot sync a directory; the rename is still atomic
-        if err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)
+from everyseg.engine.files import atomic_write_bytes
+from everyseg.engine.rng import capture_rng, restore_rng
+from everyseg.engine.run_dir import RunRecord
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -118,7 +32,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     The index is rewritten after the checkpoint, so a kill between the two leaves it one
     checkpoint behind; the checkpoint's own "step" is authoritative.
     """
-    atomic_write_bytes(path, lambda f: torch.save(state, f))
+    atomic_write_bytes(path, lambda f: f.write(_serialize(state)))
     index_path = path.parent / "index.json"
     index = read_checkpoint_index(index_path)
     index[path.name] = {
@@ -127,6 +41,18 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     }
     text = json.dumps(index, indent=2, sort_keys=True).encode()
     atomic_write_bytes(index_path, lambda f: f.write(text))
+
+
+def _serialize(state: dict[str, Any]) -> bytes:
+    # into memory first: torch.save seeks in the file it writes, and turns a full disk into
+    # "RuntimeError: unexpected pos" instead of the OSError that atomic_write_bytes explains
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def _unreadable(path: Path, reason: str) -> str:
+    return f"{path}: not a readable checkpoint (truncated, or not written by torch.save): {reason}"
 
 
 def read_checkpoint_index(path: Path) -> dict[str, dict]:
@@ -139,50 +65,96 @@ def read_checkpoint_index(path: Path) -> dict[str, dict]:
         return {}
 
 
-def trim_log(path: Path, *, step: int) -> None:
-    """Keep the records of steps <= `step`: what a killed run logged past its last checkpoint
-    (and a half-written last line) would otherwise be logged twice after a resume."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and record.get("step", 0) <= step:
-            kept.append(line + "\n")
-    text = "".join(kept).encode()
-    atomic_write_bytes(path, lambda f: f.write(text))
-
-
 def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint's contents; ValueError naming the file if it holds anything but tensors
+    and plain values (unpickling other objects could run code) or is not a checkpoint."""
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    # our checkpoints hold numpy RNG state, which the weights_only unpickler rejects
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def capture_rng() -> dict[str, Any]:
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch names the first global it blocks: a function or class the file would call
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        if found:
+            raise ValueError(
+                f"{path}: refused to load: it holds a {found.group(1)} object, not only tensors "
+                "and plain values, and loading it could run code (everyseg's own checkpoints "
+                "hold tensors and plain values only)"
+            ) from None
+        raise ValueError(_unreadable(path, "not a pickle of tensors and plain values")) from None
+    except (RuntimeError, KeyError, EOFError) as err:
+        raise ValueError(_unreadable(path, str(err))) from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise ValueError(f"{path}: not an everyseg checkpoint (no model weights in it)")
     return state
 
 
-def restore_rng(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def nonfinite_weights(model: torch.nn.Module) -> list[str]:
+    """Names of the model's floating-point weights and buffers that hold a NaN or Inf."""
+    tensors = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+    finite = torch.stack([torch.isfinite(v).all() for v in tensors.values()])  # one sync
+    if bool(finite.all()):
+        return []
+    return [name for name, ok in zip(tensors, finite.tolist()) if not ok]
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+@dataclass
+class TrainingState:
+    """What a checkpoint holds besides the run record: the model, the optimiser, the
+    schedule, the AMP scaler and the number of steps taken."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    record: RunRecord
+    step: int = 0
+
+    def check_weights(self) -> None:
+        """FloatingPointError if an update has made any weight NaN or Inf."""
+        bad = nonfinite_weights(self.model)
+        if bad:
+            names = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            raise FloatingPointError(
+                f"step {self.step}: the model's weights hold NaN or Inf ({names}); training "
+                "stopped (an update diverged: lower train.lr, or set train.clip_grad_norm)"
+            )
+
+    def save(self, path: Path) -> None:
+        self.check_weights()  # a checkpoint never holds a diverged model
+        save_checkpoint(
+            path,
+            {
+                **self.record.to_plain(),
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "step": self.step,
+                "rng": capture_rng(),
+            },
+        )
+
+    def export_model(self, path: Path) -> None:
+        """The weights and the run record alone (model.pt): no optimizer, no RNG state."""
+        self.check_weights()
+        save_checkpoint(
+            path, {**self.record.to_plain(), "step": self.step, "model": self.model.state_dict()}
+        )
+
+    def restore(self, path: Path) -> None:
+        state = load_checkpoint(path)
+        changes = RunRecord.from_plain(state, source=path).class_differences(self.record)
+        if changes:
+            raise ValueError(
+                f"cannot resume {path} with this data set: its classes differ from the "
+                f"checkpoint's ({'; '.join(changes)}); train into a new --out instead "
+                "(model.init_from_run can start it from this run)"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        restore_rng(state["rng"])
+        self.step = int(state["step"])

@@ -21,7 +21,7 @@ from everyseg.engine.coco_results import (
     precision_array,
     to_coco_results,
 )
-from everyseg.engine.jsonfile import write_json
+from everyseg.engine.files import write_json
 
 __all__ = [
     "coco_metrics",

@@ -1,4 +1,4 @@
-"""Load a trained run and evaluate it: the glue between run directories and COCO evaluation."""
+"""Evaluate a trained run: the glue between run directories and COCO evaluation."""
 
 from __future__ import annotations
 
@@ -8,44 +8,16 @@ from pathlib import Path
 
 import torch
 
-from everyseg.config import Config, from_dict
+from everyseg.config import Config
 from everyseg.data.build import build_dataset
-from everyseg.engine.checkpoint import RunDir, load_checkpoint
 from everyseg.engine.eval_data import map_classes, metrics_file_name
 from everyseg.engine.evaluate import evaluate_model, format_metrics_table, write_metrics
-from everyseg.engine.initialize import freeze_for_stage
-from everyseg.engine.train import resolve_device
-from everyseg.modeling.detector import build_model
-
-
-def load_run(run_dir, *, checkpoint: str = "last", device: str = "auto"):
-    """(model in eval mode on `device`, Config, metadata) from a run directory.
-
-    `checkpoint` is "last", "best", or a path to a .pt file.
-    """
-    run = RunDir(Path(run_dir))
-    path = Path(checkpoint) if checkpoint.endswith(".pt") else run.checkpoints / f"{checkpoint}.pt"
-    state = load_checkpoint(path)
-    cfg = from_dict(state["config"])
-    classes, d = state["class_names"], cfg.data
-    # the architecture alone: every weight, pretrained or trained, is in the checkpoint
-    model = build_model(
-        cfg.model,
-        num_classes=len(classes) + 1,
-        class_names=classes,
-        min_size=d.min_size,
-        max_size=d.max_size,
-        test_min_size=d.test_min_size,
-    )
-    freeze_for_stage(model, stage=cfg.train.stage)
-    model.load_state_dict(state["model"])
-    meta = {k: state[k] for k in ("class_names", "label_to_cat_id", "mask_classes")}
-    meta["step"] = state["step"]
-    return model.to(resolve_device(device)).eval(), cfg, meta
+from everyseg.engine.load import load_run
+from everyseg.engine.run_dir import RunDir, RunRecord
 
 
 def evaluate_loaded(
-    model, cfg: Config, meta: dict, *, device, data_json=None, images=None, progress=True
+    model, cfg: Config, record: RunRecord, *, device, data_json=None, images=None, progress=True
 ) -> dict:
     """COCO metrics of `model` on the config's val set (or on `data_json` + `images`).
 
@@ -59,8 +31,8 @@ def evaluate_loaded(
     if dataset.index.findings.num_bad:
         print(dataset.summary())
     mapping = map_classes(
-        run_classes=meta["class_names"],
-        mask_classes=meta["mask_classes"],
+        run_classes=record.class_names,
+        mask_classes=record.mask_classes,
         data_cat_ids={
             name: dataset.label_to_cat_id[i + 1] for i, name in enumerate(dataset.class_names)
         },
@@ -96,11 +68,17 @@ def evaluate_run(run_dir, *, data_json=None, images=None, checkpoint="last", pro
     DIR/metrics-<its stem>.json, with the file named inside, so metrics.json is never replaced
     by numbers on other data. The table is printed first: a failed write loses nothing.
     """
-    model, cfg, meta = load_run(run_dir, checkpoint=checkpoint)
-    device = next(model.parameters()).device
+    loaded = load_run(run_dir, checkpoint=checkpoint)
+    device = next(loaded.model.parameters()).device
     with torch.inference_mode():
         metrics = evaluate_loaded(
-            model, cfg, meta, device=device, data_json=data_json, images=images, progress=progress
+            loaded.model,
+            loaded.config,
+            loaded.record,
+            device=device,
+            data_json=data_json,
+            images=images,
+            progress=progress,
         )
     run = RunDir(Path(run_dir))
     path = run.metrics
@@ -111,7 +89,6 @@ def evaluate_run(run_dir, *, data_json=None, images=None, checkpoint="last", pro
     try:
         write_metrics(metrics, path)
     except OSError as err:
-        raise OSError(
-            f"could not write {path}: {err.strerror or err}; the table above has the metrics"
-        ) from err
+        # atomic_write_bytes' message names the file and the reason
+        raise OSError(err.errno, f"{err.strerror}; the table above has the metrics") from err
     return metrics

@@ -33,7 +33,8 @@ from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
 from torchvision.ops import FrozenBatchNorm2d
 
 from everyseg.config import Config, ConfigError
-from everyseg.engine.checkpoint import RunDir, load_checkpoint
+from everyseg.engine.checkpoint import load_checkpoint
+from everyseg.engine.run_dir import RunDir
 from everyseg.modeling.backbone import load_trunk_weights
 from everyseg.modeling.detector import torchvision_to_everyseg_state
 from everyseg.modeling.weights import load_state_dict

@@ -5,36 +5,26 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from everyseg.config import Config, from_dict
 from everyseg.data.build import build_dataset
 from everyseg.data.coco import CocoInstances, collate
-from everyseg.engine.checkpoint import (
-    RunDir,
-    atomic_write_bytes,
-    capture_rng,
-    load_checkpoint,
-    restore_rng,
-    save_checkpoint,
-    seed_everything,
-    trim_log,
-)
+from everyseg.engine.checkpoint import TrainingState
+from everyseg.engine.evaluate_run import evaluate_loaded
+from everyseg.engine.files import atomic_write_bytes
 from everyseg.engine.initialize import check_stage, initialize_for_training
+from everyseg.engine.load import resolve_device
 from everyseg.engine.optim import build_optimizer, build_scheduler
+from everyseg.engine.rng import capture_rng, restore_rng, seed_everything
+from everyseg.engine.run_dir import RunDir, RunRecord, trim_log
 from everyseg.engine.sampler import StepBatchSampler
 from everyseg.modeling.detector import build_model
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def to_device(images, targets, device):
@@ -59,7 +49,8 @@ def train_one_step(
 
     A NaN/Inf loss term raises FloatingPointError naming the step (counted from 1, as in
     log.jsonl) and the term, before any update; with on_nonfinite="skip" the update is skipped
-    instead and the result has "skipped" saying why.
+    instead and the result has "skipped" saying why. An update can still make the weights
+    non-finite with finite losses: see TrainingState.check_weights.
     """
     device_type = images[0].device.type
     # a skipped step must not keep what its forward pass did to BatchNorm statistics either
@@ -71,8 +62,8 @@ def train_one_step(
     bad = [f"{name} is {value}" for name, value in values.items() if not math.isfinite(value)]
     if bad and on_nonfinite != "skip":
         raise FloatingPointError(
-            f"step {step + 1}: {', '.join(bad)}; training stopped, the last checkpoint is "
-            "intact (train.on_nonfinite_loss=skip would skip such steps instead)"
+            f"step {step + 1}: {', '.join(bad)}; training stopped "
+            "(train.on_nonfinite_loss=skip would skip such steps instead)"
         )
     if bad:
         with torch.no_grad():
@@ -92,71 +83,31 @@ def train_one_step(
     return values
 
 
-def run_metadata(cfg: Config, dataset: CocoInstances) -> dict:
-    """What a checkpoint needs besides tensors to rebuild, evaluate and label predictions."""
-    return {
-        "config": cfg.to_dict(),
-        "class_names": list(dataset.class_names),
-        "label_to_cat_id": dict(dataset.label_to_cat_id),
-        "mask_classes": list(dataset.mask_class_names),
-    }
-
-
-@dataclass
-class TrainingState:
-    """What a checkpoint holds besides the run's metadata: the model, the optimiser, the
-    schedule, the AMP scaler and the number of steps taken."""
-
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
-    meta: dict
-    step: int = 0
-
-    def save(self, path: Path) -> None:
-        save_checkpoint(
-            path,
-            {
-                **self.meta,
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(),
-                "step": self.step,
-                "rng": capture_rng(),
-            },
-        )
-
-    def restore(self, path: Path) -> None:
-        state = load_checkpoint(path)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        restore_rng(state["rng"])
-        self.step = int(state["step"])
-
-
 def train(cfg: Config, *, out_dir, resume: bool = False, progress: bool = True) -> RunDir:
     """Train `cfg` into the run directory `out_dir`; resume=True continues from its last
     checkpoint as if never interrupted."""
     _check_train_config(cfg)
     run = RunDir(Path(out_dir))
-    _prepare_run_dir(run, cfg, resume=resume)
-    device = resolve_device(cfg.train.device)
-    seed_everything(cfg.train.seed)
-    # stage-wise training's stage 1 trains the detector alone: no instance keeps its mask
-    no_masks = "none" if cfg.train.stage == "detector" else None
-    dataset = build_dataset(cfg.data, split="train", seed=cfg.train.seed, mask_classes=no_masks)
-    print(dataset.summary())
-    state = _build_state(cfg, dataset, device)
-    if resume and run.last.is_file():
-        state.restore(run.last)
-        print(f"resumed from {run.last} at step {state.step}")
-    if resume:
+    if resume and not run.last.is_file():
+        raise FileNotFoundError(
+            f"no checkpoint in {run.root} to resume ({run.last} does not exist); drop --resume "
+            "to start a new run"
+        )
+    with run.lock():
+        _prepare_run_dir(run, cfg, resume=resume)
+        device = resolve_device(cfg.train.device)
+        seed_everything(cfg.train.seed)
+        # stage-wise training's stage 1 trains the detector alone: no instance keeps its mask
+        no_masks = "none" if cfg.train.stage == "detector" else None
+        dataset = build_dataset(cfg.data, split="train", seed=cfg.train.seed, mask_classes=no_masks)
+        print(dataset.summary())
+        state = _build_state(cfg, dataset, device)
+        if resume:
+            state.restore(run.last)
+            print(f"resumed from {run.last} at step {state.step}")
+        # also a new run's: a run killed before its first checkpoint leaves its log behind
         trim_log(run.log, step=state.step)
-    _train_loop(run, state, cfg, dataset, device, progress=progress)
+        _train_loop(run, state, cfg, dataset, device, progress=progress)
     return run
 
 
@@ -184,11 +135,25 @@ def _build_state(cfg: Config, dataset: CocoInstances, device: torch.device) -> T
         optimizer=optimizer,
         scheduler=build_scheduler(optimizer, cfg.train),
         scaler=torch.amp.GradScaler(device.type, enabled=amp),
-        meta=run_metadata(cfg, dataset),
+        record=RunRecord(
+            config=cfg.to_dict(),
+            class_names=list(dataset.class_names),
+            label_to_cat_id=dict(dataset.label_to_cat_id),
+            mask_classes=list(dataset.mask_class_names),
+        ),
     )
 
 
 def _train_loop(run: RunDir, state: TrainingState, cfg: Config, dataset, device, *, progress):
+    try:
+        _take_steps(run, state, cfg, dataset, device, progress=progress)
+    except FloatingPointError as err:
+        if run.last.is_file():
+            raise FloatingPointError(f"{err}; the last checkpoint, {run.last}, is intact") from err
+        raise FloatingPointError(f"{err}; no checkpoint was written") from err
+
+
+def _take_steps(run: RunDir, state: TrainingState, cfg: Config, dataset, device, *, progress):
     tc = cfg.train
     loader = _loader(dataset, cfg, start_step=state.step)
     state.model.train()
@@ -224,6 +189,9 @@ def _train_loop(run: RunDir, state: TrainingState, cfg: Config, dataset, device,
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 tic = time.perf_counter()
+                # checked when logging too, so that with skipped steps, every step after an
+                # update that diverged, a long run does not go on until its next checkpoint
+                state.check_weights()
             _save_and_evaluate_when_due(run, state, cfg, device)
 
 
@@ -231,6 +199,7 @@ def _save_and_evaluate_when_due(run: RunDir, state: TrainingState, cfg: Config, 
     step, tc = state.step, cfg.train
     if step % tc.checkpoint_every == 0 or step == tc.steps:
         state.save(run.last)
+        state.export_model(run.model)
     if tc.keep_every and step % tc.keep_every == 0:
         state.save(run.snapshot(step))
     if tc.eval_every and step % tc.eval_every == 0 and cfg.data.val_json:
@@ -244,8 +213,6 @@ def _prepare_run_dir(run: RunDir, cfg: Config, *, resume: bool) -> None:
             "choose another --out"
         )
     if resume and run.config.is_file():
-        import yaml
-
         previous = from_dict(yaml.safe_load(run.config.read_text()))
         changed = _changed_keys(previous.to_dict(), cfg.to_dict())
         if changed:
@@ -285,10 +252,8 @@ def _loader(dataset: CocoInstances, cfg: Config, *, start_step: int) -> DataLoad
 
 
 def _evaluate_and_keep_best(run: RunDir, state: TrainingState, cfg: Config, device) -> None:
-    from everyseg.engine.evaluate_run import evaluate_loaded
-
     rng = capture_rng()  # evaluation must not change what the next training step sees
-    metrics = evaluate_loaded(state.model, cfg, state.meta, device=device, progress=False)
+    metrics = evaluate_loaded(state.model, cfg, state.record, device=device, progress=False)
     restore_rng(rng)
     state.model.train()
     ap = metrics["segm"]["all"]["AP"] or 0.0

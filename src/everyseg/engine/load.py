@@ -1,0 +1,62 @@
+"""Loading a trained run for inference: the model, its config and its run record."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from everyseg.config import Config, from_dict
+from everyseg.engine.checkpoint import load_checkpoint
+from everyseg.engine.initialize import freeze_for_stage
+from everyseg.engine.run_dir import RunDir, RunRecord
+from everyseg.modeling.detector import build_model
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class LoadedRun:
+    """A run's model (in eval mode), the config it was built from and its run record."""
+
+    model: torch.nn.Module
+    config: Config
+    record: RunRecord
+    step: int  # training steps the weights have had
+    path: Path  # the checkpoint file they came from
+
+
+def load_run(run_dir, *, checkpoint: str = "last", device: str = "auto") -> LoadedRun:
+    """Load `run_dir`'s checkpoint `checkpoint` onto `device`.
+
+    `checkpoint` is "last", "best", "model" (the weights-only export), "step_XXXXXXX", or a
+    path to a .pt file (then `run_dir` is not read).
+    """
+    path = RunDir(Path(run_dir)).checkpoint(checkpoint)
+    state = load_checkpoint(path)
+    record = RunRecord.from_plain(state, source=path)
+    cfg = from_dict(record.config)
+    classes, d = record.class_names, cfg.data
+    # the architecture alone: every weight, pretrained or trained, is in the checkpoint
+    model = build_model(
+        cfg.model,
+        num_classes=len(classes) + 1,
+        class_names=classes,
+        min_size=d.min_size,
+        max_size=d.max_size,
+        test_min_size=d.test_min_size,
+    )
+    freeze_for_stage(model, stage=cfg.train.stage)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:  # a checkpoint edited, or written by another model
+        raise ValueError(
+            f"{path}: its weights do not fit the model its config builds: {err}"
+        ) from None
+    model = model.to(resolve_device(device)).eval()
+    return LoadedRun(model=model, config=cfg, record=record, step=int(state["step"]), path=path)
