@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from everyseg.config import Config, from_dict
+from everyseg.config import Config, ConfigError, from_dict
 from everyseg.engine.checkpoint import load_checkpoint
 from everyseg.engine.initialize import freeze_for_stage
 from everyseg.engine.run_dir import RunDir, RunRecord
@@ -15,9 +15,24 @@ from everyseg.modeling.detector import build_model
 
 
 def resolve_device(name: str) -> torch.device:
+    """ "auto" | "cpu" | "cuda" | "cuda:N" | "mps" (syntax checked at config load) -> a device
+    this machine has; ConfigError naming the device otherwise."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device {name!r}: expected auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count or count == 0:
+            raise ConfigError(
+                f"device {name!r}: this machine has {count} CUDA device(s); "
+                "use cpu, auto or an index below that"
+            )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {name!r}: MPS is not available here; use cpu or auto")
+    return device
 
 
 @dataclass

@@ -7,9 +7,32 @@ predictor wrapper: it works with the class-specific, class-agnostic and transfer
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 from torch import Tensor, nn
 
-from everyseg.config import ConfigError
+
+def fc_stack(
+    *,
+    in_dim: int,
+    hidden_dim: int,
+    out_dim: int,
+    num_layers: int,
+    activation: Callable[[], nn.Module],
+) -> nn.Sequential:
+    """`num_layers` (>= 1) Linear layers, `activation()` between them, MSRA-initialised as in
+    the Mask^X authors' code: (N, in_dim) -> (N, out_dim)."""
+    dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
+    layers: list[nn.Module] = []
+    for i in range(num_layers):
+        if i > 0:
+            layers.append(activation())
+        linear = nn.Linear(dims[i], dims[i + 1])
+        nn.init.kaiming_normal_(linear.weight, nonlinearity="relu")
+        nn.init.zeros_(linear.bias)
+        layers.append(linear)
+    return nn.Sequential(*layers)
 
 
 class MLPMaskBranch(nn.Module):
@@ -17,22 +40,17 @@ class MLPMaskBranch(nn.Module):
 
     def __init__(self, *, in_features: int, resolution: int, num_layers: int, hidden_dim: int):
         super().__init__()
-        if num_layers < 1:
-            raise ConfigError(f"model.mask_head.mlp_layers must be at least 1, got {num_layers}")
         self.resolution = resolution
-        dims = [in_features] + [hidden_dim] * (num_layers - 1) + [resolution**2]
-        layers = []
-        for i in range(num_layers):
-            if i > 0:
-                layers.append(nn.ReLU(inplace=True))
-            linear = nn.Linear(dims[i], dims[i + 1])
-            nn.init.kaiming_normal_(linear.weight, nonlinearity="relu")
-            nn.init.zeros_(linear.bias)
-            layers.append(linear)
+        self.mlp = fc_stack(
+            in_dim=in_features,
+            hidden_dim=hidden_dim,
+            out_dim=resolution**2,
+            num_layers=num_layers,
+            activation=partial(nn.ReLU, inplace=True),
+        )
         # small logits at the start, like the per-class predictors: the fused sum must not
         # begin far from zero
-        nn.init.normal_(layers[-1].weight, std=0.001)
-        self.mlp = nn.Sequential(*layers)
+        nn.init.normal_(self.mlp[-1].weight, std=0.001)
 
     def forward(self, x: Tensor) -> Tensor:
         m = self.resolution

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from everyseg.config import ConfigError
+from everyseg.modeling.mask_heads.mlp import fc_stack
 
 BOX_PARTS = {"cls": ("cls",), "box": ("box",), "cls+box": ("cls", "box")}
 TRANSFER_INPUTS = (*BOX_PARTS, "randn", "embedding")
@@ -105,28 +106,6 @@ class TransferPredictor(nn.Module):
         return torch.einsum("rd,rdhw->rhw", weights.to(x.dtype), x)
 
 
-def transfer_mlp(
-    *, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int, activation: str
-) -> nn.Sequential:
-    """T: `num_layers` FC layers (1: linear) with `activation` between them."""
-    if num_layers not in (1, 2, 3):
-        raise ConfigError(f"model.transfer.num_layers must be 1, 2 or 3, got {num_layers}")
-    if activation not in ACTIVATIONS:
-        raise ConfigError(
-            f"model.transfer.activation {activation!r}: choose one of {', '.join(ACTIVATIONS)}"
-        )
-    dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
-    layers = []
-    for i in range(num_layers):
-        if i > 0:
-            layers.append(ACTIVATIONS[activation]())
-        linear = nn.Linear(dims[i], dims[i + 1])
-        nn.init.kaiming_normal_(linear.weight, nonlinearity="relu")  # MSRA fill, as the authors
-        nn.init.zeros_(linear.bias)
-        layers.append(linear)
-    return nn.Sequential(*layers)
-
-
 def random_vectors(*, num_classes: int, dim: int) -> Tensor:
     """(K + 1, dim) standard normal rows from a private generator: the same on every build,
     and drawing them leaves the global RNG (hence every other initialisation) untouched."""
@@ -210,7 +189,7 @@ def build_transfer_predictor(
         source = BoxWeights(box_predictor=box_predictor, parts=BOX_PARTS[input])
     elif input == "randn":
         source = FixedEmbedding(vectors=random_vectors(num_classes=num_classes, dim=randn_dim))
-    elif input == "embedding":
+    else:  # "embedding"; the config admits no other input
         if embedding_file is None or class_names is None:
             raise ConfigError(
                 "model.transfer.input=embedding needs model.transfer.embedding_file and the "
@@ -219,15 +198,11 @@ def build_transfer_predictor(
         if len(class_names) + 1 != num_classes:
             raise ValueError(f"{len(class_names)} class names for {num_classes - 1} classes")
         source = FixedEmbedding(vectors=word_vectors(embedding_file, class_names))
-    else:
-        raise ConfigError(
-            f"model.transfer.input {input!r}: choose one of {', '.join(TRANSFER_INPUTS)}"
-        )
-    transfer = transfer_mlp(
+    transfer = fc_stack(
         in_dim=source.dim,
         hidden_dim=hidden_dim,
         out_dim=in_channels,
         num_layers=num_layers,
-        activation=activation,
+        activation=ACTIVATIONS[activation],
     )
     return TransferPredictor(source=source, transfer=transfer, stop_gradient=stop_gradient)
