@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from everyseg.data.check import report
+from everyseg.data.report import report
 from everyseg.data.coco import CocoInstances
 
 W, H = 40, 30

@@ -13,6 +13,7 @@ import pytest
 
 from everyseg.config import ConfigError, load_config
 from everyseg.data.coco import DataError
+from everyseg.engine.coco_results import ground_truth_for
 from tests.bad_data import SQUARE, H, W, ann, found, image_entry, load, write_dataset
 
 # --- the file as a whole: always an error, whatever the policy -------------------------------
@@ -24,6 +25,11 @@ from tests.bad_data import SQUARE, H, W, ann, found, image_entry, load, write_da
         pytest.param('{"images": [', r"not valid JSON: .*line 1 column 13", id="malformed-json"),
         pytest.param("", r"not valid JSON: Expecting value", id="empty-file"),
         pytest.param("[]", r"expected a JSON object at the top, got list", id="top-level-list"),
+        pytest.param(
+            '{"images": [{"id": ' + "9" * 5000 + "}]}",
+            r"not valid JSON: Exceeds the limit \(4300 digits\)",
+            id="integer-of-5000-digits",
+        ),
         pytest.param(
             '{"images": [], "categories": []}', r"no top-level 'annotations'", id="missing-key"
         ),
@@ -111,6 +117,29 @@ BAD_ANNOTATIONS = {
     "bbox-negative-size": (ann(99, bbox=[5, 5, -3, 4]), "negative_bbox", 99, "[5, 5, -3, 4]"),
     "bbox-zero-size": (ann(99, bbox=[5, 5, 0, 4]), "degenerate_bbox", 99, "bbox [5, 5, 0, 4]"),
     "bbox-outside-image": (ann(99, bbox=[50, 40, 5, 5]), "degenerate_bbox", 99, "< 1 px after"),
+    "annotation-id-beyond-int64": (ann(2**70), "bad_id", 2**70, f"has id {2**70}"),
+    "annotation-id-bool": (ann(True), "bad_id", "True", "annotations[2] has id True"),
+    "image-id-beyond-int64": (ann(99, image_id=2**64), "unknown_image", 99, f"image_id {2**64}"),
+    "bbox-integer-beyond-float": (ann(99, bbox=[1, 1, 10**400, 5]), "bad_bbox", 99, "bbox [1, 1"),
+    # x0, y0, x1, y1 written where COCO has x, y, w, h: the box runs far past the mask
+    "bbox-xyxy-not-xywh": (
+        ann(99, bbox=[20, 12, 30, 20], segmentation=[[20, 12, 30, 12, 30, 20, 20, 20]]),
+        "bbox_mask_mismatch",
+        99,
+        "mask extent [20, 12, 30, 20], IoU 0.27",
+    ),
+    "polygon-in-0-1-coordinates": (
+        ann(99, segmentation=[[0.1, 0.1, 0.3, 0.1, 0.3, 0.3]]),
+        "bbox_mask_mismatch",
+        99,
+        "IoU 0.00: a bbox written as x0, y0, x1, y1, or polygons in 0..1 coordinates?",
+    ),
+    "rle-without-foreground": (
+        ann(99, segmentation={"size": [H, W], "counts": [H * W]}),
+        "bbox_mask_mismatch",
+        99,
+        "the mask is empty",
+    ),
 }
 
 
@@ -141,34 +170,64 @@ def _rle(height=H, width=W) -> dict:
     return {"size": [height, width], "counts": mask_utils.encode(mask)["counts"].decode()}
 
 
+PAIRS = [[2, 3], [12, 3], [12, 11], [2, 11]]
+# kind -> (segmentation, report key, what the error message says of its form)
 BAD_MASKS = {
-    "polygon-under-3-points": ([[1, 1, 5, 5]], "no_valid_polygon"),
-    "polygon-odd-coordinate-count": ([[1, 1, 5, 5, 9, 1, 3]], "bad_polygon"),
-    "polygon-nan": ([[1, 1, NAN, 5, 9, 1]], "bad_polygon"),
-    "polygon-strings": ([["1", "1", "5", "5", "9", "1"]], "bad_polygon"),
-    "polygon-far-outside-image": ([[0, 0, 1e9, 0, 0, 1e9]], "bad_polygon"),
-    "rle-size-differs-from-image": (_rle(H + 1, W), "bad_rle"),
-    "rle-runs-short-of-the-image": ({"size": [H, W], "counts": [5, 10]}, "bad_rle"),
-    "rle-negative-run": ({"size": [H, W], "counts": [5, -10, W * H + 5]}, "bad_rle"),
-    "rle-compressed-truncated": ({"size": [H, W], "counts": _rle()["counts"][:-2]}, "bad_rle"),
-    "rle-compressed-bad-characters": ({"size": [H, W], "counts": "~~~\x7f"}, "bad_rle"),
-    "rle-without-counts": ({"size": [H, W]}, "bad_rle"),
-    "segmentation-a-string": ("polygon", "bad_segmentation"),
-    "segmentation-a-number": (7, "bad_segmentation"),
+    "polygon-under-3-points": ([[1, 1, 5, 5]], "no_valid_polygon", "polygon with 2 points"),
+    "polygon-odd-coordinate-count": (
+        [[1, 1, 5, 5, 9, 1, 3]],
+        "bad_polygon",
+        "polygon 0: an odd number of coordinates (7)",
+    ),
+    "polygon-nan": ([[1, 1, NAN, 5, 9, 1]], "bad_polygon", "not finite (NaN or Infinity)"),
+    "polygon-strings": ([["1", "1", "5", "5", "9", "1"]], "bad_polygon", "is a str: '1'"),
+    "polygon-far-outside-image": ([[0, 0, 1e9, 0, 0, 1e9]], "bad_polygon", "outside the image"),
+    "polygon-as-xy-pairs": ([PAIRS], "polygon_pairs", "list of [x, y] pairs"),
+    "polygon-as-flat-list-of-xy-pairs": (PAIRS, "polygon_pairs", "list of [x, y] pairs"),
+    "rle-size-differs-from-image": (
+        _rle(H + 1, W),
+        "rle_size",
+        f"RLE of size {H + 1}x{W} for a {H}x{W} image",
+    ),
+    "rle-size-not-two-numbers": ({"size": [H], "counts": "x"}, "bad_rle", "'size' is [30]"),
+    "rle-runs-short-of-the-image": (
+        {"size": [H, W], "counts": [5, 10]},
+        "bad_rle",
+        f"runs add up to 15 pixels, the image has {H * W}",
+    ),
+    "rle-negative-run": (
+        {"size": [H, W], "counts": [5, -10, W * H + 5]},
+        "bad_rle",
+        "negative or non-integer run",
+    ),
+    "rle-compressed-truncated": (
+        {"size": [H, W], "counts": _rle()["counts"][:-2]},
+        "bad_rle",
+        "not a valid compressed RLE string",
+    ),
+    "rle-compressed-bad-characters": (
+        {"size": [H, W], "counts": "~~~\x7f"},
+        "bad_rle",
+        "not a valid compressed RLE string",
+    ),
+    "rle-without-counts": ({"size": [H, W]}, "bad_rle", "'counts' is a NoneType"),
+    "segmentation-a-string": ("polygon", "bad_segmentation", "segmentation is a str"),
+    "segmentation-a-number": (7, "bad_segmentation", "segmentation is a int"),
 }
 
 
 @pytest.mark.parametrize("kind", list(BAD_MASKS))
 def test_bad_segmentation_keeps_the_box_without_a_mask(tmp_path, kind):
-    segm, key = BAD_MASKS[kind]
+    segm, key, form = BAD_MASKS[kind]
     annotations = [ann(10), ann(20, 2), ann(99, segmentation=segm)]
     dataset = load(tmp_path, write_dataset(tmp_path, annotations=annotations))
     assert found(dataset, "dropped_masks") == {key: [99]}
     _, target = dataset[0]
     assert target["ann_ids"].tolist() == [10, 99]
     assert target["has_mask"].tolist() == [True, False] and target["masks"][1].sum() == 0
-    with pytest.raises(DataError, match="annotation 99, image 1: "):
+    with pytest.raises(DataError, match="annotation 99, image 1: ") as err:
         load(tmp_path, tmp_path / "ann.json", on_bad_sample="error")
+    assert form in str(err.value)
 
 
 def test_valid_rle_forms_are_accepted(tmp_path):
@@ -184,6 +243,31 @@ def test_valid_rle_forms_are_accepted(tmp_path):
     assert dataset.index.findings.num_bad == 0
     for i in (0, 1):
         assert dataset[i][1]["masks"][0].sum() == 80
+
+
+@pytest.mark.parametrize(
+    ("segm", "usable"),
+    [
+        pytest.param(SQUARE[0], SQUARE, id="flat-polygon-read-as-one"),
+        pytest.param({"size": [H, W], "counts": [5, 10]}, None, id="rle-runs-short"),
+        pytest.param([[1, 1, 5, 5, 9, 1, 3], SQUARE[0]], None, id="one-polygon-malformed"),
+        pytest.param([PAIRS], None, id="xy-pairs"),
+    ],
+)
+def test_evaluation_reads_segmentations_by_the_loaders_rule(tmp_path, segm, usable):
+    """Ground truth given to COCOeval keeps a mask exactly when the loader would."""
+    dataset = {
+        "images": [image_entry(1, "a.png")],
+        "annotations": [ann(10, segmentation=segm)],
+        "categories": [{"id": 1, "name": "cat"}],
+    }
+    (gt,) = ground_truth_for(dataset, iou_type="segm")["annotations"]
+    loaded = load(tmp_path, write_dataset(tmp_path, annotations=[ann(10, segmentation=segm)]))
+    assert loaded[0][1]["has_mask"].tolist() == [usable is not None]
+    if usable is None:  # box-only: an ignore region
+        assert gt["iscrowd"] == 1 and gt["segmentation"] == [[2, 3, 12, 3, 12, 11, 2, 11]]
+    else:
+        assert gt["iscrowd"] == 0 and gt["segmentation"] == usable
 
 
 # --- documented repairs and normal cases: never errors ----------------------------------------

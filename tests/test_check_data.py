@@ -11,7 +11,7 @@ from PIL import Image
 
 from everyseg.cli import main, predict_files
 from everyseg.data.coco import DataError
-from everyseg.data.transforms import load_image
+from everyseg.data.images import load_image
 from everyseg.data.validate import BadSampleWarning
 from everyseg.predictor import Instances
 from tests.bad_data import H, W, ann, found, image_entry, load, write_dataset, write_image

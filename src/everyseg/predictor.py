@@ -13,7 +13,7 @@ from torchvision.models.detection.roi_heads import paste_masks_in_image
 from torchvision.models.detection.transform import resize_boxes
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-from everyseg.data.transforms import load_image
+from everyseg.data.images import load_image
 from everyseg.engine.coco_results import to_coco_results
 from everyseg.engine.evaluate_run import load_run
 

@@ -2,28 +2,34 @@
 
 Bad data never passes silently: every entry and every image file's header is checked at
 start-up (the catalogue: docs/bad_input.md), `on_bad_sample` (error | skip | warn) is applied,
-and every finding is kept, by reason, for the summary (`everyseg.data.check.report`).
+and every finding is kept, by reason, for the summary (`everyseg.data.report.report`).
 """
 
 from __future__ import annotations
 
 import os
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from everyseg.data.images import image_file_problem
+from everyseg.data.segmentation import box_mask_mismatch, check_segmentation
 from everyseg.data.splits import resolve_mask_classes
-from everyseg.data.transforms import image_file_problem
 from everyseg.data.validate import (
     ANN_DUPLICATE,
     ANN_ENTRY,
     ANN_ID,
+    ANNOTATION,
     BAD_AREA,
     BAD_CROWD_FLAG,
+    BOX_MASK_MISMATCH,
     CROWD,
     IMAGE,
     IMAGE_ENTRY,
+    IMAGE_TOO_THIN,
+    MASK,
     NO_ANNOTATIONS,
     NO_SEGMENTATION,
     SKIPPED_IMAGE,
@@ -35,10 +41,10 @@ from everyseg.data.validate import (
     Reason,
     as_int,
     check_box,
-    check_segmentation,
     is_number,
     read_categories,
     read_coco_json,
+    resize_problem,
 )
 
 
@@ -63,7 +69,11 @@ class CocoIndex:
     Raises DataError for problems of the file as a whole (not JSON, missing top-level lists,
     bad or duplicate categories, duplicate image ids, no usable image), and under
     `on_bad_sample="error"` for the first bad image or annotation. `decode_images` decodes every
-    image instead of reading its header only (slower; finds truncated files).
+    image instead of reading its header and end only (slower; finds corrupt pixel data).
+
+    An image's `file_name` must lead inside `images_dir` (no absolute paths, `..` or symlinks
+    out) unless `allow_outside_images`. With `min_sizes` and `max_size` (the model's resize),
+    an image whose shorter side would shrink under MIN_RESIZED_SIDE px is a bad image.
     """
 
     def __init__(
@@ -74,9 +84,15 @@ class CocoIndex:
         mask_classes="all",
         on_bad_sample: str = "skip",
         decode_images: bool = False,
+        allow_outside_images: bool = False,
+        min_sizes: Sequence[int] | None = None,
+        max_size: int | None = None,
     ):
         self.json_path = Path(json_path)
         self.images_dir = Path(images_dir)
+        self._allow_outside_images = allow_outside_images
+        self.decoded_images = decode_images
+        self._resize = None if min_sizes is None or max_size is None else (min_sizes, max_size)
         self.findings = Findings(source=self.json_path, policy=on_bad_sample)
         data = read_coco_json(self.json_path)
         categories = read_categories(data["categories"], self.json_path)
@@ -118,15 +134,23 @@ class CocoIndex:
             image_id, meta, problem = _image_entry(img, self.images_dir)
             if problem:
                 self._flag(IMAGE_ENTRY, f"images[{position}]: {problem}", image_id=image_id)
+            elif self._resize and (
+                thin := resize_problem(
+                    meta.width, meta.height, min_sizes=self._resize[0], max_size=self._resize[1]
+                )
+            ):
+                self._flag(IMAGE_TOO_THIN, thin, image_id=image_id, file=str(meta.path))
             else:
                 entries[image_id] = meta
         self.skipped_image_ids.update(i for i in ids if i is not None and i not in entries)
         return entries
 
     def _check_image_files(self, entries: dict[int, ImageMeta], *, decode: bool) -> dict:
+        inside = None if self._allow_outside_images else self.images_dir
+
         def probe(meta: ImageMeta):
             return image_file_problem(
-                meta.path, width=meta.width, height=meta.height, decode=decode
+                meta.path, width=meta.width, height=meta.height, decode=decode, images_dir=inside
             )
 
         usable = {}
@@ -156,12 +180,16 @@ class CocoIndex:
             return
         segm = None
         if label in mask_labels:
-            segm, reasons = check_segmentation(
+            segm, found = check_segmentation(
                 ann.get("segmentation"), width=image.width, height=image.height
             )
-            for reason in reasons:
+            for reason, detail in found:
                 if not (crowd and reason is NO_SEGMENTATION):
-                    self._flag(reason, **where)
+                    self._flag(reason, detail, **where)
+            mismatch = segm and box_mask_mismatch(segm, box, width=image.width, height=image.height)
+            if mismatch:
+                self._flag(BOX_MASK_MISMATCH, mismatch, **where)
+                return
         if crowd:
             self._flag(CROWD, **where)
         else:
@@ -252,6 +280,33 @@ class CocoIndex:
             ],
         }
 
+    def training_problem(self) -> str | None:
+        """Why this set cannot train what it is meant to, or None: it has no instance at all,
+        or mask classes without a single usable mask (the mask loss would be 0 all run)."""
+        instances = [inst for found in self.instances.values() for inst in found]
+        if not instances:
+            skipped = _reason_counts(self.findings.by_reason((ANNOTATION,)))
+            return (
+                f"{self.json_path}: no usable instance in {self.num_json_annotations} "
+                f"annotations ({skipped or 'none given'}); nothing to train on"
+            )
+        if not self.mask_class_names or any(inst.segm is not None for inst in instances):
+            return None
+        mask_labels = {self.class_names.index(n) + 1 for n in self.mask_class_names}
+        num = sum(inst.label in mask_labels for inst in instances)
+        dropped = self.findings.by_reason((MASK,))
+        box_only = [f for f in self.findings.items if f.reason is NO_SEGMENTATION]
+        if box_only:
+            dropped[NO_SEGMENTATION] = box_only
+        names = ", ".join(self.mask_class_names[:8])
+        more = ", ..." if len(self.mask_class_names) > 8 else ""
+        return (
+            f"{self.json_path}: none of the {num} instances of the mask classes ({names}{more}) "
+            f"has a usable mask, so the mask loss would be 0 all run: "
+            f"{_reason_counts(dropped) or 'they have no instances'}. Fix the segmentations "
+            "(everyseg check-data lists them), or set data.mask_classes=none to train boxes only"
+        )
+
     def class_counts(self) -> list[dict]:
         """Per class: name, category id, whether it is a mask class, boxes and masks kept."""
         boxes, masks = Counter(), Counter()
@@ -289,6 +344,15 @@ def _image_entry(img, images_dir: Path) -> tuple[int | None, ImageMeta | None, s
     if not isinstance(name, str) or not name:
         return image_id, None, "no 'file_name' (or LVIS 'coco_url')"
     return image_id, ImageMeta(images_dir / name, height, width), None
+
+
+def _reason_counts(grouped: dict[Reason, list[Finding]]) -> str:
+    """'reason: count, ...' with an example's detail: what the start-up error shows."""
+    parts = []
+    for reason, found in grouped.items():
+        example = next((f.detail for f in found if f.detail), "")
+        parts.append(f"{reason.text}: {len(found)}" + (f" (e.g. {example})" if example else ""))
+    return "; ".join(parts)
 
 
 def _scalar(value):
