@@ -11,7 +11,9 @@ import numpy as np
 import pycocotools.mask as mask_utils
 import pytest
 
-from everyseg.config import ConfigError, load_config
+from everyseg.cli import main
+from everyseg.config import ConfigError, DataConfig, load_config
+from everyseg.data.build import build_dataset
 from everyseg.data.coco import DataError
 from everyseg.engine.coco_results import ground_truth_for
 from tests.bad_data import SQUARE, H, W, ann, found, image_entry, load, write_dataset
@@ -347,6 +349,65 @@ def test_ground_truth_keeps_only_what_the_loader_kept(tmp_path):
     assert [a["id"] for a in gt["annotations"]] == [10, 20]
     assert gt["annotations"][0]["bbox"] == [2.0, 3.0, 10.0, 8.0]
     assert all(math.isfinite(v) for a in gt["annotations"] for v in a["bbox"])
+
+
+# --- a train set with nothing to train: an error, not a run with mask loss 0 -----------------
+
+
+def _train_config(json_path, **fields) -> DataConfig:
+    images = str(json_path.parent / "img")
+    return DataConfig(train_json=str(json_path), train_images=images, **fields)
+
+
+def test_train_set_whose_masks_are_all_dropped_stops_and_says_why(tmp_path):
+    annotations = [ann(10, segmentation=[PAIRS]), ann(20, 2, segmentation=[PAIRS]), ann(30, 2)]
+    annotations[2]["segmentation"] = [[1, 1, 5, 5]]
+    cfg = _train_config(write_dataset(tmp_path, annotations=annotations))
+    with pytest.raises(DataError) as err:
+        build_dataset(cfg, split="train")
+    message = str(err.value)
+    assert "none of the 3 instances of the mask classes (cat, dog) has a usable mask" in message
+    assert "polygon given as a list of [x, y] pairs (COCO wants flat" in message
+    assert "[x0, y0, x1, y1, ...]): 2 (e.g. [[[2, 3], [12, 3]" in message
+    assert "no valid polygon (all have < 3 points): 1 (e.g. polygon with 2 points)" in message
+    assert "set data.mask_classes=none to train boxes only" in message
+    # the same set for evaluation, or deliberately without masks, is fine
+    assert len(build_dataset(cfg, split="train", mask_classes="none")) == 2  # detector stage
+    cfg.mask_classes = "none"
+    assert len(build_dataset(cfg, split="train")) == 2
+    cfg.val_json, cfg.val_images = cfg.train_json, cfg.train_images
+    assert len(build_dataset(cfg, split="val")) == 2
+
+
+def test_box_only_train_set_needs_mask_classes_none(tmp_path):
+    annotations = [ann(10, segmentation=[]), ann(20, 2, segmentation=None)]
+    cfg = _train_config(write_dataset(tmp_path, annotations=annotations))
+    with pytest.raises(DataError, match=r"no segmentation \(box-only\): 2"):
+        build_dataset(cfg, split="train")
+
+
+def test_mask_classes_without_instances_stop_training(tmp_path):
+    cfg = _train_config(write_dataset(tmp_path), mask_classes="dog")  # every instance is a cat
+    with pytest.raises(DataError, match=r"none of the 0 instances .* \(dog\).*no instances"):
+        build_dataset(cfg, split="train")
+
+
+def test_train_set_without_a_usable_instance_stops(tmp_path):
+    annotations = [ann(10, bbox=None), ann(20, 2, category_id=9)]
+    cfg = _train_config(write_dataset(tmp_path, annotations=annotations), mask_classes="none")
+    with pytest.raises(DataError, match="no usable instance in 2 annotations") as err:
+        build_dataset(cfg, split="train")
+    assert "bbox missing or not 4 finite numbers: 1" in str(err.value)
+    assert "category id not in 'categories': 1" in str(err.value)
+
+
+def test_everyseg_train_on_a_set_without_masks_exits_with_the_reason(tmp_path, capsys):
+    json_path = write_dataset(tmp_path, annotations=[ann(10, segmentation=[PAIRS])])
+    argv = ["train", "maskrcnn-tiny", "--out", str(tmp_path / "run")]
+    for key, value in (("json", json_path), ("images", tmp_path / "img")):
+        argv += ["--set", f"data.train_{key}={value}"]
+    assert main(argv) == 2
+    assert "has a usable mask, so the mask loss would be 0" in capsys.readouterr().err
 
 
 # --- the config --------------------------------------------------------------------------------

@@ -79,7 +79,7 @@ def run_check_data(*, as_json: bool = False, **kwargs) -> int:
     else:
         print(
             "OK: no bad samples (image headers and PNG / JPEG end markers checked; pixels not "
-            "decoded: run --decode to decode every image)"
+            "decoded; run --decode to decode every image)"
         )
     return 0 if ok else 1
 
