@@ -303,8 +303,9 @@ def test_flat_polygon_list_is_read_as_one_polygon(tmp_path):
     assert found(dataset, "repaired") == {"flat_polygon": [10]}
 
 
-def test_invalid_area_becomes_the_box_area(tmp_path):
-    annotations = [ann(10, area="big"), ann(20, 2)]
+@pytest.mark.parametrize("area", ["big", 10**400], ids=["string", "integer-beyond-float"])
+def test_invalid_area_becomes_the_box_area(tmp_path, area):
+    annotations = [ann(10, area=area), ann(20, 2)]
     dataset = load(
         tmp_path, write_dataset(tmp_path, annotations=annotations), on_bad_sample="error"
     )

@@ -57,11 +57,12 @@ def _to_tensor(image: Image.Image) -> Tensor:
     return pil_to_tensor(image.convert("RGB")).float().div_(255.0)
 
 
-def outside_images_dir(path: Path, images_dir: Path) -> str | None:
-    """Where `path` really leads if that is outside `images_dir` (absolute file_name, `..`,
-    or a symlink out), else None. The folder itself may be a symlink."""
-    real, root = os.path.realpath(path), os.path.realpath(images_dir)
-    if real == root or real.startswith(root.rstrip(os.sep) + os.sep):
+def outside_images_dir(path: Path, real_images_dir: str) -> str | None:
+    """Where `path` really leads if that is outside the folder (absolute file_name, `..`, or a
+    symlink out), else None. `real_images_dir` is the folder's os.path.realpath: the folder
+    itself may be a symlink."""
+    real = os.path.realpath(path)
+    if real.startswith(real_images_dir.rstrip(os.sep) + os.sep):
         return None
     return real
 
@@ -100,14 +101,14 @@ def _lacks_end_marker(image: Image.Image) -> bool:
 
 
 def image_file_problem(
-    path: Path, *, width: int, height: int, decode: bool, images_dir: Path | None = None
+    path: Path, *, width: int, height: int, decode: bool, real_images_dir: str | None = None
 ) -> tuple[Reason, str] | None:
     """(why, detail) if the file cannot serve as a `width` x `height` image, else None.
 
-    With `images_dir`, a file leading outside that folder is refused before it is opened.
+    With `real_images_dir` (a realpath), a file leading outside it is refused unopened.
     """
     try:
-        if images_dir is not None and (real := outside_images_dir(path, images_dir)):
+        if real_images_dir is not None and (real := outside_images_dir(path, real_images_dir)):
             detail = f"leads to {real}; set data.allow_outside_images=true to allow it"
             return IMAGE_OUTSIDE, detail
         if not path.is_file():

@@ -146,11 +146,15 @@ class CocoIndex:
         return entries
 
     def _check_image_files(self, entries: dict[int, ImageMeta], *, decode: bool) -> dict:
-        inside = None if self._allow_outside_images else self.images_dir
+        inside = None if self._allow_outside_images else os.path.realpath(self.images_dir)
 
         def probe(meta: ImageMeta):
             return image_file_problem(
-                meta.path, width=meta.width, height=meta.height, decode=decode, images_dir=inside
+                meta.path,
+                width=meta.width,
+                height=meta.height,
+                decode=decode,
+                real_images_dir=inside,
             )
 
         usable = {}

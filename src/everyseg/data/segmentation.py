@@ -10,6 +10,7 @@ the form it has (docs/bad_input.md).
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import numpy as np
@@ -120,7 +121,8 @@ def _iou(a, b) -> float:
 
 
 def _is_coordinate(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A real number; a bool (also an int to Python) is not a coordinate."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 def _is_pairs(values: list) -> bool:
@@ -145,9 +147,10 @@ def _polygon_ok(polygon: Any, *, limit: int) -> bool:
         return False
     if not polygon:
         return True
-    # exact types: a bool is not a coordinate
+    # exact types first (fast); then numpy scalars, from callers that build dicts in code
     if not all(type(v) is float or type(v) is int for v in polygon):
-        return False
+        if not all(map(_is_coordinate, polygon)):
+            return False
     if not -limit <= min(polygon) <= max(polygon) <= limit:
         return False
     return math.isfinite(sum(polygon))  # NaN can hide from min / max, not from a sum
@@ -159,7 +162,7 @@ def _polygon_problem(polygon: Any) -> str:
         return f"a {type(polygon).__name__}, not a list of coordinates"
     if len(polygon) % 2:
         return f"an odd number of coordinates ({len(polygon)})"
-    odd = next((v for v in polygon if type(v) is not float and type(v) is not int), None)
+    odd = next((v for v in polygon if not _is_coordinate(v)), None)
     if odd is not None:
         return f"a coordinate that is a {type(odd).__name__}: {_short(odd)}"
     if not all(math.isfinite(v) for v in polygon):
