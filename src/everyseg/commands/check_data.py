@@ -13,7 +13,7 @@ from pathlib import Path
 from everyseg.config import ConfigError, load_config
 from everyseg.data.build import SPLITS, build_index
 from everyseg.data.index import CocoIndex
-from everyseg.data.report import format_report, report
+from everyseg.data.report import format_report, report, training_problem
 from everyseg.data.validate import DataError
 
 _UNREADABLE = (DataError, ConfigError, FileNotFoundError)
@@ -55,7 +55,7 @@ def check_data(
             continue
         rep = {"split": split, **report(index)}
         if split == "train":
-            rep["cannot_train"] = index.training_problem()
+            rep["cannot_train"] = training_problem(index)
         reports.append(rep)
     return reports
 

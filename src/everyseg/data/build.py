@@ -7,6 +7,7 @@ from typing import NamedTuple
 from everyseg.config import ConfigError, DataConfig
 from everyseg.data.coco import CocoInstances
 from everyseg.data.index import CocoIndex
+from everyseg.data.report import training_problem
 from everyseg.data.validate import DataError
 
 SPLITS = ("train", "val")
@@ -56,7 +57,7 @@ def build_dataset(
         decode_images=not train,
         **_index_options(cfg, split),
     )
-    problem = dataset.index.training_problem() if train else None
+    problem = training_problem(dataset.index) if train else None
     if problem:
         raise DataError(problem)
     return dataset

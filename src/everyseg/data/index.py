@@ -21,7 +21,6 @@ from everyseg.data.validate import (
     ANN_DUPLICATE,
     ANN_ENTRY,
     ANN_ID,
-    ANNOTATION,
     BAD_AREA,
     BAD_CROWD_FLAG,
     BOX_MASK_MISMATCH,
@@ -29,7 +28,6 @@ from everyseg.data.validate import (
     IMAGE,
     IMAGE_ENTRY,
     IMAGE_TOO_THIN,
-    MASK,
     NO_ANNOTATIONS,
     NO_SEGMENTATION,
     SKIPPED_IMAGE,
@@ -284,33 +282,6 @@ class CocoIndex:
             ],
         }
 
-    def training_problem(self) -> str | None:
-        """Why this set cannot train what it is meant to, or None: it has no instance at all,
-        or mask classes without a single usable mask (the mask loss would be 0 all run)."""
-        instances = [inst for found in self.instances.values() for inst in found]
-        if not instances:
-            skipped = _reason_counts(self.findings.by_reason((ANNOTATION,)))
-            return (
-                f"{self.json_path}: no usable instance in {self.num_json_annotations} "
-                f"annotations ({skipped or 'none given'}); nothing to train on"
-            )
-        if not self.mask_class_names or any(inst.segm is not None for inst in instances):
-            return None
-        mask_labels = {self.class_names.index(n) + 1 for n in self.mask_class_names}
-        num = sum(inst.label in mask_labels for inst in instances)
-        dropped = self.findings.by_reason((MASK,))
-        box_only = [f for f in self.findings.items if f.reason is NO_SEGMENTATION]
-        if box_only:
-            dropped[NO_SEGMENTATION] = box_only
-        names = ", ".join(self.mask_class_names[:8])
-        more = ", ..." if len(self.mask_class_names) > 8 else ""
-        return (
-            f"{self.json_path}: none of the {num} instances of the mask classes ({names}{more}) "
-            f"has a usable mask, so the mask loss would be 0 all run: "
-            f"{_reason_counts(dropped) or 'they have no instances'}. Fix the segmentations "
-            "(everyseg check-data lists them), or set data.mask_classes=none to train boxes only"
-        )
-
     def class_counts(self) -> list[dict]:
         """Per class: name, category id, whether it is a mask class, boxes and masks kept."""
         boxes, masks = Counter(), Counter()
@@ -348,15 +319,6 @@ def _image_entry(img, images_dir: Path) -> tuple[int | None, ImageMeta | None, s
     if not isinstance(name, str) or not name:
         return image_id, None, "no 'file_name' (or LVIS 'coco_url')"
     return image_id, ImageMeta(images_dir / name, height, width), None
-
-
-def _reason_counts(grouped: dict[Reason, list[Finding]]) -> str:
-    """'reason: count, ...' with an example's detail: what the start-up error shows."""
-    parts = []
-    for reason, found in grouped.items():
-        example = next((f.detail for f in found if f.detail), "")
-        parts.append(f"{reason.text}: {len(found)}" + (f" (e.g. {example})" if example else ""))
-    return "; ".join(parts)
 
 
 def _scalar(value):

@@ -11,7 +11,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from everyseg.data.index import CocoIndex
-from everyseg.data.validate import ANNOTATION, IMAGE, MASK, NOTE, REPAIR
+from everyseg.data.validate import (
+    ANNOTATION,
+    IMAGE,
+    MASK,
+    NO_SEGMENTATION,
+    NOTE,
+    REPAIR,
+    Finding,
+    Reason,
+)
 
 # report section -> finding kind; the first three are bad samples
 SECTIONS = {
@@ -121,3 +130,40 @@ def _reason_lines(groups: dict[str, dict], *, max_ids: int | None, detailed=Fals
 def _image_line(item: dict) -> str:
     line = f"image {item.get('image_id', '?')}" + (f", {item['file']}" if "file" in item else "")
     return line + (f": {item['detail']}" if "detail" in item else "")
+
+
+def training_problem(index: CocoIndex) -> str | None:
+    """Why this set cannot train what it is meant to, or None: it has no instance at all,
+    or mask classes without a single usable mask (the mask loss would be 0 all run)."""
+    instances = [inst for found in index.instances.values() for inst in found]
+    if not instances:
+        skipped = _reason_counts(index.findings.by_reason((ANNOTATION,)))
+        return (
+            f"{index.json_path}: no usable instance in {index.num_json_annotations} "
+            f"annotations ({skipped or 'none given'}); nothing to train on"
+        )
+    if not index.mask_class_names or any(inst.segm is not None for inst in instances):
+        return None
+    mask_labels = {index.class_names.index(n) + 1 for n in index.mask_class_names}
+    num = sum(inst.label in mask_labels for inst in instances)
+    dropped = index.findings.by_reason((MASK,))
+    box_only = [f for f in index.findings.items if f.reason is NO_SEGMENTATION]
+    if box_only:
+        dropped[NO_SEGMENTATION] = box_only
+    names = ", ".join(index.mask_class_names[:8])
+    more = ", ..." if len(index.mask_class_names) > 8 else ""
+    return (
+        f"{index.json_path}: none of the {num} instances of the mask classes ({names}{more}) "
+        f"has a usable mask, so the mask loss would be 0 all run: "
+        f"{_reason_counts(dropped) or 'they have no instances'}. Fix the segmentations "
+        "(everyseg check-data lists them), or set data.mask_classes=none to train boxes only"
+    )
+
+
+def _reason_counts(grouped: dict[Reason, list[Finding]]) -> str:
+    """'reason: count, ...' with an example's detail: what the start-up error shows."""
+    parts = []
+    for reason, found in grouped.items():
+        example = next((f.detail for f in found if f.detail), "")
+        parts.append(f"{reason.text}: {len(found)}" + (f" (e.g. {example})" if example else ""))
+    return "; ".join(parts)
