@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from everyseg.data.check import report
 from everyseg.data.coco import CocoInstances
+from everyseg.data.report import report
 
 W, H = 40, 30
 CATEGORIES = [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}]

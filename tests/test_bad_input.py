@@ -11,8 +11,11 @@ import numpy as np
 import pycocotools.mask as mask_utils
 import pytest
 
-from everyseg.config import ConfigError, load_config
+from everyseg.cli import main
+from everyseg.config import ConfigError, DataConfig, load_config
+from everyseg.data.build import build_dataset
 from everyseg.data.coco import DataError
+from everyseg.engine.coco_results import ground_truth_for
 from tests.bad_data import SQUARE, H, W, ann, found, image_entry, load, write_dataset
 
 # --- the file as a whole: always an error, whatever the policy -------------------------------
@@ -24,6 +27,11 @@ from tests.bad_data import SQUARE, H, W, ann, found, image_entry, load, write_da
         pytest.param('{"images": [', r"not valid JSON: .*line 1 column 13", id="malformed-json"),
         pytest.param("", r"not valid JSON: Expecting value", id="empty-file"),
         pytest.param("[]", r"expected a JSON object at the top, got list", id="top-level-list"),
+        pytest.param(
+            '{"images": [{"id": ' + "9" * 5000 + "}]}",
+            r"not valid JSON: Exceeds the limit \(4300 digits\)",
+            id="integer-of-5000-digits",
+        ),
         pytest.param(
             '{"images": [], "categories": []}', r"no top-level 'annotations'", id="missing-key"
         ),
@@ -111,6 +119,29 @@ BAD_ANNOTATIONS = {
     "bbox-negative-size": (ann(99, bbox=[5, 5, -3, 4]), "negative_bbox", 99, "[5, 5, -3, 4]"),
     "bbox-zero-size": (ann(99, bbox=[5, 5, 0, 4]), "degenerate_bbox", 99, "bbox [5, 5, 0, 4]"),
     "bbox-outside-image": (ann(99, bbox=[50, 40, 5, 5]), "degenerate_bbox", 99, "< 1 px after"),
+    "annotation-id-beyond-int64": (ann(2**70), "bad_id", 2**70, f"has id {2**70}"),
+    "annotation-id-bool": (ann(True), "bad_id", "True", "annotations[2] has id True"),
+    "image-id-beyond-int64": (ann(99, image_id=2**64), "unknown_image", 99, f"image_id {2**64}"),
+    "bbox-integer-beyond-float": (ann(99, bbox=[1, 1, 10**400, 5]), "bad_bbox", 99, "bbox [1, 1"),
+    # x0, y0, x1, y1 written where COCO has x, y, w, h: the box runs far past the mask
+    "bbox-xyxy-not-xywh": (
+        ann(99, bbox=[20, 12, 30, 20], segmentation=[[20, 12, 30, 12, 30, 20, 20, 20]]),
+        "bbox_mask_mismatch",
+        99,
+        "mask extent [20, 12, 30, 20], IoU 0.27",
+    ),
+    "polygon-in-0-1-coordinates": (
+        ann(99, segmentation=[[0.1, 0.1, 0.3, 0.1, 0.3, 0.3]]),
+        "bbox_mask_mismatch",
+        99,
+        "IoU 0.00: a bbox written as x0, y0, x1, y1, or polygons in 0..1 coordinates?",
+    ),
+    "rle-without-foreground": (
+        ann(99, segmentation={"size": [H, W], "counts": [H * W]}),
+        "bbox_mask_mismatch",
+        99,
+        "the mask is empty",
+    ),
 }
 
 
@@ -141,34 +172,64 @@ def _rle(height=H, width=W) -> dict:
     return {"size": [height, width], "counts": mask_utils.encode(mask)["counts"].decode()}
 
 
+PAIRS = [[2, 3], [12, 3], [12, 11], [2, 11]]
+# kind -> (segmentation, report key, what the error message says of its form)
 BAD_MASKS = {
-    "polygon-under-3-points": ([[1, 1, 5, 5]], "no_valid_polygon"),
-    "polygon-odd-coordinate-count": ([[1, 1, 5, 5, 9, 1, 3]], "bad_polygon"),
-    "polygon-nan": ([[1, 1, NAN, 5, 9, 1]], "bad_polygon"),
-    "polygon-strings": ([["1", "1", "5", "5", "9", "1"]], "bad_polygon"),
-    "polygon-far-outside-image": ([[0, 0, 1e9, 0, 0, 1e9]], "bad_polygon"),
-    "rle-size-differs-from-image": (_rle(H + 1, W), "bad_rle"),
-    "rle-runs-short-of-the-image": ({"size": [H, W], "counts": [5, 10]}, "bad_rle"),
-    "rle-negative-run": ({"size": [H, W], "counts": [5, -10, W * H + 5]}, "bad_rle"),
-    "rle-compressed-truncated": ({"size": [H, W], "counts": _rle()["counts"][:-2]}, "bad_rle"),
-    "rle-compressed-bad-characters": ({"size": [H, W], "counts": "~~~\x7f"}, "bad_rle"),
-    "rle-without-counts": ({"size": [H, W]}, "bad_rle"),
-    "segmentation-a-string": ("polygon", "bad_segmentation"),
-    "segmentation-a-number": (7, "bad_segmentation"),
+    "polygon-under-3-points": ([[1, 1, 5, 5]], "no_valid_polygon", "polygon with 2 points"),
+    "polygon-odd-coordinate-count": (
+        [[1, 1, 5, 5, 9, 1, 3]],
+        "bad_polygon",
+        "polygon 0: an odd number of coordinates (7)",
+    ),
+    "polygon-nan": ([[1, 1, NAN, 5, 9, 1]], "bad_polygon", "not finite (NaN or Infinity)"),
+    "polygon-strings": ([["1", "1", "5", "5", "9", "1"]], "bad_polygon", "is a str: '1'"),
+    "polygon-far-outside-image": ([[0, 0, 1e9, 0, 0, 1e9]], "bad_polygon", "outside the image"),
+    "polygon-as-xy-pairs": ([PAIRS], "polygon_pairs", "list of [x, y] pairs"),
+    "polygon-as-flat-list-of-xy-pairs": (PAIRS, "polygon_pairs", "list of [x, y] pairs"),
+    "rle-size-differs-from-image": (
+        _rle(H + 1, W),
+        "rle_size",
+        f"RLE of size {H + 1}x{W} for a {H}x{W} image",
+    ),
+    "rle-size-not-two-numbers": ({"size": [H], "counts": "x"}, "bad_rle", "'size' is [30]"),
+    "rle-runs-short-of-the-image": (
+        {"size": [H, W], "counts": [5, 10]},
+        "bad_rle",
+        f"runs add up to 15 pixels, the image has {H * W}",
+    ),
+    "rle-negative-run": (
+        {"size": [H, W], "counts": [5, -10, W * H + 5]},
+        "bad_rle",
+        "negative or non-integer run",
+    ),
+    "rle-compressed-truncated": (
+        {"size": [H, W], "counts": _rle()["counts"][:-2]},
+        "bad_rle",
+        "not a valid compressed RLE string",
+    ),
+    "rle-compressed-bad-characters": (
+        {"size": [H, W], "counts": "~~~\x7f"},
+        "bad_rle",
+        "not a valid compressed RLE string",
+    ),
+    "rle-without-counts": ({"size": [H, W]}, "bad_rle", "'counts' is a NoneType"),
+    "segmentation-a-string": ("polygon", "bad_segmentation", "segmentation is a str"),
+    "segmentation-a-number": (7, "bad_segmentation", "segmentation is a int"),
 }
 
 
 @pytest.mark.parametrize("kind", list(BAD_MASKS))
 def test_bad_segmentation_keeps_the_box_without_a_mask(tmp_path, kind):
-    segm, key = BAD_MASKS[kind]
+    segm, key, form = BAD_MASKS[kind]
     annotations = [ann(10), ann(20, 2), ann(99, segmentation=segm)]
     dataset = load(tmp_path, write_dataset(tmp_path, annotations=annotations))
     assert found(dataset, "dropped_masks") == {key: [99]}
     _, target = dataset[0]
     assert target["ann_ids"].tolist() == [10, 99]
     assert target["has_mask"].tolist() == [True, False] and target["masks"][1].sum() == 0
-    with pytest.raises(DataError, match="annotation 99, image 1: "):
+    with pytest.raises(DataError, match="annotation 99, image 1: ") as err:
         load(tmp_path, tmp_path / "ann.json", on_bad_sample="error")
+    assert form in str(err.value)
 
 
 def test_valid_rle_forms_are_accepted(tmp_path):
@@ -184,6 +245,31 @@ def test_valid_rle_forms_are_accepted(tmp_path):
     assert dataset.index.findings.num_bad == 0
     for i in (0, 1):
         assert dataset[i][1]["masks"][0].sum() == 80
+
+
+@pytest.mark.parametrize(
+    ("segm", "usable"),
+    [
+        pytest.param(SQUARE[0], SQUARE, id="flat-polygon-read-as-one"),
+        pytest.param({"size": [H, W], "counts": [5, 10]}, None, id="rle-runs-short"),
+        pytest.param([[1, 1, 5, 5, 9, 1, 3], SQUARE[0]], None, id="one-polygon-malformed"),
+        pytest.param([PAIRS], None, id="xy-pairs"),
+    ],
+)
+def test_evaluation_reads_segmentations_by_the_loaders_rule(tmp_path, segm, usable):
+    """Ground truth given to COCOeval keeps a mask exactly when the loader would."""
+    dataset = {
+        "images": [image_entry(1, "a.png")],
+        "annotations": [ann(10, segmentation=segm)],
+        "categories": [{"id": 1, "name": "cat"}],
+    }
+    (gt,) = ground_truth_for(dataset, iou_type="segm")["annotations"]
+    loaded = load(tmp_path, write_dataset(tmp_path, annotations=[ann(10, segmentation=segm)]))
+    assert loaded[0][1]["has_mask"].tolist() == [usable is not None]
+    if usable is None:  # box-only: an ignore region
+        assert gt["iscrowd"] == 1 and gt["segmentation"] == [[2, 3, 12, 3, 12, 11, 2, 11]]
+    else:
+        assert gt["iscrowd"] == 0 and gt["segmentation"] == usable
 
 
 # --- documented repairs and normal cases: never errors ----------------------------------------
@@ -217,8 +303,9 @@ def test_flat_polygon_list_is_read_as_one_polygon(tmp_path):
     assert found(dataset, "repaired") == {"flat_polygon": [10]}
 
 
-def test_invalid_area_becomes_the_box_area(tmp_path):
-    annotations = [ann(10, area="big"), ann(20, 2)]
+@pytest.mark.parametrize("area", ["big", 10**400], ids=["string", "integer-beyond-float"])
+def test_invalid_area_becomes_the_box_area(tmp_path, area):
+    annotations = [ann(10, area=area), ann(20, 2)]
     dataset = load(
         tmp_path, write_dataset(tmp_path, annotations=annotations), on_bad_sample="error"
     )
@@ -263,6 +350,65 @@ def test_ground_truth_keeps_only_what_the_loader_kept(tmp_path):
     assert [a["id"] for a in gt["annotations"]] == [10, 20]
     assert gt["annotations"][0]["bbox"] == [2.0, 3.0, 10.0, 8.0]
     assert all(math.isfinite(v) for a in gt["annotations"] for v in a["bbox"])
+
+
+# --- a train set with nothing to train: an error, not a run with mask loss 0 -----------------
+
+
+def _train_config(json_path, **fields) -> DataConfig:
+    images = str(json_path.parent / "img")
+    return DataConfig(train_json=str(json_path), train_images=images, **fields)
+
+
+def test_train_set_whose_masks_are_all_dropped_stops_and_says_why(tmp_path):
+    annotations = [ann(10, segmentation=[PAIRS]), ann(20, 2, segmentation=[PAIRS]), ann(30, 2)]
+    annotations[2]["segmentation"] = [[1, 1, 5, 5]]
+    cfg = _train_config(write_dataset(tmp_path, annotations=annotations))
+    with pytest.raises(DataError) as err:
+        build_dataset(cfg, split="train")
+    message = str(err.value)
+    assert "none of the 3 instances of the mask classes (cat, dog) has a usable mask" in message
+    assert "polygon given as a list of [x, y] pairs (COCO wants flat" in message
+    assert "[x0, y0, x1, y1, ...]): 2 (e.g. [[[2, 3], [12, 3]" in message
+    assert "no valid polygon (all have < 3 points): 1 (e.g. polygon with 2 points)" in message
+    assert "set data.mask_classes=none to train boxes only" in message
+    # the same set for evaluation, or deliberately without masks, is fine
+    assert len(build_dataset(cfg, split="train", mask_classes="none")) == 2  # detector stage
+    cfg.mask_classes = "none"
+    assert len(build_dataset(cfg, split="train")) == 2
+    cfg.val_json, cfg.val_images = cfg.train_json, cfg.train_images
+    assert len(build_dataset(cfg, split="val")) == 2
+
+
+def test_box_only_train_set_needs_mask_classes_none(tmp_path):
+    annotations = [ann(10, segmentation=[]), ann(20, 2, segmentation=None)]
+    cfg = _train_config(write_dataset(tmp_path, annotations=annotations))
+    with pytest.raises(DataError, match=r"no segmentation \(box-only\): 2"):
+        build_dataset(cfg, split="train")
+
+
+def test_mask_classes_without_instances_stop_training(tmp_path):
+    cfg = _train_config(write_dataset(tmp_path), mask_classes="dog")  # every instance is a cat
+    with pytest.raises(DataError, match=r"none of the 0 instances .* \(dog\).*no instances"):
+        build_dataset(cfg, split="train")
+
+
+def test_train_set_without_a_usable_instance_stops(tmp_path):
+    annotations = [ann(10, bbox=None), ann(20, 2, category_id=9)]
+    cfg = _train_config(write_dataset(tmp_path, annotations=annotations), mask_classes="none")
+    with pytest.raises(DataError, match="no usable instance in 2 annotations") as err:
+        build_dataset(cfg, split="train")
+    assert "bbox missing or not 4 finite numbers: 1" in str(err.value)
+    assert "category id not in 'categories': 1" in str(err.value)
+
+
+def test_everyseg_train_on_a_set_without_masks_exits_with_the_reason(tmp_path, capsys):
+    json_path = write_dataset(tmp_path, annotations=[ann(10, segmentation=[PAIRS])])
+    argv = ["train", "maskrcnn-tiny", "--out", str(tmp_path / "run")]
+    for key, value in (("json", json_path), ("images", tmp_path / "img")):
+        argv += ["--set", f"data.train_{key}={value}"]
+    assert main(argv) == 2
+    assert "has a usable mask, so the mask loss would be 0" in capsys.readouterr().err
 
 
 # --- the config --------------------------------------------------------------------------------

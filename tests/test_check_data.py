@@ -10,8 +10,10 @@ import torch
 from PIL import Image
 
 from everyseg.cli import main
-from everyseg.data.coco import DataError
-from everyseg.data.transforms import load_image
+from everyseg.config import DataConfig
+from everyseg.data.build import build_dataset
+from everyseg.data.coco import CocoInstances, DataError
+from everyseg.data.images import load_image
 from everyseg.data.validate import BadSampleWarning
 from everyseg.predict_files import predict_files
 from everyseg.predictor import Instances
@@ -22,6 +24,16 @@ def _truncate(path):
     rng = np.random.default_rng(0)  # noise compresses badly, so there is data to cut
     Image.fromarray(rng.integers(0, 255, (H, W, 3), dtype=np.uint8)).save(path)
     path.write_bytes(path.read_bytes()[: path.stat().st_size * 2 // 3])
+
+
+def _garble_pixels(path):
+    """A PNG whose pixel data is corrupt but whose header and end are intact."""
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (H, W, 3), dtype=np.uint8)).save(path)
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 40] = bytes(b ^ 0x55 for b in data[middle : middle + 40])
+    path.write_bytes(bytes(data))
 
 
 def _break(path, how):
@@ -73,8 +85,24 @@ def test_bad_image_file_is_skipped_with_its_annotations(tmp_path, how):
         ({"id": 1, "width": W, "height": H}, "no 'file_name'"),
         ({**image_entry(1, "a.png"), "id": "1"}, "id '1' is not an integer"),
         ("a.png", "not a JSON object"),
+        ({**image_entry(1, "a.png"), "id": 2**64}, f"id {2**64} is not an integer"),
+        ({**image_entry(1, "a.png"), "id": 1.5}, "id 1.5 is not an integer"),
+        ({**image_entry(1, "a.png"), "width": 2**70}, f"width/height {2**70}/30"),
+        ({**image_entry(1, "a.png"), "height": -30}, "width/height 40/-30"),
+        ({**image_entry(1, "a.png"), "width": 40.5}, "width/height 40.5/30"),
     ],
-    ids=["no-width", "zero-height", "no-file-name", "string-id", "not-an-object"],
+    ids=[
+        "no-width",
+        "zero-height",
+        "no-file-name",
+        "string-id",
+        "not-an-object",
+        "id-beyond-int64",
+        "id-1.5",
+        "width-beyond-int64",
+        "negative-height",
+        "fractional-width",
+    ],
 )
 def test_malformed_image_entry(tmp_path, entry, detail):
     json_path = write_dataset(tmp_path, images=[entry, image_entry(2, "b.png")])
@@ -114,25 +142,48 @@ def test_exif_rotated_image_with_displayed_size_loads_rotated(tmp_path):
     assert image.shape == (3, W, H)
 
 
+# --- truncated files: found from the file's end, without decoding -----------------------------
+
+
+@pytest.mark.parametrize("name", ["a.png", "a.jpg"])
+def test_truncated_png_or_jpeg_is_found_by_the_header_scan(tmp_path, monkeypatch, name):
+    json_path = write_dataset(tmp_path, images=[image_entry(1, name), image_entry(2, "b.png")])
+    _truncate(tmp_path / "img" / name)
+    decoded = []
+    load_pixels = Image.Image.load
+    monkeypatch.setattr(Image.Image, "load", lambda im: decoded.append(im) or load_pixels(im))
+    dataset = load(tmp_path, json_path)
+    assert found(dataset, "skipped_images") == {"unreadable": [1]}
+    assert "image file is truncated" in dataset.summary()
+    assert len(decoded) == 1  # only the file without its end marker was decoded
+
+
+def test_png_with_data_after_its_end_is_not_truncated(tmp_path):
+    json_path = write_dataset(tmp_path)
+    path = tmp_path / "img" / "a.png"
+    path.write_bytes(path.read_bytes() + bytes(3000))  # legal: readers stop at IEND
+    assert load(tmp_path, json_path, on_bad_sample="error").image_ids == [1, 2]
+
+
 # --- a file that only fails when decoded ------------------------------------------------------
 
 
 @pytest.fixture
-def truncated(tmp_path):
+def corrupt(tmp_path):
     json_path = write_dataset(tmp_path)
-    _truncate(tmp_path / "img" / "a.png")
+    _garble_pixels(tmp_path / "img" / "a.png")
     return json_path
 
 
-def test_truncated_image_passes_the_header_check_but_not_decoding(tmp_path, truncated):
-    assert load(tmp_path, truncated).image_ids == [1, 2]
-    dataset = load(tmp_path, truncated, decode_images=True)  # how evaluation reads its set
+def test_corrupt_pixels_pass_the_header_check_but_not_decoding(tmp_path, corrupt):
+    assert load(tmp_path, corrupt).image_ids == [1, 2]
+    dataset = load(tmp_path, corrupt, decode_images=True)  # how evaluation reads its set
     assert found(dataset, "skipped_images") == {"unreadable": [1]}
-    assert "image file is truncated" in dataset.summary()
+    assert "unrecognized data stream contents" in dataset.summary()
 
 
-def test_truncated_image_in_training_is_replaced_and_reported(tmp_path, truncated, capsys):
-    dataset = load(tmp_path, truncated, train=True)
+def test_corrupt_image_in_training_is_replaced_and_reported(tmp_path, corrupt, capsys):
+    dataset = load(tmp_path, corrupt, train=True)
     for _ in range(2):
         _, target = dataset[(0, 5)]
         assert target["image_id"].item() == 2  # the next image stands in
@@ -141,15 +192,87 @@ def test_truncated_image_in_training_is_replaced_and_reported(tmp_path, truncate
     assert "image 1: cannot read image" in err and "the next image stands in" in err
 
 
-def test_truncated_image_under_warn_and_error(tmp_path, truncated):
-    with pytest.warns(BadSampleWarning, match="a.png.*truncated"):
-        load(tmp_path, truncated, train=True, on_bad_sample="warn")[(0, 1)]
+def test_corrupt_image_under_warn_and_error(tmp_path, corrupt):
+    with pytest.warns(BadSampleWarning, match="a.png.*unrecognized data stream"):
+        load(tmp_path, corrupt, train=True, on_bad_sample="warn")[(0, 1)]
     for dataset in (
-        load(tmp_path, truncated, train=True, on_bad_sample="error"),
-        load(tmp_path, truncated),
+        load(tmp_path, corrupt, train=True, on_bad_sample="error"),
+        load(tmp_path, corrupt),
     ):
         with pytest.raises(DataError, match=r"ann.json: image 1: cannot read image .*a.png"):
             dataset[0]
+
+
+# --- where an image file may be: inside the images folder unless the user opts in --------------
+
+
+def _outside(tmp_path, how):
+    """An entry for image 1 whose file_name leads out of img/, to a valid 40x30 image."""
+    write_image(tmp_path / "outside.png")
+    if how == "absolute":
+        return image_entry(1, str(tmp_path / "outside.png"))
+    if how == "dot-dot":
+        return image_entry(1, "../outside.png")
+    (tmp_path / "img").mkdir(exist_ok=True)
+    (tmp_path / "img" / "link.png").symlink_to(tmp_path / "outside.png")
+    return image_entry(1, "link.png")
+
+
+@pytest.mark.parametrize("how", ["absolute", "dot-dot", "symlink"])
+def test_file_name_leading_outside_the_images_folder_is_refused(tmp_path, how):
+    entry = _outside(tmp_path, how)
+    json_path = write_dataset(tmp_path, images=[entry, image_entry(2, "b.png")])
+    dataset = load(tmp_path, json_path)
+    assert found(dataset, "skipped_images") == {"outside_images": [1]}
+    assert dataset.image_ids == [2]
+    message = f"image 1, .*{entry['file_name']}: file_name leads outside the images folder: "
+    message += f"leads to {tmp_path / 'outside.png'}; set data.allow_outside_images=true"
+    with pytest.raises(DataError, match=message):
+        load(tmp_path, json_path, on_bad_sample="error")
+    allowed = load(tmp_path, json_path, allow_outside_images=True, on_bad_sample="error")
+    assert allowed.image_ids == [1, 2] and allowed[0][0].shape == (3, H, W)
+
+
+def test_images_folder_may_itself_be_a_symlink(tmp_path):
+    (tmp_path / "img" / "x").mkdir(parents=True)
+    json_path = write_dataset(
+        tmp_path, images=[image_entry(1, "a.png"), image_entry(2, "x/../b.png")]
+    )
+    (tmp_path / "linked").symlink_to(tmp_path / "img")
+    dataset = CocoInstances(
+        json_path=json_path, images_dir=tmp_path / "linked", on_bad_sample="error"
+    )
+    assert dataset.image_ids == [1, 2]
+
+
+def test_allow_outside_images_is_a_config_key(tmp_path):
+    json_path = write_dataset(tmp_path, images=[_outside(tmp_path, "dot-dot")])
+    cfg = DataConfig(val_json=str(json_path), val_images=str(tmp_path / "img"))
+    with pytest.raises(DataError, match="no usable images .*outside the images folder"):
+        build_dataset(cfg, split="val")
+    cfg.allow_outside_images = True
+    assert build_dataset(cfg, split="val").image_ids == [1]
+
+
+# --- images the model's resize would crush ----------------------------------------------------
+
+
+def test_image_too_thin_for_the_resize_is_skipped_before_training(tmp_path):
+    images = [image_entry(1, "thin.png", width=2000, height=3), image_entry(2, "b.png")]
+    json_path = write_dataset(tmp_path, images=images, annotations=[ann(20, 2), ann(21, 1)])
+    write_image(tmp_path / "img" / "thin.png", width=2000, height=3)
+    cfg = DataConfig(train_json=str(json_path), train_images=str(tmp_path / "img"))
+    cfg.min_size, cfg.max_size = [800], 1333
+    dataset = build_dataset(cfg, split="train")
+    assert found(dataset, "skipped_images") == {"unusable_size": [1]}
+    assert "2000x3 (aspect ratio 667:1) becomes 1333.0x2.0 px with data.min_size=[800]" in (
+        dataset.summary()
+    )
+    cfg.max_size = 100_000  # the short side reaches 800 px: nothing to skip
+    assert build_dataset(cfg, split="train").image_ids == [1, 2]
+    cfg.max_size, cfg.on_bad_sample = 1333, "error"
+    with pytest.raises(DataError, match="image 1, .*thin.png: a side under 8 px once resized"):
+        build_dataset(cfg, split="train")
 
 
 # --- policies ---------------------------------------------------------------------------------
@@ -186,6 +309,10 @@ def test_check_data_clean_json(tmp_path, capsys):
     assert main(["check-data", str(tmp_path / "ann.json"), "--images", str(tmp_path / "img")]) == 0
     out = capsys.readouterr().out
     assert "OK: no bad samples" in out and "* cat" in out
+    assert "pixels not decoded; run --decode" in out  # says what it checked, not a bare OK
+    argv = ["check-data", str(tmp_path / "ann.json"), "--images", str(tmp_path / "img")]
+    assert main([*argv, "--decode"]) == 0
+    assert "OK: no bad samples (every image decoded)" in capsys.readouterr().out
 
 
 def test_check_data_json_report_and_exit_code(tmp_path, capsys):
@@ -203,6 +330,8 @@ def test_check_data_json_report_and_exit_code(tmp_path, capsys):
         "unreadable": 0,
         "size_mismatch": 0,
         "malformed_entry": 0,
+        "outside_images": 0,
+        "unusable_size": 0,
         "found": 1,
         "without_annotations": 0,
     }
@@ -219,7 +348,9 @@ def test_check_data_json_report_and_exit_code(tmp_path, capsys):
 
 
 def test_check_data_config_checks_train_and_val(tmp_path, capsys):
-    json_path = write_dataset(tmp_path)
+    # a dog too: a train set whose mask classes have no mask cannot train (test below)
+    annotations = [ann(10), ann(20, 2), ann(30, 2, category_id=2)]
+    json_path = write_dataset(tmp_path, annotations=annotations)
     sets = [
         f"data.{s}_{k}={v}"
         for s in ("train", "val")
@@ -233,6 +364,19 @@ def test_check_data_config_checks_train_and_val(tmp_path, capsys):
     assert (train["split"], val["split"]) == ("train", "val")
     assert train["classes"][0]["masks"] == 0 and not train["classes"][0]["mask_class"]
     assert val["classes"][0]["masks"] == 2  # evaluation scores every class's masks
+
+
+def test_check_data_says_when_the_train_set_cannot_train(tmp_path, capsys):
+    json_path = write_dataset(tmp_path)  # cats only
+    argv = ["check-data", "maskrcnn-tiny", "--set", "data.mask_classes=dog"]
+    for key, value in (("json", json_path), ("images", tmp_path / "img")):
+        argv += ["--set", f"data.train_{key}={value}"]
+    assert main(argv) == 1
+    out = capsys.readouterr().out
+    assert "cannot train: " in out and "mask classes (dog) has a usable mask" in out
+    assert main([*argv, "--json"]) == 1
+    train, _ = json.loads(capsys.readouterr().out)["datasets"]  # the preset has a val set
+    assert train["num_bad"] == 0 and "set data.mask_classes=none" in train["cannot_train"]
 
 
 def test_check_data_unreadable_dataset_is_reported_not_raised(tmp_path, capsys):
@@ -252,11 +396,19 @@ def test_check_data_reads_headers_not_pixels(tmp_path, monkeypatch, capsys):
     assert main(["check-data", str(tmp_path / "ann.json"), "--images", str(tmp_path / "img")]) == 0
 
 
-def test_check_data_decode_finds_truncated_files(tmp_path, truncated, capsys):
-    argv = ["check-data", str(truncated), "--images", str(tmp_path / "img")]
-    assert main(argv) == 0  # the header is intact
-    assert main([*argv, "--decode"]) == 1
+def test_check_data_finds_truncated_files_without_decode(tmp_path, capsys):
+    json_path = write_dataset(tmp_path)
+    _truncate(tmp_path / "img" / "a.png")
+    assert main(["check-data", str(json_path), "--images", str(tmp_path / "img")]) == 1
     assert "image file is truncated" in capsys.readouterr().out
+
+
+def test_check_data_decode_finds_corrupt_pixels(tmp_path, corrupt, capsys):
+    argv = ["check-data", str(corrupt), "--images", str(tmp_path / "img")]
+    assert main(argv) == 0  # the header and the end are intact
+    assert "pixels not decoded; run --decode" in capsys.readouterr().out
+    assert main([*argv, "--decode"]) == 1
+    assert "unrecognized data stream contents" in capsys.readouterr().out
 
 
 # --- prediction on bad files ------------------------------------------------------------------

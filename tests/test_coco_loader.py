@@ -9,7 +9,6 @@ import torch
 from PIL import Image
 from pycocotools.coco import COCO
 
-from everyseg.data.check import report
 from everyseg.data.coco import (
     CROWD,
     DEGENERATE,
@@ -18,7 +17,8 @@ from everyseg.data.coco import (
     DataError,
     collate,
 )
-from everyseg.data.transforms import load_image
+from everyseg.data.images import load_image
+from everyseg.data.report import report
 
 W, H = 40, 30
 # Non-contiguous ids; cat and person are VOC classes, giraffe is not.

@@ -249,14 +249,18 @@ def _same(a, b) -> bool:
 
 
 def _spoil(paths) -> None:
-    """A missing training image, a NaN box, a truncated training image, a missing val image."""
+    """A missing training image, a NaN box, a training image whose pixel data is corrupt (its
+    header and end intact, so only decoding finds it), a missing val image."""
     train_json = Path(paths["train_json"])
     data = json.loads(train_json.read_text())
     data["images"].append({"id": 999, "file_name": "gone.png", "width": 64, "height": 64})
     data["annotations"].append({**data["annotations"][0], "id": 10**6, "bbox": [1, NAN, 3, 3]})
     train_json.write_text(json.dumps(data))
     image = Path(paths["train_images"]) / data["images"][0]["file_name"]
-    image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
+    pixels = bytearray(image.read_bytes())
+    middle = len(pixels) // 2
+    pixels[middle : middle + 40] = bytes(b ^ 0x55 for b in pixels[middle : middle + 40])
+    image.write_bytes(bytes(pixels))
     val = json.loads(Path(paths["val_json"]).read_text())
     (Path(paths["val_images"]) / val["images"][0]["file_name"]).unlink()
 

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from everyseg.data.check import check_data
+from everyseg.commands.check_data import check_data
 from everyseg.data.coco import CocoInstances, DataError
 from everyseg.engine.evaluate import coco_metrics
 

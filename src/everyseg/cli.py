@@ -204,7 +204,7 @@ def _segment(args) -> None:
 
 
 def _check_data(args) -> int:
-    from everyseg.data.check import run_check_data
+    from everyseg.commands.check_data import run_check_data
 
     return run_check_data(
         source=args.source,

@@ -54,6 +54,9 @@ class DataConfig:
     # a bad image or annotation: "error" stops at the first, "skip" drops it and names it in the
     # start-up summary, "warn" also warns for each (docs/bad_input.md)
     on_bad_sample: Literal["error", "skip", "warn"] = "skip"
+    # an image's file_name may lead outside data.*_images (absolute, `..`, symlinks out) only
+    # when this is true: nothing is read outside the data set's folders unless asked
+    allow_outside_images: bool = False
 
 
 @dataclass

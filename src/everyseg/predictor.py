@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-from everyseg.data.transforms import load_image
+from everyseg.data.images import load_image
 from everyseg.engine.coco_results import to_coco_results
 from everyseg.engine.load import load_run
 

@@ -3,7 +3,7 @@
 Partial supervision is data: each annotation is judged on its own. It keeps its mask only if
 it has a usable `segmentation` and its class is in `mask_classes`; otherwise it is a box-only
 instance (`has_mask` False, all-zero mask). Nothing is inferred per image. What is usable, and
-every skip with its reason and ids, comes from `CocoIndex` (see `everyseg.data.check`).
+every skip with its reason and ids, comes from `CocoIndex` (see `everyseg.data.report`).
 """
 
 from __future__ import annotations
@@ -13,14 +13,17 @@ import os
 import random
 import sys
 import warnings
+from collections.abc import Sequence
 
 import pycocotools.mask as mask_utils
 import torch
 from torch import Tensor
 
-from everyseg.data.check import format_report, report
+from everyseg.data.images import load_image, size_mismatch
 from everyseg.data.index import CocoIndex, ImageMeta, Instance
-from everyseg.data.transforms import hflip, load_image, size_mismatch
+from everyseg.data.report import format_report, report
+from everyseg.data.segmentation import to_rle
+from everyseg.data.transforms import hflip
 from everyseg.data.validate import (
     CROWD,
     DEGENERATE,
@@ -53,11 +56,12 @@ class CocoInstances(torch.utils.data.Dataset):
     `random.Random(f"{seed}:{aug_seed}").random() < hflip_prob`: the decision depends only on
     the key, so augmentation is reproducible whatever the DataLoader worker layout.
 
-    `on_bad_sample` and `decode_images`: see `CocoIndex`. A file that passed the start-up check
-    but cannot be decoded when loaded (a truncated or corrupt file) raises DataError, except in
-    training under skip / warn: then the next image in index order stands in for it, and the
-    file is reported on stderr (skip) or as a BadSampleWarning (warn), once per process. The
-    stand-in depends only on the files, so a resumed run still sees the same data.
+    `on_bad_sample`, `decode_images`, `allow_outside_images`, `min_sizes`, `max_size`: see
+    `CocoIndex`. A file that passed the start-up check but cannot be decoded when loaded (corrupt
+    pixel data) raises DataError, except in training under skip / warn: then the next image in
+    index order stands in for it, and the file is reported on stderr (skip) or as a
+    BadSampleWarning (warn), once per process. The stand-in depends only on the files, so a
+    resumed run still sees the same data.
     """
 
     def __init__(
@@ -71,6 +75,9 @@ class CocoInstances(torch.utils.data.Dataset):
         seed: int = 0,
         on_bad_sample: str = "skip",
         decode_images: bool = False,
+        allow_outside_images: bool = False,
+        min_sizes: Sequence[int] | None = None,
+        max_size: int | None = None,
     ):
         if not 0.0 <= hflip_prob <= 1.0:
             raise ValueError(f"hflip_prob must be in [0, 1], got {hflip_prob}")
@@ -80,6 +87,9 @@ class CocoInstances(torch.utils.data.Dataset):
             mask_classes=mask_classes,
             on_bad_sample=on_bad_sample,
             decode_images=decode_images,
+            allow_outside_images=allow_outside_images,
+            min_sizes=min_sizes,
+            max_size=max_size,
         )
         self.json_path = self.index.json_path
         self.class_names = self.index.class_names
@@ -158,22 +168,13 @@ def collate(batch: list[tuple[Tensor, dict]]) -> tuple[list[Tensor], list[dict]]
     return [image for image, _ in batch], [target for _, target in batch]
 
 
-def _to_rle(segm: list | dict, height: int, width: int) -> dict:
-    """Polygons / compressed RLE / uncompressed RLE -> one compressed RLE."""
-    if isinstance(segm, list):
-        return mask_utils.merge(mask_utils.frPyObjects(segm, height, width))
-    if isinstance(segm["counts"], list):
-        return mask_utils.frPyObjects(segm, height, width)
-    return segm
-
-
 def _build_target(image_id: int, instances: list[Instance], meta: ImageMeta) -> dict:
     n = len(instances)
     masks = torch.zeros((n, meta.height, meta.width), dtype=torch.uint8)
     rows = [i for i, inst in enumerate(instances) if inst.segm is not None]
     if rows:
         # One decode call for the whole image: (H, W, M) -> (M, H, W).
-        rles = [_to_rle(instances[i].segm, meta.height, meta.width) for i in rows]
+        rles = [to_rle(instances[i].segm, height=meta.height, width=meta.width) for i in rows]
         masks[rows] = torch.from_numpy(mask_utils.decode(rles)).permute(2, 0, 1)
     return {
         "boxes": torch.tensor([inst.box for inst in instances], dtype=torch.float32).reshape(n, 4),

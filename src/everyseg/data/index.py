@@ -2,28 +2,32 @@
 
 Bad data never passes silently: every entry and every image file's header is checked at
 start-up (the catalogue: docs/bad_input.md), `on_bad_sample` (error | skip | warn) is applied,
-and every finding is kept, by reason, for the summary (`everyseg.data.check.report`).
+and every finding is kept, by reason, for the summary (`everyseg.data.report.report`).
 """
 
 from __future__ import annotations
 
 import os
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from everyseg.data.images import image_file_problem
+from everyseg.data.segmentation import box_mask_mismatch, check_segmentation
 from everyseg.data.splits import resolve_mask_classes
-from everyseg.data.transforms import image_file_problem
 from everyseg.data.validate import (
     ANN_DUPLICATE,
     ANN_ENTRY,
     ANN_ID,
     BAD_AREA,
     BAD_CROWD_FLAG,
+    BOX_MASK_MISMATCH,
     CROWD,
     IMAGE,
     IMAGE_ENTRY,
+    IMAGE_TOO_THIN,
     NO_ANNOTATIONS,
     NO_SEGMENTATION,
     SKIPPED_IMAGE,
@@ -35,10 +39,10 @@ from everyseg.data.validate import (
     Reason,
     as_int,
     check_box,
-    check_segmentation,
     is_number,
     read_categories,
     read_coco_json,
+    resize_problem,
 )
 
 
@@ -63,7 +67,11 @@ class CocoIndex:
     Raises DataError for problems of the file as a whole (not JSON, missing top-level lists,
     bad or duplicate categories, duplicate image ids, no usable image), and under
     `on_bad_sample="error"` for the first bad image or annotation. `decode_images` decodes every
-    image instead of reading its header only (slower; finds truncated files).
+    image instead of reading its header and end only (slower; finds corrupt pixel data).
+
+    An image's `file_name` must lead inside `images_dir` (no absolute paths, `..` or symlinks
+    out) unless `allow_outside_images`. With `min_sizes` and `max_size` (the model's resize),
+    an image whose shorter side would shrink under MIN_RESIZED_SIDE px is a bad image.
     """
 
     def __init__(
@@ -74,9 +82,15 @@ class CocoIndex:
         mask_classes="all",
         on_bad_sample: str = "skip",
         decode_images: bool = False,
+        allow_outside_images: bool = False,
+        min_sizes: Sequence[int] | None = None,
+        max_size: int | None = None,
     ):
         self.json_path = Path(json_path)
         self.images_dir = Path(images_dir)
+        self._allow_outside_images = allow_outside_images
+        self.decoded_images = decode_images
+        self._resize = None if min_sizes is None or max_size is None else (min_sizes, max_size)
         self.findings = Findings(source=self.json_path, policy=on_bad_sample)
         data = read_coco_json(self.json_path)
         categories = read_categories(data["categories"], self.json_path)
@@ -118,15 +132,27 @@ class CocoIndex:
             image_id, meta, problem = _image_entry(img, self.images_dir)
             if problem:
                 self._flag(IMAGE_ENTRY, f"images[{position}]: {problem}", image_id=image_id)
+            elif self._resize and (
+                thin := resize_problem(
+                    meta.width, meta.height, min_sizes=self._resize[0], max_size=self._resize[1]
+                )
+            ):
+                self._flag(IMAGE_TOO_THIN, thin, image_id=image_id, file=str(meta.path))
             else:
                 entries[image_id] = meta
         self.skipped_image_ids.update(i for i in ids if i is not None and i not in entries)
         return entries
 
     def _check_image_files(self, entries: dict[int, ImageMeta], *, decode: bool) -> dict:
+        inside = None if self._allow_outside_images else os.path.realpath(self.images_dir)
+
         def probe(meta: ImageMeta):
             return image_file_problem(
-                meta.path, width=meta.width, height=meta.height, decode=decode
+                meta.path,
+                width=meta.width,
+                height=meta.height,
+                decode=decode,
+                real_images_dir=inside,
             )
 
         usable = {}
@@ -156,12 +182,16 @@ class CocoIndex:
             return
         segm = None
         if label in mask_labels:
-            segm, reasons = check_segmentation(
+            segm, found = check_segmentation(
                 ann.get("segmentation"), width=image.width, height=image.height
             )
-            for reason in reasons:
+            for reason, detail in found:
                 if not (crowd and reason is NO_SEGMENTATION):
-                    self._flag(reason, **where)
+                    self._flag(reason, detail, **where)
+            mismatch = segm and box_mask_mismatch(segm, box, width=image.width, height=image.height)
+            if mismatch:
+                self._flag(BOX_MASK_MISMATCH, mismatch, **where)
+                return
         if crowd:
             self._flag(CROWD, **where)
         else:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import warnings
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
-
-import numpy as np
 
 from everyseg.config import ConfigError
 
@@ -25,6 +25,13 @@ POLICIES = ("error", "skip", "warn")
 IMAGE, ANNOTATION, MASK = "image", "annotation", "mask"
 REPAIR, NOTE = "repair", "note"
 BAD_KINDS = (IMAGE, ANNOTATION, MASK)
+# ids and sizes are stored as int64 (targets, COCOeval)
+INT64_MAX = 2**63 - 1
+# an image's shorter side once resized for the model: below this it holds no usable object
+MIN_RESIZED_SIDE = 8
+# a box and its mask's extent (both grown by 1 px, so rounding on tiny objects is no mismatch)
+# with less overlap than this disagree: x0, y0, x1, y1 read as x, y, w, h, or 0..1 polygons
+MIN_BOX_MASK_IOU = 0.5
 
 
 class DataError(ValueError):
@@ -42,9 +49,15 @@ class Reason(NamedTuple):
 
 
 IMAGE_ENTRY = Reason("malformed_entry", IMAGE, "malformed image entry")
+IMAGE_OUTSIDE = Reason("outside_images", IMAGE, "file_name leads outside the images folder")
 IMAGE_MISSING = Reason("missing", IMAGE, "image file not found")
 IMAGE_UNREADABLE = Reason("unreadable", IMAGE, "image file unreadable")
 IMAGE_SIZE = Reason("size_mismatch", IMAGE, "image size differs from the JSON")
+IMAGE_TOO_THIN = Reason(
+    "unusable_size",
+    IMAGE,
+    f"a side under {MIN_RESIZED_SIDE} px once resized to data.min_size / data.max_size",
+)
 NO_ANNOTATIONS = Reason("without_annotations", NOTE, "images without annotations (negatives)")
 ANN_ENTRY = Reason("malformed_entry", ANNOTATION, "annotation is not a JSON object")
 ANN_ID = Reason("bad_id", ANNOTATION, "annotation id is not a positive integer")
@@ -58,14 +71,25 @@ NEGATIVE_BOX = Reason("negative_bbox", ANNOTATION, "negative box width or height
 DEGENERATE = Reason(
     "degenerate_bbox", ANNOTATION, "degenerate box (< 1 px after clipping to the image)"
 )
+BOX_MASK_MISMATCH = Reason(
+    "bbox_mask_mismatch",
+    ANNOTATION,
+    f"bbox and mask disagree (IoU of the box with the mask's extent < {MIN_BOX_MASK_IOU})",
+)
 NO_VALID_POLYGON = Reason("no_valid_polygon", MASK, "no valid polygon (all have < 3 points)")
+POLYGON_PAIRS = Reason(
+    "polygon_pairs",
+    MASK,
+    "polygon given as a list of [x, y] pairs (COCO wants flat [x0, y0, x1, y1, ...])",
+)
 BAD_POLYGON = Reason(
     "bad_polygon",
     MASK,
     "malformed polygon (odd coordinate count, or values not finite numbers "
     "within one image size of the image)",
 )
-BAD_RLE = Reason("bad_rle", MASK, "malformed RLE (size != image size or runs != H*W pixels)")
+RLE_SIZE = Reason("rle_size", MASK, "RLE size differs from the image")
+BAD_RLE = Reason("bad_rle", MASK, "malformed RLE (runs must cover the H*W pixels exactly)")
 BAD_SEGMENTATION = Reason("bad_segmentation", MASK, "segmentation is neither polygons nor RLE")
 CLIPPED = Reason("clipped_bbox", REPAIR, "box clipped to the image")
 SHORT_POLYGON = Reason("short_polygon", REPAIR, "polygons with < 3 points dropped")
@@ -140,6 +164,8 @@ def read_coco_json(path: Path) -> dict:
         raise DataError(f"{path}: not valid JSON: {err}") from None
     except RecursionError:
         raise DataError(f"{path}: JSON nested too deeply to be COCO") from None
+    except ValueError as err:  # an integer literal of more than 4300 digits
+        raise DataError(f"{path}: not valid JSON: {err}") from None
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object at the top, got {type(data).__name__}")
     for key in ("images", "annotations", "categories"):
@@ -170,18 +196,47 @@ def read_categories(categories: list, source: Path) -> list[tuple[int, str]]:
 
 
 def as_int(value: Any) -> int | None:
-    """An integer, or an integral float (some exporters write 640.0); bools are not ids."""
+    """An integer that fits int64, or an integral float (some exporters write 640.0); bools,
+    1.5, NaN and 10**30 are not ids or sizes."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, int):
-        return value
     if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    # numpy integers too: ground truth built in code (evaluation) may hold them
+    if isinstance(value, numbers.Integral) and -INT64_MAX <= value <= INT64_MAX:
         return int(value)
     return None
 
 
 def is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite int or float (an int too big for a float is not: math would overflow)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return math.isfinite(value) if isinstance(value, float) else abs(value) < 2**1000
+
+
+def resized_size(
+    width: int, height: int, *, min_sizes: Sequence[int], max_size: int
+) -> tuple[float, float]:
+    """The smallest (width, height) the model's resize gives (torchvision's rule: short side to
+    min_size unless the long side would pass max_size), over the short sides in `min_sizes`."""
+    short, long = min(width, height), max(width, height)
+    scale = min(min(min_sizes) / short, max_size / long)
+    return width * scale, height * scale
+
+
+def resize_problem(
+    width: int, height: int, *, min_sizes: Sequence[int], max_size: int
+) -> str | None:
+    """Why the model's resize would leave too little of the image, or None."""
+    w, h = resized_size(width, height, min_sizes=min_sizes, max_size=max_size)
+    if min(w, h) >= MIN_RESIZED_SIDE:
+        return None
+    aspect = max(width, height) / min(width, height)
+    return (
+        f"{width}x{height} (aspect ratio {aspect:.0f}:1) becomes {w:.1f}x{h:.1f} px with "
+        f"data.min_size={list(min_sizes)}, data.max_size={max_size}"
+    )
 
 
 def check_box(bbox: Any, *, width: int, height: int) -> tuple[Reason | None, tuple | None]:
@@ -196,86 +251,3 @@ def check_box(bbox: Any, *, width: int, height: int) -> tuple[Reason | None, tup
     if box[2] - box[0] < 1 or box[3] - box[1] < 1:
         return DEGENERATE, None
     return (CLIPPED if box != (x, y, x + w, y + h) else None), box
-
-
-def check_segmentation(segm: Any, *, width: int, height: int) -> tuple[Any, list[Reason]]:
-    """(polygons or RLE to decode, or None for box-only; reasons found along the way)."""
-    if segm is None or segm == [] or segm == {}:
-        return None, [NO_SEGMENTATION]
-    if isinstance(segm, dict):
-        rle = _usable_rle(segm, width=width, height=height)
-        return (rle, []) if rle else (None, [BAD_RLE])
-    if not isinstance(segm, list):
-        return None, [BAD_SEGMENTATION]
-    reasons = []
-    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in segm):
-        segm, reasons = [segm], [FLAT_POLYGON]
-    if not all(_polygon_ok(p, limit=2 * max(width, height)) for p in segm):
-        return None, reasons + [BAD_POLYGON]
-    # pycocotools needs >= 3 (x, y) points, and reads a 4-number list as a box
-    polygons = [p for p in segm if len(p) >= 6]
-    if not polygons:
-        return None, reasons + [NO_VALID_POLYGON]
-    return polygons, reasons + ([SHORT_POLYGON] if len(polygons) < len(segm) else [])
-
-
-def _polygon_ok(polygon: Any, *, limit: int) -> bool:
-    """Pairs of finite numbers within `limit` of the image (fast: COCO has ~1M polygons).
-
-    pycocotools rasterises at 5x and allocates by the polygon's extent, so a point far outside
-    the image (garbage, never a real annotation) would cost gigabytes.
-    """
-    if not isinstance(polygon, list) or len(polygon) % 2:
-        return False
-    if not polygon:
-        return True
-    # exact types: a bool is not a coordinate
-    if not all(type(v) is float or type(v) is int for v in polygon):
-        return False
-    if not -limit <= min(polygon) <= max(polygon) <= limit:
-        return False
-    return math.isfinite(sum(polygon))  # NaN can hide from min / max, not from a sum
-
-
-def _usable_rle(rle: dict, *, width: int, height: int) -> dict | None:
-    """The RLE in the form pycocotools takes, or None if it does not cover the image exactly.
-
-    pycocotools decodes runs into an H*W buffer without checking that they fill it, which
-    reads or writes out of bounds; so the run total is checked here.
-    """
-    size, counts = rle.get("size"), rle.get("counts")
-    if not isinstance(size, list) or [as_int(v) for v in size] != [height, width]:
-        return None
-    if isinstance(counts, str) and _compressed_total(counts) == width * height:
-        return {"size": [height, width], "counts": counts}
-    if isinstance(counts, list) and all(as_int(c) is not None and c >= 0 for c in counts):
-        runs = [as_int(c) for c in counts]
-        return {"size": [height, width], "counts": runs} if sum(runs) == width * height else None
-    return None
-
-
-def _compressed_total(counts: str) -> int | None:
-    """Sum of the runs of a compressed RLE string (pycocotools' rleFrString), None if malformed.
-
-    Each run is a little-endian group of 5-bit digits (char - 48; bit 0x20: more digits follow;
-    bit 0x10 of the last: negative) and, from the third run on, a delta to the run two before.
-    """
-    if not counts.isascii():
-        return None
-    c = np.frombuffer(counts.encode("ascii"), dtype=np.uint8).astype(np.int64) - 48
-    if c.size == 0 or c.min() < 0 or c.max() > 63 or c[-1] & 0x20:
-        return None
-    ends = np.flatnonzero((c & 0x20) == 0)
-    starts = np.concatenate([[0], ends[:-1] + 1])
-    lengths = ends - starts + 1
-    if lengths.max() > 7:  # more than 35 bits: no valid run is that long
-        return None
-    digit = np.arange(c.size) - np.repeat(starts, lengths)
-    runs = np.add.reduceat((c & 0x1F) << (5 * digit), starts)
-    negative = (c[ends] & 0x10) != 0
-    runs[negative] |= np.left_shift(-1, 5 * lengths[negative])
-    runs[3::2] = np.cumsum(runs[1::2])[1:]
-    runs[2::2] = np.cumsum(runs[2::2])
-    if runs.min() < 0 or runs.max() >= 2**32:
-        return None
-    return int(runs.sum())

@@ -22,15 +22,14 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from everyseg.data.segmentation import usable_segmentation
+
 try:
     import faster_coco_eval
 except ImportError:  # optional: only speed is lost
     faster_coco_eval = None
 
 BACKEND = "pycocotools" if faster_coco_eval is None else "faster_coco_eval"
-
-# A polygon needs at least 3 (x, y) points; pycocotools even reads a 4-number "polygon" as a box.
-_MIN_POLYGON_COORDS = 6
 
 
 def to_coco_results(
@@ -98,23 +97,6 @@ def load_ground_truth(gt: str | os.PathLike | dict) -> dict[str, Any]:
         return copy.deepcopy(gt)
     with open(gt) as f:
         return json.load(f)
-
-
-def usable_segmentation(segm: Any, *, height: int, width: int) -> list | dict | None:
-    """The mask of an annotation, or None if it has none usable (box-only).
-
-    Same rule as the data loader: an RLE of the image's size, or polygons of which at least one
-    has 3+ (x, y) points (shorter or odd-length ones are dropped).
-    """
-    if not segm:
-        return None
-    if isinstance(segm, dict):
-        ok = "counts" in segm and list(segm.get("size", ())) == [height, width]
-        return segm if ok else None
-    if not isinstance(segm, list) or not all(isinstance(p, list) for p in segm):
-        return None
-    polygons = [p for p in segm if len(p) >= _MIN_POLYGON_COORDS and len(p) % 2 == 0]
-    return polygons or None
 
 
 def ground_truth_for(dataset: dict[str, Any], *, iou_type: str) -> dict[str, Any]:

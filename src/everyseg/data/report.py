@@ -1,21 +1,26 @@
-"""`everyseg check-data`: what a dataset holds and what is wrong with it, before training.
+"""What a dataset holds and what is wrong with it: the start-up summary and `check-data`.
 
-The same checks run when training and evaluation start (`CocoIndex`); here every problem is
-collected (policy skip) and reported: images found / missing / unreadable / size-mismatched /
-without annotations, annotations skipped, masks dropped and repairs by reason with their ids,
-and per class the boxes and masks kept. Image files are checked from their headers; `decode`
-also decodes the pixels (slower, finds truncated files). The catalogue of bad inputs and what
-happens to each is docs/bad_input.md; tests/test_bad_input.py has one test per kind.
+From a `CocoIndex`: images found / missing / unreadable / size-mismatched / without
+annotations, annotations skipped, masks dropped and repairs by reason with their ids, and per
+class the boxes and masks kept. The catalogue of bad inputs and what happens to each is
+docs/bad_input.md; tests/test_bad_input.py has one test per kind.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from everyseg.config import ConfigError, load_config
 from everyseg.data.index import CocoIndex
-from everyseg.data.validate import ANNOTATION, IMAGE, MASK, NOTE, REPAIR, DataError
+from everyseg.data.validate import (
+    ANNOTATION,
+    IMAGE,
+    MASK,
+    NO_SEGMENTATION,
+    NOTE,
+    REPAIR,
+    Finding,
+    Reason,
+)
 
 # report section -> finding kind; the first three are bad samples
 SECTIONS = {
@@ -26,7 +31,16 @@ SECTIONS = {
     "notes": NOTE,
 }
 _BAD_SECTIONS = ("skipped_images", "skipped_annotations", "dropped_masks")
-_IMAGE_COUNTS = ("missing", "unreadable", "size_mismatch", "malformed_entry")
+_IMAGE_COUNTS = (
+    "missing",
+    "unreadable",
+    "size_mismatch",
+    "malformed_entry",
+    "outside_images",
+    "unusable_size",
+)
+# images whose file was never opened: the entry or the config already ruled them out
+_NOT_LOOKED_FOR = ("missing", "malformed_entry", "outside_images", "unusable_size")
 
 
 def report(index: CocoIndex) -> dict:
@@ -41,7 +55,7 @@ def report(index: CocoIndex) -> dict:
     skipped = sections["skipped_images"]
     images = {key: len(skipped.get(key, {}).get("items", ())) for key in _IMAGE_COUNTS}
     images = {"total": index.num_json_images, "usable": len(index.image_ids), **images}
-    images["found"] = images["total"] - images["missing"] - images["malformed_entry"]
+    images["found"] = images["total"] - sum(images[key] for key in _NOT_LOOKED_FOR)
     images["without_annotations"] = len(
         sections["notes"].get("without_annotations", {}).get("items", ())
     )
@@ -50,6 +64,8 @@ def report(index: CocoIndex) -> dict:
         "json": str(index.json_path),
         "images_dir": str(index.images_dir),
         "on_bad_sample": index.findings.policy,
+        # False: headers and PNG / JPEG end markers were read, not the pixels (`--decode`)
+        "pixels_decoded": index.decoded_images,
         "images": images,
         "annotations": {
             "total": index.num_json_annotations,
@@ -72,7 +88,8 @@ def format_report(rep: dict) -> str:
         f"({ann['with_masks']} with masks)",
         f"images in the JSON: {im['total']}, found {im['found']}, missing {im['missing']}, "
         f"unreadable {im['unreadable']}, size mismatch {im['size_mismatch']}, "
-        f"malformed entries {im['malformed_entry']}",
+        f"malformed entries {im['malformed_entry']}, outside the images folder "
+        f"{im['outside_images']}, too small once resized {im['unusable_size']}",
         f"mask classes: {masked} of {len(rep['classes'])}",
         f"  {'class':<24} {'boxes':>7} {'masks':>7}",
     ]
@@ -115,58 +132,38 @@ def _image_line(item: dict) -> str:
     return line + (f": {item['detail']}" if "detail" in item else "")
 
 
-def check_data(
-    *, source: str, images: str | None = None, overrides=(), decode: bool = False
-) -> list[dict]:
-    """One report per dataset: a JSON file with its image folder, or a config's train and val.
-
-    The train set is read with the config's `data.mask_classes`, the val set as evaluation
-    reads it (masks of every class). A dataset that cannot be read at all gets {"error": ...}.
-    """
-    if Path(source).suffix == ".json":
-        if images is None:
-            raise ValueError(f"{source}: give its image folder with --images DIR")
-        return [_check_one("json", json_path=source, images=images, masks="all", decode=decode)]
-    if images is not None:
-        raise ValueError("--images goes with a JSON file; a config has data.*_images")
-    data = load_config(source, list(overrides)).data
-    splits = [s for s in ("train", "val") if getattr(data, f"{s}_json")]
-    if not splits:
-        raise ConfigError(f"{source}: neither data.train_json nor data.val_json is set")
-    return [
-        _check_one(
-            split,
-            json_path=getattr(data, f"{split}_json"),
-            images=getattr(data, f"{split}_images"),
-            masks=data.mask_classes if split == "train" else "all",
-            decode=decode,
+def training_problem(index: CocoIndex) -> str | None:
+    """Why this set cannot train what it is meant to, or None: it has no instance at all,
+    or mask classes without a single usable mask (the mask loss would be 0 all run)."""
+    instances = [inst for found in index.instances.values() for inst in found]
+    if not instances:
+        skipped = _reason_counts(index.findings.by_reason((ANNOTATION,)))
+        return (
+            f"{index.json_path}: no usable instance in {index.num_json_annotations} "
+            f"annotations ({skipped or 'none given'}); nothing to train on"
         )
-        for split in splits
-    ]
+    if not index.mask_class_names or any(inst.segm is not None for inst in instances):
+        return None
+    mask_labels = {index.class_names.index(n) + 1 for n in index.mask_class_names}
+    num = sum(inst.label in mask_labels for inst in instances)
+    dropped = index.findings.by_reason((MASK,))
+    box_only = [f for f in index.findings.items if f.reason is NO_SEGMENTATION]
+    if box_only:
+        dropped[NO_SEGMENTATION] = box_only
+    names = ", ".join(index.mask_class_names[:8])
+    more = ", ..." if len(index.mask_class_names) > 8 else ""
+    return (
+        f"{index.json_path}: none of the {num} instances of the mask classes ({names}{more}) "
+        f"has a usable mask, so the mask loss would be 0 all run: "
+        f"{_reason_counts(dropped) or 'they have no instances'}. Fix the segmentations "
+        "(everyseg check-data lists them), or set data.mask_classes=none to train boxes only"
+    )
 
 
-def _check_one(split: str, *, json_path, images, masks, decode: bool) -> dict:
-    where = {"split": split, "json": str(json_path), "images_dir": str(images)}
-    if images is None:
-        return {**where, "error": f"data.{split}_images is not set"}
-    try:
-        index = CocoIndex(
-            json_path=json_path, images_dir=images, mask_classes=masks, decode_images=decode
-        )
-    except (DataError, ConfigError, FileNotFoundError) as err:
-        return {**where, "error": str(err)}
-    return {"split": split, **report(index)}
-
-
-def run_check_data(*, as_json: bool = False, **kwargs) -> int:
-    """Print the reports; exit status 0 when every dataset is clean, else 1."""
-    reports = check_data(**kwargs)
-    ok = all("error" not in r and r["num_bad"] == 0 for r in reports)
-    if as_json:
-        print(json.dumps({"ok": ok, "datasets": reports}, indent=2))
-        return 0 if ok else 1
-    for rep in reports:
-        print(f"== {rep['split']}: {rep['json']} (images: {rep['images_dir']})")
-        print(f"error: {rep['error']}" if "error" in rep else format_report(rep))
-    print("OK: no bad samples" if ok else "PROBLEMS FOUND (see above)")
-    return 0 if ok else 1
+def _reason_counts(grouped: dict[Reason, list[Finding]]) -> str:
+    """'reason: count, ...' with an example's detail: what the start-up error shows."""
+    parts = []
+    for reason, found in grouped.items():
+        example = next((f.detail for f in found if f.detail), "")
+        parts.append(f"{reason.text}: {len(found)}" + (f" (e.g. {example})" if example else ""))
+    return "; ".join(parts)
