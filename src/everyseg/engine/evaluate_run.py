@@ -27,7 +27,7 @@ def evaluate_loaded(
     data = cfg.data
     if data_json is not None:
         data = replace(data, val_json=str(data_json), val_images=str(images))
-    dataset = build_dataset(data, split="val", mask_classes="all")
+    dataset = build_dataset(data, split="val")  # every class keeps its masks
     if dataset.index.findings.num_bad:
         print(dataset.summary())
     mapping = map_classes(
