@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -231,7 +232,7 @@ def preset_names() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in files.iterdir() if p.name.endswith(".yaml"))
 
 
-def load_config(source: str | Path, overrides: list[str] = ()) -> Config:
+def load_config(source: str | Path, overrides: Sequence[str] = ()) -> Config:
     """Load a preset name or YAML path, apply `a.b=value` overrides, and validate everything."""
     raw = _read_with_bases(source)
     for item in overrides:
@@ -323,7 +324,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     values = {}
     for name, value in raw.items():
         key, hint = prefix + name, hints[name]
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             values[name] = _build(hint, value, key + ".")
         else:
             values[name] = check_value(value, hint, key)

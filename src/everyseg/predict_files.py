@@ -39,7 +39,7 @@ def predict_files(
     path) even when the loop stops early. Returns one line per file that failed."""
     paths = [Path(p) for p in paths]
     names = overlay_names(paths)
-    _refuse_overwriting_inputs(paths, [overlays / name for name in names] + [results])
+    _refuse_overwriting_inputs(paths, [*(overlays / name for name in names), results])
     overlays.mkdir(parents=True, exist_ok=True)
     entries: list[dict] = []
     failures: list[str] = []

@@ -114,7 +114,7 @@ class Predictor:
         if labels is not None:
             labels = [_as_tensor(labels, None, "labels").reshape(-1)]
         (output,) = self.model.masks_for_boxes([tensor], [boxes], labels)
-        boxes, size = output["boxes"], tuple(tensor.shape[1:])
+        boxes, size = output["boxes"], (tensor.shape[1], tensor.shape[2])
         # torchvision's paste pads the box by a pixel or two, so cut to the box: a prompt
         # bounds its mask
         probs = output["masks"][:, 0] * _inside(boxes, size)

@@ -171,10 +171,11 @@ def collate(batch: list[tuple[Tensor, dict]]) -> tuple[list[Tensor], list[dict]]
 def _build_target(image_id: int, instances: list[Instance], meta: ImageMeta) -> dict:
     n = len(instances)
     masks = torch.zeros((n, meta.height, meta.width), dtype=torch.uint8)
-    rows = [i for i, inst in enumerate(instances) if inst.segm is not None]
-    if rows:
+    with_mask = [(i, inst.segm) for i, inst in enumerate(instances) if inst.segm is not None]
+    if with_mask:
+        rows = [i for i, _ in with_mask]
         # One decode call for the whole image: (H, W, M) -> (M, H, W).
-        rles = [to_rle(instances[i].segm, height=meta.height, width=meta.width) for i in rows]
+        rles = [to_rle(segm, height=meta.height, width=meta.width) for _, segm in with_mask]
         masks[rows] = torch.from_numpy(mask_utils.decode(rles)).permute(2, 0, 1)
     return {
         "boxes": torch.tensor([inst.box for inst in instances], dtype=torch.float32).reshape(n, 4),

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 from torch import Tensor
 from torchvision.transforms.v2.functional import pil_to_tensor
 
@@ -87,8 +87,8 @@ def displayed_size(path: Path, *, decode: bool) -> tuple[int, int]:
     return (height, width) if exif.get(0x0112) in (5, 6, 7, 8) else (width, height)
 
 
-def _lacks_end_marker(image: Image.Image) -> bool:
-    marker = _END_MARKERS.get(image.format)
+def _lacks_end_marker(image: ImageFile.ImageFile) -> bool:
+    marker = _END_MARKERS.get(image.format or "")
     if marker is None or image.fp is None:
         return False
     position = image.fp.tell()

@@ -127,10 +127,10 @@ class CocoIndex:
         if dup:
             # annotations could not be told apart between the duplicates
             raise DataError(f"{self.json_path}: duplicate image id(s) in 'images': {dup}")
-        entries = {}
+        entries: dict[int, ImageMeta] = {}
         for position, img in enumerate(images):
             image_id, meta, problem = _image_entry(img, self.images_dir)
-            if problem:
+            if image_id is None or meta is None:  # then `problem` says why
                 self._flag(IMAGE_ENTRY, f"images[{position}]: {problem}", image_id=image_id)
             elif self._resize and (
                 thin := resize_problem(
@@ -217,7 +217,8 @@ class CocoIndex:
         if image is None:
             return None
         where = {"ann_id": ann_id, "image_id": as_int(ann["image_id"])}
-        label = self.cat_id_to_label.get(as_int(ann.get("category_id")))
+        cat_id = as_int(ann.get("category_id"))
+        label = None if cat_id is None else self.cat_id_to_label.get(cat_id)
         if label is None:
             cats = sorted(self.cat_id_to_label)
             detail = f"category_id {ann.get('category_id')!r}; categories: {cats}"
@@ -284,7 +285,8 @@ class CocoIndex:
 
     def class_counts(self) -> list[dict]:
         """Per class: name, category id, whether it is a mask class, boxes and masks kept."""
-        boxes, masks = Counter(), Counter()
+        boxes: Counter[int] = Counter()
+        masks: Counter[int] = Counter()
         for instances in self.instances.values():
             for inst in instances:
                 boxes[inst.label] += 1

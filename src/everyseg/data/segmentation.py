@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any
+from typing import Any, TypedDict, cast
 
 import numpy as np
 import pycocotools.mask as mask_utils
@@ -89,13 +89,21 @@ def box_mask_mismatch(
     )
 
 
-def to_rle(segm: list | dict, *, height: int, width: int) -> dict:
+class RLE(TypedDict):
+    """Compressed run-length encoding as pycocotools reads and writes it."""
+
+    size: list[int]
+    counts: str | bytes
+
+
+def to_rle(segm: list | dict, *, height: int, width: int) -> RLE:
     """A usable segmentation (polygons / compressed or uncompressed RLE) -> compressed RLE."""
     if isinstance(segm, list):
         return mask_utils.merge(mask_utils.frPyObjects(segm, height, width))
     if isinstance(segm["counts"], list):
-        return mask_utils.frPyObjects(segm, height, width)
-    return segm
+        # pycocotools' stubs type frPyObjects for compressed RLE only; it takes both
+        return mask_utils.frPyObjects(cast(RLE, segm), height, width)
+    return cast(RLE, segm)
 
 
 def _mask_extent(segm: list | dict, *, width: int, height: int) -> tuple | None:
@@ -185,8 +193,8 @@ def _check_rle(rle: dict, *, width: int, height: int) -> tuple[dict | None, list
         if total is None:
             return None, [(BAD_RLE, "'counts' is not a valid compressed RLE string")]
     elif isinstance(counts, list):
-        runs = [as_int(c) for c in counts]
-        if any(r is None or r < 0 for r in runs):
+        runs = [r for r in map(as_int, counts) if r is not None and r >= 0]
+        if len(runs) != len(counts):
             return None, [(BAD_RLE, "uncompressed 'counts' hold a negative or non-integer run")]
         total, counts = sum(runs), runs
     else:

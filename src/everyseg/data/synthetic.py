@@ -221,7 +221,7 @@ def _contrasting_texture(rng, grid, canvas: np.ndarray, mask: np.ndarray) -> np.
 
 def _layout(rng: np.random.Generator, size: int) -> list[dict]:
     """Objects that stay annotated, bottom first; resampled in the rare case none survives."""
-    kept = []
+    kept: list[dict] = []
     while not kept:
         objects = []
         for _ in range(1 + rng.choice(len(_NUM_OBJECTS_P), p=_NUM_OBJECTS_P)):
@@ -246,7 +246,9 @@ def _segmentation(obj: dict) -> list | dict:
     if len(obj["polys"]) == 1 and obj["area"] == obj["full"].sum():
         return [obj["polys"][0].ravel().tolist()]
     rle = mask_util.encode(np.asfortranarray(obj["visible"].astype(np.uint8)))
-    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+    counts = rle["counts"]  # bytes from pycocotools; JSON wants str
+    text = counts.decode("ascii") if isinstance(counts, bytes) else counts
+    return {"size": [int(s) for s in rle["size"]], "counts": text}
 
 
 def _annotation(obj: dict, ann_id: int, image_id: int) -> dict:
@@ -269,7 +271,8 @@ def _write_split(
     image_dir, json_path = out / split, out / "annotations" / f"{split}.json"
     image_dir.mkdir(parents=True, exist_ok=True)
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    images, annotations = [], []
+    images: list[dict] = []
+    annotations: list[dict] = []
     for image_id in tqdm(range(1, num + 1), desc=f"synth {split}", disable=not progress):
         # A child seed per image: reproducible in isolation and independent of `num`.
         rng = np.random.default_rng([seed, _SPLIT_STREAM[split], image_id])

@@ -178,17 +178,18 @@ def read_coco_json(path: Path) -> dict:
 
 def read_categories(categories: list, source: Path) -> list[tuple[int, str]]:
     """(id, name) sorted by id. Every label depends on the whole list, so errors are fatal."""
-    pairs = []
+    pairs: list[tuple[int, str]] = []
     for i, cat in enumerate(categories):
-        ok = isinstance(cat, dict) and as_int(cat.get("id")) is not None
-        if not ok or not isinstance(cat.get("name"), str) or not cat["name"]:
+        cat_id = as_int(cat.get("id")) if isinstance(cat, dict) else None
+        if cat_id is None or not isinstance(cat.get("name"), str) or not cat["name"]:
             raise DataError(
                 f"{source}: category #{i} needs an integer 'id' and a 'name': {cat!r:.80}"
             )
-        pairs.append((as_int(cat["id"]), cat["name"]))
+        pairs.append((cat_id, cat["name"]))
     if not pairs:
         raise DataError(f"{source}: 'categories' is empty")
-    for what, values in (("id", [p[0] for p in pairs]), ("name", [p[1] for p in pairs])):
+    columns: dict[str, list[Any]] = {"id": [p[0] for p in pairs], "name": [p[1] for p in pairs]}
+    for what, values in columns.items():
         dup = sorted(v for v, n in Counter(values).items() if n > 1)
         if dup:
             raise DataError(f"{source}: duplicate category {what}(s): {dup}")
@@ -203,7 +204,7 @@ def as_int(value: Any) -> int | None:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     # numpy integers too: ground truth built in code (evaluation) may hold them
-    if isinstance(value, numbers.Integral) and -INT64_MAX <= value <= INT64_MAX:
+    if isinstance(value, numbers.Integral) and -INT64_MAX <= int(value) <= INT64_MAX:
         return int(value)
     return None
 
@@ -246,7 +247,7 @@ def check_box(bbox: Any, *, width: int, height: int) -> tuple[Reason | None, tup
     x, y, w, h = (float(v) for v in bbox)
     if w < 0 or h < 0:
         return NEGATIVE_BOX, None
-    box = (min(max(x, 0.0), width), min(max(y, 0.0), height))
+    box: tuple[float, ...] = (min(max(x, 0.0), width), min(max(y, 0.0), height))
     box += (min(max(x + w, 0.0), width), min(max(y + h, 0.0), height))
     if box[2] - box[0] < 1 or box[3] - box[1] < 1:
         return DEGENERATE, None

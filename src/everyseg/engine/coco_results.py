@@ -14,7 +14,7 @@ import copy
 import io
 import json
 import os
-from typing import Any
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ except ImportError:  # optional: only speed is lost
     faster_coco_eval = None
 
 BACKEND = "pycocotools" if faster_coco_eval is None else "faster_coco_eval"
+IouType = Literal["bbox", "segm"]
 
 
 def to_coco_results(
@@ -84,8 +85,10 @@ def encode_masks(masks: torch.Tensor, *, threshold: float = 0.5) -> list[dict[st
         masks = masks[:, 0]
     # Threshold on the masks' own device: moving uint8 to the host is 4x less than floats.
     binary = (masks.detach() > threshold).to(torch.uint8).cpu().numpy()
-    # pycocotools wants (H, W, N) in Fortran order.
-    rles = mask_util.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
+    # pycocotools wants (H, W, N) in Fortran order, and then returns a list (its stubs type
+    # only the (H, W) form, which returns one RLE).
+    encoded = mask_util.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
+    rles = cast(list[dict[str, Any]], encoded)
     for rle in rles:
         rle["counts"] = rle["counts"].decode("ascii")
     return rles
@@ -99,7 +102,7 @@ def load_ground_truth(gt: str | os.PathLike | dict) -> dict[str, Any]:
         return json.load(f)
 
 
-def ground_truth_for(dataset: dict[str, Any], *, iou_type: str) -> dict[str, Any]:
+def ground_truth_for(dataset: dict[str, Any], *, iou_type: IouType) -> dict[str, Any]:
     """A COCO dataset dict ready for ``COCOeval`` of ``iou_type`` ("bbox" or "segm").
 
     Annotations are shallow-copied (the evaluators write ``ignore``/RLE fields into them), so
@@ -134,7 +137,7 @@ def precision_array(
     dataset: dict[str, Any],
     results: list[dict[str, Any]],
     *,
-    iou_type: str,
+    iou_type: IouType,
     img_ids: list[int],
     backend: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -155,23 +158,27 @@ def precision_array(
 
 
 def _pycocotools_eval(
-    dataset: dict[str, Any], results: list[dict[str, Any]], *, iou_type: str
+    dataset: dict[str, Any], results: list[dict[str, Any]], *, iou_type: IouType
 ) -> COCOeval:
     with contextlib.redirect_stdout(io.StringIO()):
-        coco_gt = COCO()
-        coco_gt.dataset = dataset
-        coco_gt.createIndex()
+        coco_gt = _indexed_coco(dataset)
         if results:
             coco_dt = coco_gt.loadRes(results)
         else:  # pycocotools' loadRes fails on an empty list
-            coco_dt = COCO()
-            coco_dt.dataset = {**dataset, "annotations": []}
-            coco_dt.createIndex()
+            coco_dt = _indexed_coco({**dataset, "annotations": []})
     return COCOeval(coco_gt, coco_dt, iouType=iou_type)
 
 
+def _indexed_coco(dataset: dict[str, Any]) -> COCO:
+    coco = COCO()
+    # parsed JSON: a plain dict, where pycocotools' stubs want their own TypedDict
+    coco.dataset = dataset  # type: ignore[assignment]
+    coco.createIndex()
+    return coco
+
+
 def _faster_coco_eval(
-    dataset: dict[str, Any], results: list[dict[str, Any]], *, iou_type: str
+    dataset: dict[str, Any], results: list[dict[str, Any]], *, iou_type: IouType
 ) -> Any:
     # Its loadRes handles an empty list; its messages go to logging unless silenced here.
     coco_gt = faster_coco_eval.COCO(dataset, print_function=_quiet)

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from everyseg.engine.coco_results import (
+    IouType,
     ground_truth_for,
     load_ground_truth,
     precision_array,
@@ -31,7 +32,7 @@ __all__ = [
     "write_metrics",
 ]
 
-IOU_TYPES = ("segm", "bbox")
+IOU_TYPES: tuple[IouType, ...] = ("segm", "bbox")
 SUBSETS = ("all", "seen", "unseen")
 # Summary numbers as (name, IoU threshold or None for the 0.50:0.95 mean, area range index);
 # all at maxDets=100, as in COCOeval.summarize().
@@ -197,7 +198,7 @@ def _without_labels(output: dict[str, torch.Tensor], labels: torch.Tensor) -> di
 
 def _collate_pairs(batch: list[tuple[Any, Any]]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     """[(image, target), ...] -> ((images...), (targets...)); images differ in size."""
-    return tuple(zip(*batch, strict=True))
+    return tuple(image for image, _ in batch), tuple(target for _, target in batch)
 
 
 def format_metrics_table(metrics: dict[str, Any]) -> str:

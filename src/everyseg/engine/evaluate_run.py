@@ -28,6 +28,7 @@ def evaluate_loaded(
     if data_json is not None:
         data = replace(data, val_json=str(data_json), val_images=str(images))
     dataset = build_dataset(data, split="val")  # every class keeps its masks
+    assert data.val_json is not None  # build_dataset refuses a val split without one
     if dataset.index.findings.num_bad:
         print(dataset.summary())
     mapping = map_classes(

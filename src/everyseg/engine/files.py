@@ -48,7 +48,8 @@ def atomic_write_bytes(path: Path, write: Callable[[BinaryIO], object]) -> None:
     except OSError as err:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        reason = _PLAIN_REASONS.get(err.errno, err.strerror or str(err))
+        plain = _PLAIN_REASONS.get(err.errno) if err.errno is not None else None
+        reason = plain or err.strerror or str(err)
         raise OSError(
             err.errno, f"could not write {path}: {reason}; any previous file there is intact"
         ) from err

@@ -122,7 +122,7 @@ def freeze_all_but_mask_branch(model: nn.Module) -> None:
     for name, parameter in model.named_parameters():
         if not name.startswith(MASK_BRANCH):
             parameter.requires_grad_(False)
-    _freeze_batchnorm(model, keep=model.roi_heads.mask_head)
+    _freeze_batchnorm(model, keep=model.get_submodule("roi_heads.mask_head"))
 
 
 def _freeze_batchnorm(module: nn.Module, *, keep: nn.Module) -> None:
@@ -137,8 +137,9 @@ def _freeze_batchnorm(module: nn.Module, *, keep: nn.Module) -> None:
             _freeze_batchnorm(child, keep=keep)
 
 
-def _frozen_copy(bn: nn.BatchNorm2d) -> FrozenBatchNorm2d:
+def _frozen_copy(bn: nn.BatchNorm2d | nn.SyncBatchNorm) -> FrozenBatchNorm2d:
     """An affine BatchNorm with running statistics (as every everyseg backbone has), frozen."""
+    assert bn.running_mean is not None
     frozen = FrozenBatchNorm2d(bn.num_features, eps=bn.eps).to(bn.running_mean.device)
     with torch.no_grad():
         for name in ("weight", "bias", "running_mean", "running_var"):

@@ -11,7 +11,7 @@ from everyseg.config import Config, ConfigError, from_dict
 from everyseg.engine.checkpoint import load_checkpoint
 from everyseg.engine.initialize import freeze_for_stage
 from everyseg.engine.run_dir import RunDir, RunRecord
-from everyseg.modeling.detector import build_model
+from everyseg.modeling.detector import Detector, build_model
 
 
 def resolve_device(name: str) -> torch.device:
@@ -39,7 +39,7 @@ def resolve_device(name: str) -> torch.device:
 class LoadedRun:
     """A run's model (in eval mode), the config it was built from and its run record."""
 
-    model: torch.nn.Module
+    model: Detector
     config: Config
     record: RunRecord
     step: int  # training steps the weights have had

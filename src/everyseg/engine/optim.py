@@ -50,7 +50,9 @@ def decay_groups(model: nn.Module, *, weight_decay: float) -> list[dict]:
     Only parameters that train are included, each once, in the model's order; empty groups
     are left out.
     """
-    decay, no_decay, seen = [], [], set()
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    seen: set[nn.Parameter] = set()
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
             if not param.requires_grad or param in seen:

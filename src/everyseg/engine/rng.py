@@ -18,7 +18,9 @@ def seed_everything(seed: int) -> None:
 
 def capture_rng() -> dict[str, Any]:
     """The states of Python's, numpy's, torch's (and CUDA's) global generators."""
-    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    legacy = np.random.get_state(legacy=True)
+    assert isinstance(legacy, tuple)  # the global generator is always a legacy MT19937
+    kind, keys, pos, has_gauss, cached_gaussian = legacy
     state = {
         "torch": torch.get_rng_state(),
         # numpy's state is an ndarray, which the weights-only unpickler refuses

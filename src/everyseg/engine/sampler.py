@@ -32,7 +32,7 @@ class StepBatchSampler(Sampler[list[tuple[int, int]]]):
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         position = self.start_step * self.batch_size  # index into the endless image stream
-        epoch, order = -1, None
+        epoch, order = -1, np.empty(0, dtype=np.int64)  # epoch -1: drawn before first use
         while True:
             batch = []
             for _ in range(self.batch_size):

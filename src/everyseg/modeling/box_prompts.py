@@ -75,14 +75,15 @@ def masks_for_box_prompts(
     {"boxes" (clipped to the image), "labels", "scores", "masks" (N_i, 1, H, W)}."""
     if len(boxes) != len(images) or (labels is not None and len(labels) != len(images)):
         raise ValueError("give one boxes tensor (and one labels tensor) per image")
-    sizes = [tuple(image.shape[-2:]) for image in images]
+    sizes = [(image.shape[-2], image.shape[-1]) for image in images]
     given_labels = [None] * len(images) if labels is None else labels
     checked = [
         check_box_prompts(b, lab, image_size=s, num_classes=num_classes)
         for b, lab, s in zip(boxes, given_labels, sizes)
     ]
     boxes = [b.to(images[0].device) for b, _ in checked]
-    labels = None if labels is None else [lab.to(images[0].device) for _, lab in checked]
+    if labels is not None:  # then check_box_prompts returned every image's labels
+        labels = [lab.to(images[0].device) for _, lab in checked if lab is not None]
     transformed, _ = transform(list(images))
     features = backbone(transformed.tensors)  # {level: (B, C, H_l, W_l)}
     rois = [resize_boxes(b, s, t) for b, s, t in zip(boxes, sizes, transformed.image_sizes)]

@@ -4,16 +4,15 @@ engine/initialize.py), and from_torchvision for torchvision's own Mask R-CNN."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
-from torch import nn
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from everyseg.config import ConfigError, ModelConfig
 from everyseg.modeling.backbone import resnet_fpn
-from everyseg.modeling.fcos import build_fcos
+from everyseg.modeling.fcos import FCOSWithMasks, build_fcos
 from everyseg.modeling.mask_heads import ClassConvPredictor, MaskHead
 from everyseg.modeling.mask_heads.fcn import FCNFeatures
 from everyseg.modeling.rcnn import RCNN, build_rcnn
@@ -22,8 +21,10 @@ from everyseg.modeling.roi_heads import PartialMaskRoIHeads
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+# what build_model returns: every detector also segments given boxes (masks_for_boxes)
+Detector = RCNN | FCOSWithMasks
 # model.detector -> builder(cfg, *, backbone, num_classes, class_names, transform)
-DETECTORS = {"rcnn": build_rcnn, "fcos": build_fcos}
+DETECTORS: dict[str, Callable[..., Detector]] = {"rcnn": build_rcnn, "fcos": build_fcos}
 
 
 class MultiScaleTransform(GeneralizedRCNNTransform):
@@ -48,7 +49,7 @@ def build_model(
     max_size: int,
     test_min_size: int,
     class_names: Sequence[str] | None = None,
-) -> nn.Module:
+) -> Detector:
     """The detector `cfg.detector` names, randomly initialised: no weights are loaded here.
 
     `num_classes` counts the background, as in torchvision (K foreground classes -> K + 1).

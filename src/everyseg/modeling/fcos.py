@@ -14,6 +14,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.fcos import FCOS
 from torchvision.ops import MultiScaleRoIAlign
 
@@ -45,11 +46,11 @@ class FCOSWithMasks(FCOS):
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
         original_sizes = [tuple(image.shape[-2:]) for image in images]
-        images, targets = self.transform(images, targets)
-        features = self.backbone(images.tensors)  # {level: (B, C, H_l, W_l)}
+        image_list, targets = self.transform(images, targets)
+        features = self.backbone(image_list.tensors)  # {level: (B, C, H_l, W_l)}
         levels = list(features.values())
         head_outputs = self.head(levels)
-        anchors = self.anchor_generator(images, levels)
+        anchors = self.anchor_generator(image_list, levels)
         num_anchors_per_level = [x.size(2) * x.size(3) for x in levels]
         if self.training:
             losses = self.compute_loss(targets, head_outputs, anchors, num_anchors_per_level)
@@ -59,7 +60,7 @@ class FCOSWithMasks(FCOS):
                 features=features,
                 crops=[gt_mask_crops(t, jitter=self.mask_roi_jitter) for t in targets],
                 targets=targets,
-                image_shapes=images.image_sizes,
+                image_shapes=image_list.image_sizes,
                 resolution=self.mask_resolution,
             )
             return losses
@@ -67,16 +68,18 @@ class FCOSWithMasks(FCOS):
             k: list(v.split(num_anchors_per_level, dim=1)) for k, v in head_outputs.items()
         }
         split_anchors = [list(a.split(num_anchors_per_level)) for a in anchors]
-        detections = self.postprocess_detections(split_outputs, split_anchors, images.image_sizes)
+        detections = self.postprocess_detections(
+            split_outputs, split_anchors, image_list.image_sizes
+        )
         masks = self._masks(
             features,
             boxes=[d["boxes"] for d in detections],
             labels=[d["labels"] for d in detections],
-            image_sizes=images.image_sizes,
+            image_sizes=image_list.image_sizes,
         )
         for detection, image_masks in zip(detections, masks):
             detection["masks"] = image_masks
-        return self.transform.postprocess(detections, images.image_sizes, original_sizes)
+        return self.transform.postprocess(detections, image_list.image_sizes, original_sizes)
 
     def masks_for_boxes(
         self,
@@ -151,7 +154,7 @@ def _box_class_scores(head_outputs, index: int, anchors: Tensor, boxes: Tensor) 
 def build_fcos(
     cfg: ModelConfig,
     *,
-    backbone: nn.Module,
+    backbone: BackboneWithFPN,
     num_classes: int,
     class_names: Sequence[str] | None,
     transform: nn.Module,

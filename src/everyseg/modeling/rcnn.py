@@ -8,6 +8,7 @@ from functools import partial
 
 from torch import Tensor, nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
@@ -57,7 +58,7 @@ class RCNN(GeneralizedRCNN):
 def build_rcnn(
     cfg: ModelConfig,
     *,
-    backbone: nn.Module,
+    backbone: BackboneWithFPN,
     num_classes: int,
     class_names: Sequence[str] | None,
     transform: nn.Module,

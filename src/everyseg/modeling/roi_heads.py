@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
+from torchvision.ops import MultiScaleRoIAlign
 
 from everyseg.modeling.mask_branch import (
     MASK_ROIS,
@@ -36,7 +37,7 @@ class PartialMaskRoIHeads(RoIHeads):
         box_roi_pool: nn.Module,
         box_head: nn.Module,
         box_predictor: nn.Module,
-        mask_roi_pool: nn.Module,
+        mask_roi_pool: MultiScaleRoIAlign,
         mask_head: MaskHead,
         fg_iou_thresh: float = 0.5,
         bg_iou_thresh: float = 0.5,
@@ -68,7 +69,7 @@ class PartialMaskRoIHeads(RoIHeads):
         )
         self.mask_roi_pool = mask_roi_pool
         self.mask_head = mask_head
-        self.mask_resolution = mask_resolution or 2 * mask_roi_pool.output_size[0]
+        self.mask_resolution: int = mask_resolution or 2 * mask_roi_pool.output_size[0]
         self.mask_rois = mask_rois
         self.mask_roi_jitter = mask_roi_jitter
 

@@ -21,6 +21,7 @@ class ClassConvPredictor(nn.Module):
         # small logits at the start (detectron2's choice): torchvision's Kaiming init starts
         # the mask loss near 7 and destabilises training from scratch
         nn.init.normal_(self.conv.weight, std=0.001)
+        assert self.conv.bias is not None  # Conv2d has one unless told bias=False
         nn.init.zeros_(self.conv.bias)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ def build_fcn_head(
     conv_out = channels if num_convs > 0 else in_channels
     upsample = nn.ConvTranspose2d(conv_out, channels, kernel_size=2, stride=2)
     nn.init.kaiming_normal_(upsample.weight, mode="fan_out", nonlinearity="relu")
+    assert upsample.bias is not None  # ConvTranspose2d has one unless told bias=False
     nn.init.zeros_(upsample.bias)
     features = FCNFeatures(convs=convs, upsample=upsample)
     return MaskHead(features=features, predictor=make_predictor())

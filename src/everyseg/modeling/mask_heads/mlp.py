@@ -50,7 +50,9 @@ class MLPMaskBranch(nn.Module):
         )
         # small logits at the start, like the per-class predictors: the fused sum must not
         # begin far from zero
-        nn.init.normal_(self.mlp[-1].weight, std=0.001)
+        last = self.mlp[-1]
+        assert isinstance(last, nn.Linear)  # fc_stack ends in a Linear
+        nn.init.normal_(last.weight, std=0.001)
 
     def forward(self, x: Tensor) -> Tensor:
         m = self.resolution

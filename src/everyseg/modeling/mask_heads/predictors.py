@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from torch import nn
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 
 from everyseg.config import ConfigError, ModelConfig
 from everyseg.modeling.mask_heads.base import ClassConvPredictor
@@ -19,7 +20,7 @@ from everyseg.modeling.mask_heads.transfer import build_transfer_predictor
 
 
 def build_conv_predictor(
-    cfg: ModelConfig, *, box_predictor: nn.Module, num_classes: int, class_names
+    cfg: ModelConfig, *, box_predictor: FastRCNNPredictor | None, num_classes: int, class_names
 ) -> ClassConvPredictor:
     mh = cfg.mask_head
     return ClassConvPredictor(
@@ -28,7 +29,7 @@ def build_conv_predictor(
 
 
 def build_transfer(
-    cfg: ModelConfig, *, box_predictor: nn.Module, num_classes: int, class_names
+    cfg: ModelConfig, *, box_predictor: FastRCNNPredictor | None, num_classes: int, class_names
 ) -> nn.Module:
     mh, t = cfg.mask_head, cfg.transfer
     if mh.class_agnostic:
@@ -57,14 +58,15 @@ PREDICTORS = {"conv": build_conv_predictor, "transfer": build_transfer}
 def build_mask_predictor(
     cfg: ModelConfig,
     *,
-    box_predictor: nn.Module,
+    box_predictor: FastRCNNPredictor | None,
     num_classes: int,
     class_names: Sequence[str] | None = None,
 ) -> nn.Module:
     """(R, D, M, M) features, (R,) labels -> (R, M, M) logits, as `cfg.mask_head` says.
 
     `box_predictor` is the one the model trains (the transfer reads its weights, never copies
-    them); `class_names` (K names) are needed only by model.transfer.input=embedding.
+    them), None for a detector without one; `class_names` (K names) are needed only by
+    model.transfer.input=embedding.
     """
     mh = cfg.mask_head
     if mh.predictor not in PREDICTORS:

@@ -12,18 +12,19 @@ features and the fused MLP branch (mlp.py) carry any shared offset.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 
 from everyseg.config import ConfigError
 from everyseg.modeling.mask_heads.mlp import fc_stack
 
 BOX_PARTS = {"cls": ("cls",), "box": ("box",), "cls+box": ("cls", "box")}
 TRANSFER_INPUTS = (*BOX_PARTS, "randn", "embedding")
-ACTIVATIONS = {
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     # slope 0.1, the authors' choice (PyTorch's default is 0.01)
     "leaky_relu": lambda: nn.LeakyReLU(0.1),
     "relu": nn.ReLU,
@@ -38,8 +39,8 @@ class BoxWeights:
     roi_heads.box_predictor) in state_dict(), parameters() and therefore the optimizer.
     """
 
-    def __init__(self, *, box_predictor: nn.Module, parts: Sequence[str]) -> None:
-        self.box_predictor = box_predictor  # torchvision FastRCNNPredictor
+    def __init__(self, *, box_predictor: FastRCNNPredictor, parts: Sequence[str]) -> None:
+        self.box_predictor = box_predictor
         self.parts = tuple(parts)
 
     @property
@@ -66,9 +67,11 @@ class FixedEmbedding(nn.Module):
     A persistent buffer, so a checkpoint keeps the exact vectors the model was trained with.
     """
 
+    vectors: Tensor  # (K + 1, E), row 0 the background
+
     def __init__(self, *, vectors: Tensor) -> None:
         super().__init__()
-        self.register_buffer("vectors", vectors)  # (K + 1, E), row 0 the background
+        self.register_buffer("vectors", vectors)
 
     @property
     def dim(self) -> int:
@@ -85,7 +88,9 @@ class TransferPredictor(nn.Module):
     With `stop_gradient` the mask loss trains T but never the weights it reads.
     """
 
-    def __init__(self, *, source, transfer: nn.Module, stop_gradient: bool) -> None:
+    def __init__(
+        self, *, source: BoxWeights | FixedEmbedding, transfer: nn.Module, stop_gradient: bool
+    ) -> None:
         super().__init__()
         self.source = source
         self.transfer = transfer
@@ -133,7 +138,8 @@ def word_vectors(path: str | Path, class_names: Sequence[str]) -> Tensor:
             found = torch.stack([table[w] for w in words]).mean(0)
         if found is None:
             missing.append(name)
-        rows.append(found)
+        else:
+            rows.append(found)
     if missing:
         raise ConfigError(
             f"model.transfer.embedding_file {path}: no vector for {len(missing)} class(es): "
@@ -179,13 +185,16 @@ def build_transfer_predictor(
     stop_gradient: bool,
     in_channels: int,
     num_classes: int,
-    box_predictor: nn.Module,
+    box_predictor: FastRCNNPredictor | None,
     class_names: Sequence[str] | None,
     embedding_file: str | None,
     randn_dim: int,
 ) -> TransferPredictor:
     """T maps each class's `input` vector to the `in_channels` weights of its mask conv."""
+    source: BoxWeights | FixedEmbedding
     if input in BOX_PARTS:
+        if box_predictor is None:
+            raise ConfigError(f"model.transfer.input={input} reads a box predictor: none given")
         source = BoxWeights(box_predictor=box_predictor, parts=BOX_PARTS[input])
     elif input == "randn":
         source = FixedEmbedding(vectors=random_vectors(num_classes=num_classes, dim=randn_dim))
