@@ -16,7 +16,8 @@ from everyseg.config import ConfigError, DataConfig, load_config
 from everyseg.data.build import build_dataset
 from everyseg.data.coco import DataError
 from everyseg.engine.coco_results import ground_truth_for
-from tests.bad_data import SQUARE, H, W, ann, found, image_entry, load, write_dataset
+
+from coco_json import SQUARE, H, W, ann, image_entry
 
 # --- the file as a whole: always an error, whatever the policy -------------------------------
 
@@ -42,24 +43,24 @@ from tests.bad_data import SQUARE, H, W, ann, found, image_entry, load, write_da
         ),
     ],
 )
-def test_unreadable_json_files(tmp_path, text, message):
+def test_unreadable_json_files(coco_files, tmp_path, text, message):
     path = tmp_path / "ann.json"
     path.write_text(text)
     with pytest.raises(DataError, match=message) as err:
-        load(tmp_path, path)
+        coco_files.load(path)
     assert str(path) in str(err.value)
 
 
-def test_json_not_utf8(tmp_path):
+def test_json_not_utf8(coco_files, tmp_path):
     path = tmp_path / "ann.json"
     path.write_bytes(b'{"images": "\xff\xfe"}')
     with pytest.raises(DataError, match="not UTF-8 JSON text"):
-        load(tmp_path, path)
+        coco_files.load(path)
 
 
-def test_json_file_not_found(tmp_path):
+def test_json_file_not_found(coco_files, tmp_path):
     with pytest.raises(FileNotFoundError, match="annotation file .*nope.json not found"):
-        load(tmp_path, tmp_path / "nope.json")
+        coco_files.load(tmp_path / "nope.json")
 
 
 @pytest.mark.parametrize(
@@ -73,28 +74,28 @@ def test_json_file_not_found(tmp_path):
     ],
     ids=["duplicate-category-id", "duplicate-name", "no-name", "string-id", "no-categories"],
 )
-def test_bad_categories(tmp_path, categories, message):
+def test_bad_categories(coco_files, categories, message):
     with pytest.raises(DataError, match=message):
-        load(tmp_path, write_dataset(tmp_path, categories=categories))
+        coco_files.load(coco_files.write_dataset(categories=categories))
 
 
-def test_duplicate_image_ids(tmp_path):
+def test_duplicate_image_ids(coco_files):
     images = [image_entry(1, "a.png"), image_entry(1, "b.png")]
     with pytest.raises(DataError, match=r"duplicate image id\(s\) in 'images': \[1\]"):
-        load(tmp_path, write_dataset(tmp_path, images=images))
+        coco_files.load(coco_files.write_dataset(images=images))
 
 
-def test_empty_dataset(tmp_path):
+def test_empty_dataset(coco_files):
     with pytest.raises(DataError, match=r"no usable images \('images' is empty\)"):
-        load(tmp_path, write_dataset(tmp_path, images=[], annotations=[]))
+        coco_files.load(coco_files.write_dataset(images=[], annotations=[]))
 
 
-def test_every_image_skipped_is_an_error_that_says_why(tmp_path):
-    json_path = write_dataset(tmp_path)
+def test_every_image_skipped_is_an_error_that_says_why(coco_files, tmp_path):
+    json_path = coco_files.write_dataset()
     for name in ("a.png", "b.png"):
         (tmp_path / "img" / name).unlink()
     with pytest.raises(DataError, match=r"all 2 skipped: 2 image file not found; e.g. .*a.png"):
-        load(tmp_path, json_path)
+        coco_files.load(json_path)
 
 
 # --- one bad annotation (id 99 on image 1): skipped, named, or raised --------------------------
@@ -146,20 +147,20 @@ BAD_ANNOTATIONS = {
 
 
 @pytest.mark.parametrize("kind", list(BAD_ANNOTATIONS))
-def test_bad_annotation_is_skipped_and_named(tmp_path, kind):
+def test_bad_annotation_is_skipped_and_named(coco_files, kind):
     bad, key, reported_id, _ = BAD_ANNOTATIONS[kind]
-    dataset = load(tmp_path, write_dataset(tmp_path, annotations=[ann(10), ann(20, 2), bad]))
-    assert found(dataset, "skipped_annotations") == {key: [reported_id]}
+    dataset = coco_files.load(coco_files.write_dataset(annotations=[ann(10), ann(20, 2), bad]))
+    assert coco_files.found(dataset, "skipped_annotations") == {key: [reported_id]}
     assert [dataset[i][1]["ann_ids"].tolist() for i in (0, 1)] == [[10], [20]]
     assert dataset.index.findings.num_bad == 1
 
 
 @pytest.mark.parametrize("kind", list(BAD_ANNOTATIONS))
-def test_bad_annotation_under_error_policy_names_it(tmp_path, kind):
+def test_bad_annotation_under_error_policy_names_it(coco_files, kind):
     bad, _, _, message = BAD_ANNOTATIONS[kind]
-    json_path = write_dataset(tmp_path, annotations=[ann(10), ann(20, 2), bad])
+    json_path = coco_files.write_dataset(annotations=[ann(10), ann(20, 2), bad])
     with pytest.raises(DataError) as err:
-        load(tmp_path, json_path, on_bad_sample="error")
+        coco_files.load(json_path, on_bad_sample="error")
     assert message in str(err.value) and str(json_path) in str(err.value)
 
 
@@ -219,20 +220,20 @@ BAD_MASKS = {
 
 
 @pytest.mark.parametrize("kind", list(BAD_MASKS))
-def test_bad_segmentation_keeps_the_box_without_a_mask(tmp_path, kind):
+def test_bad_segmentation_keeps_the_box_without_a_mask(coco_files, tmp_path, kind):
     segm, key, form = BAD_MASKS[kind]
     annotations = [ann(10), ann(20, 2), ann(99, segmentation=segm)]
-    dataset = load(tmp_path, write_dataset(tmp_path, annotations=annotations))
-    assert found(dataset, "dropped_masks") == {key: [99]}
+    dataset = coco_files.load(coco_files.write_dataset(annotations=annotations))
+    assert coco_files.found(dataset, "dropped_masks") == {key: [99]}
     _, target = dataset[0]
     assert target["ann_ids"].tolist() == [10, 99]
     assert target["has_mask"].tolist() == [True, False] and target["masks"][1].sum() == 0
     with pytest.raises(DataError, match="annotation 99, image 1: ") as err:
-        load(tmp_path, tmp_path / "ann.json", on_bad_sample="error")
+        coco_files.load(tmp_path / "ann.json", on_bad_sample="error")
     assert form in str(err.value)
 
 
-def test_valid_rle_forms_are_accepted(tmp_path):
+def test_valid_rle_forms_are_accepted(coco_files):
     uncompressed = mask_utils.decode(_rle()).flatten(order="F")
     runs = np.diff(np.flatnonzero(np.diff(np.r_[0, uncompressed, 1 - uncompressed[-1]])))
     counts = [int(np.flatnonzero(uncompressed)[0])] + runs.tolist()
@@ -241,7 +242,7 @@ def test_valid_rle_forms_are_accepted(tmp_path):
         ann(10, segmentation=_rle()),
         ann(20, 2, segmentation={"size": [H, W], "counts": counts}),
     ]
-    dataset = load(tmp_path, write_dataset(tmp_path, annotations=annotations))
+    dataset = coco_files.load(coco_files.write_dataset(annotations=annotations))
     assert dataset.index.findings.num_bad == 0
     for i in (0, 1):
         assert dataset[i][1]["masks"][0].sum() == 80
@@ -256,7 +257,7 @@ def test_valid_rle_forms_are_accepted(tmp_path):
         pytest.param([PAIRS], None, id="xy-pairs"),
     ],
 )
-def test_evaluation_reads_segmentations_by_the_loaders_rule(tmp_path, segm, usable):
+def test_evaluation_reads_segmentations_by_the_loaders_rule(coco_files, segm, usable):
     """Ground truth given to COCOeval keeps a mask exactly when the loader would."""
     dataset = {
         "images": [image_entry(1, "a.png")],
@@ -264,7 +265,7 @@ def test_evaluation_reads_segmentations_by_the_loaders_rule(tmp_path, segm, usab
         "categories": [{"id": 1, "name": "cat"}],
     }
     (gt,) = ground_truth_for(dataset, iou_type="segm")["annotations"]
-    loaded = load(tmp_path, write_dataset(tmp_path, annotations=[ann(10, segmentation=segm)]))
+    loaded = coco_files.load(coco_files.write_dataset(annotations=[ann(10, segmentation=segm)]))
     assert loaded[0][1]["has_mask"].tolist() == [usable is not None]
     if usable is None:  # box-only: an ignore region
         assert gt["iscrowd"] == 1 and gt["segmentation"] == [[2, 3, 12, 3, 12, 11, 2, 11]]
@@ -275,78 +276,79 @@ def test_evaluation_reads_segmentations_by_the_loaders_rule(tmp_path, segm, usab
 # --- documented repairs and normal cases: never errors ----------------------------------------
 
 
-def test_box_partly_outside_is_clipped(tmp_path):
+def test_box_partly_outside_is_clipped(coco_files):
     annotations = [ann(10, bbox=[35, -4, 10, 8], segmentation=[]), ann(20, 2)]
-    dataset = load(
-        tmp_path, write_dataset(tmp_path, annotations=annotations), on_bad_sample="error"
+    dataset = coco_files.load(
+        coco_files.write_dataset(annotations=annotations), on_bad_sample="error"
     )
     assert dataset[0][1]["boxes"].tolist() == [[35, 0, 40, 4]]
-    assert found(dataset, "repaired") == {"clipped_bbox": [10]}
+    assert coco_files.found(dataset, "repaired") == {"clipped_bbox": [10]}
 
 
-def test_short_polygon_beside_a_good_one_is_dropped(tmp_path):
+def test_short_polygon_beside_a_good_one_is_dropped(coco_files):
     annotations = [ann(10, segmentation=[SQUARE[0], [30, 1, 31, 2]]), ann(20, 2)]
-    dataset = load(
-        tmp_path, write_dataset(tmp_path, annotations=annotations), on_bad_sample="error"
+    dataset = coco_files.load(
+        coco_files.write_dataset(annotations=annotations), on_bad_sample="error"
     )
-    assert dataset[0][1]["masks"][0].sum() == load(tmp_path)[1][1]["masks"][0].sum() > 0
-    assert found(dataset, "repaired") == {"short_polygon": [10]}
+    assert dataset[0][1]["masks"][0].sum() == coco_files.load()[1][1]["masks"][0].sum() > 0
+    assert coco_files.found(dataset, "repaired") == {"short_polygon": [10]}
 
 
-def test_flat_polygon_list_is_read_as_one_polygon(tmp_path):
+def test_flat_polygon_list_is_read_as_one_polygon(coco_files):
     annotations = [ann(10, segmentation=SQUARE[0]), ann(20, 2)]
-    dataset = load(
-        tmp_path, write_dataset(tmp_path, annotations=annotations), on_bad_sample="error"
+    dataset = coco_files.load(
+        coco_files.write_dataset(annotations=annotations), on_bad_sample="error"
     )
     assert dataset[0][1]["has_mask"].tolist() == [True]
     assert dataset[0][1]["masks"][0].sum() == dataset[1][1]["masks"][0].sum()
-    assert found(dataset, "repaired") == {"flat_polygon": [10]}
+    assert coco_files.found(dataset, "repaired") == {"flat_polygon": [10]}
 
 
 @pytest.mark.parametrize("area", ["big", 10**400], ids=["string", "integer-beyond-float"])
-def test_invalid_area_becomes_the_box_area(tmp_path, area):
+def test_invalid_area_becomes_the_box_area(coco_files, area):
     annotations = [ann(10, area=area), ann(20, 2)]
-    dataset = load(
-        tmp_path, write_dataset(tmp_path, annotations=annotations), on_bad_sample="error"
+    dataset = coco_files.load(
+        coco_files.write_dataset(annotations=annotations), on_bad_sample="error"
     )
     assert dataset.ground_truth()["annotations"][0]["area"] == 80.0
-    assert found(dataset, "repaired") == {"bad_area": [10]}
+    assert coco_files.found(dataset, "repaired") == {"bad_area": [10]}
 
 
 @pytest.mark.parametrize("segm", [[], None, {}], ids=["empty-list", "null", "empty-object"])
-def test_empty_segmentation_is_box_only(tmp_path, segm):
+def test_empty_segmentation_is_box_only(coco_files, segm):
     annotations = [ann(10, segmentation=segm), ann(20, 2)]
-    dataset = load(
-        tmp_path, write_dataset(tmp_path, annotations=annotations), on_bad_sample="error"
+    dataset = coco_files.load(
+        coco_files.write_dataset(annotations=annotations), on_bad_sample="error"
     )
     assert dataset[0][1]["has_mask"].tolist() == [False]
-    assert found(dataset, "notes")["no_segmentation"] == [10]
+    assert coco_files.found(dataset, "notes")["no_segmentation"] == [10]
 
 
-def test_crowd_rle_is_an_ignore_region_not_an_instance(tmp_path):
+def test_crowd_rle_is_an_ignore_region_not_an_instance(coco_files):
     crowd = ann(30, iscrowd=1, segmentation=_rle(), bbox=[2, 3, 10, 8])
-    dataset = load(
-        tmp_path,
-        write_dataset(tmp_path, annotations=[ann(10), ann(20, 2), crowd]),
+    dataset = coco_files.load(
+        coco_files.write_dataset(annotations=[ann(10), ann(20, 2), crowd]),
         on_bad_sample="error",
     )
     assert dataset[0][1]["ann_ids"].tolist() == [10]
-    assert found(dataset, "notes")["crowd"] == [30]
+    assert coco_files.found(dataset, "notes")["crowd"] == [30]
     gt = {a["id"]: a for a in dataset.ground_truth()["annotations"]}
     assert gt[30]["iscrowd"] == 1 and gt[30]["segmentation"] == _rle()
 
 
-def test_image_without_annotations_is_a_negative(tmp_path):
-    dataset = load(tmp_path, write_dataset(tmp_path, annotations=[ann(10)]), on_bad_sample="error")
+def test_image_without_annotations_is_a_negative(coco_files):
+    dataset = coco_files.load(
+        coco_files.write_dataset(annotations=[ann(10)]), on_bad_sample="error"
+    )
     _, target = dataset[1]
     assert target["boxes"].shape == (0, 4) and target["masks"].shape == (0, H, W)
-    assert found(dataset, "notes") == {"without_annotations": [2]}
+    assert coco_files.found(dataset, "notes") == {"without_annotations": [2]}
     assert "(1 without instances)" in dataset.summary()
 
 
-def test_ground_truth_keeps_only_what_the_loader_kept(tmp_path):
+def test_ground_truth_keeps_only_what_the_loader_kept(coco_files):
     annotations = [ann(10), ann(20, 2), ann(99, category_id=9), ann(98, bbox=[1, 1, NAN, 1])]
-    gt = load(tmp_path, write_dataset(tmp_path, annotations=annotations)).ground_truth()
+    gt = coco_files.load(coco_files.write_dataset(annotations=annotations)).ground_truth()
     assert [a["id"] for a in gt["annotations"]] == [10, 20]
     assert gt["annotations"][0]["bbox"] == [2.0, 3.0, 10.0, 8.0]
     assert all(math.isfinite(v) for a in gt["annotations"] for v in a["bbox"])
@@ -360,10 +362,10 @@ def _train_config(json_path, **fields) -> DataConfig:
     return DataConfig(train_json=str(json_path), train_images=images, **fields)
 
 
-def test_train_set_whose_masks_are_all_dropped_stops_and_says_why(tmp_path):
+def test_train_set_whose_masks_are_all_dropped_stops_and_says_why(coco_files):
     annotations = [ann(10, segmentation=[PAIRS]), ann(20, 2, segmentation=[PAIRS]), ann(30, 2)]
     annotations[2]["segmentation"] = [[1, 1, 5, 5]]
-    cfg = _train_config(write_dataset(tmp_path, annotations=annotations))
+    cfg = _train_config(coco_files.write_dataset(annotations=annotations))
     with pytest.raises(DataError) as err:
         build_dataset(cfg, split="train")
     message = str(err.value)
@@ -380,30 +382,30 @@ def test_train_set_whose_masks_are_all_dropped_stops_and_says_why(tmp_path):
     assert len(build_dataset(cfg, split="val")) == 2
 
 
-def test_box_only_train_set_needs_mask_classes_none(tmp_path):
+def test_box_only_train_set_needs_mask_classes_none(coco_files):
     annotations = [ann(10, segmentation=[]), ann(20, 2, segmentation=None)]
-    cfg = _train_config(write_dataset(tmp_path, annotations=annotations))
+    cfg = _train_config(coco_files.write_dataset(annotations=annotations))
     with pytest.raises(DataError, match=r"no segmentation \(box-only\): 2"):
         build_dataset(cfg, split="train")
 
 
-def test_mask_classes_without_instances_stop_training(tmp_path):
-    cfg = _train_config(write_dataset(tmp_path), mask_classes="dog")  # every instance is a cat
+def test_mask_classes_without_instances_stop_training(coco_files):
+    cfg = _train_config(coco_files.write_dataset(), mask_classes="dog")  # every instance is a cat
     with pytest.raises(DataError, match=r"none of the 0 instances .* \(dog\).*no instances"):
         build_dataset(cfg, split="train")
 
 
-def test_train_set_without_a_usable_instance_stops(tmp_path):
+def test_train_set_without_a_usable_instance_stops(coco_files):
     annotations = [ann(10, bbox=None), ann(20, 2, category_id=9)]
-    cfg = _train_config(write_dataset(tmp_path, annotations=annotations), mask_classes="none")
+    cfg = _train_config(coco_files.write_dataset(annotations=annotations), mask_classes="none")
     with pytest.raises(DataError, match="no usable instance in 2 annotations") as err:
         build_dataset(cfg, split="train")
     assert "bbox missing or not 4 finite numbers: 1" in str(err.value)
     assert "category id not in 'categories': 1" in str(err.value)
 
 
-def test_everyseg_train_on_a_set_without_masks_exits_with_the_reason(tmp_path, capsys):
-    json_path = write_dataset(tmp_path, annotations=[ann(10, segmentation=[PAIRS])])
+def test_everyseg_train_on_a_set_without_masks_exits_with_the_reason(coco_files, tmp_path, capsys):
+    json_path = coco_files.write_dataset(annotations=[ann(10, segmentation=[PAIRS])])
     argv = ["train", "maskrcnn-tiny", "--out", str(tmp_path / "run")]
     for key, value in (("json", json_path), ("images", tmp_path / "img")):
         argv += ["--set", f"data.train_{key}={value}"]
@@ -414,9 +416,9 @@ def test_everyseg_train_on_a_set_without_masks_exits_with_the_reason(tmp_path, c
 # --- the config --------------------------------------------------------------------------------
 
 
-def test_mask_classes_name_not_a_category(tmp_path):
+def test_mask_classes_name_not_a_category(coco_files):
     with pytest.raises(ConfigError, match=r"'dgo' \(did you mean 'dog'\?\); valid names: cat, dog"):
-        load(tmp_path, write_dataset(tmp_path), mask_classes="cat,dgo")
+        coco_files.load(coco_files.write_dataset(), mask_classes="cat,dgo")
 
 
 def test_config_key_that_does_not_exist():
@@ -429,6 +431,6 @@ def test_config_value_of_the_wrong_type():
         load_config("maskrcnn-tiny", ["train.steps=many"])
 
 
-def test_unknown_bad_sample_policy(tmp_path):
+def test_unknown_bad_sample_policy(coco_files):
     with pytest.raises(ConfigError, match="data.on_bad_sample must be one of"):
-        load(tmp_path, write_dataset(tmp_path), on_bad_sample="ignore")
+        coco_files.load(coco_files.write_dataset(), on_bad_sample="ignore")

@@ -8,12 +8,10 @@ from torchvision.models import resnet18
 
 from everyseg.config import ConfigError, ModelConfig
 from everyseg.engine.initialize import initialize_for_training
-from everyseg.engine.train import train
 from everyseg.modeling.detector import DETECTORS, build_model
 from everyseg.modeling.fcos import FCOSWithMasks
 from everyseg.modeling.rcnn import RCNN
 from everyseg.predictor import Predictor
-from tests.conftest import model_of, tiny_config
 
 SIZES = dict(min_size=[64], max_size=64, test_min_size=64)
 FCOS = ["model.backbone.fpn_channels=64"]  # FCOS's GroupNorm(32, C) needs C >= 32
@@ -34,13 +32,13 @@ def test_build_model_takes_only_the_model_section_and_loads_nothing(tmp_path):
         assert torch.equal(value, other), name  # random initialisation only
 
 
-def test_backbone_weights_are_loaded_by_the_engine(synth_paths, tmp_path):
+def test_backbone_weights_are_loaded_by_the_engine(make_config, make_model, tmp_path):
     torch.manual_seed(1)
     path = tmp_path / "resnet18.pth"
     torch.save(resnet18().state_dict(), path)
     weights = ["model.backbone.norm=frozen_bn", f"model.backbone.weights={path}"]
-    cfg = tiny_config(synth_paths, *weights)
-    model = model_of(cfg, num_classes=4)
+    cfg = make_config(*weights)
+    model = make_model(cfg, num_classes=4)
     saved = torch.load(path, weights_only=True)
     body = model.backbone.body
     assert not torch.equal(body.layer2[0].conv1.weight, saved["layer2.0.conv1.weight"])
@@ -50,23 +48,21 @@ def test_backbone_weights_are_loaded_by_the_engine(synth_paths, tmp_path):
 
 
 @pytest.mark.parametrize("name, cls", [("rcnn", RCNN), ("fcos", FCOSWithMasks)])
-def test_the_detector_dict_chooses_the_builder(synth_paths, monkeypatch, name, cls):
-    cfg = tiny_config(
-        synth_paths, *FCOS, preset="deepmac-tiny" if name == "fcos" else "maskrcnn-tiny"
-    )
-    assert isinstance(model_of(cfg, num_classes=4), cls)
+def test_the_detector_dict_chooses_the_builder(make_config, make_model, monkeypatch, name, cls):
+    cfg = make_config(*FCOS, preset="deepmac-tiny" if name == "fcos" else "maskrcnn-tiny")
+    assert isinstance(make_model(cfg, num_classes=4), cls)
     calls = []
     monkeypatch.setitem(DETECTORS, name, lambda *args, **kwargs: calls.append(kwargs) or "built")
-    assert model_of(cfg, num_classes=4) == "built"
+    assert make_model(cfg, num_classes=4) == "built"
     assert calls[0]["num_classes"] == 4 and set(calls[0]) >= {"backbone", "transform"}
     cfg.model.detector = "yolo"
     with pytest.raises(ConfigError, match="model.detector 'yolo': choose one of rcnn, fcos"):
-        model_of(cfg, num_classes=4)
+        make_model(cfg, num_classes=4)
 
 
-def test_rcnn_masks_for_boxes_are_what_eval_forward_gives(tiny_cfg):
+def test_rcnn_masks_for_boxes_are_what_eval_forward_gives(make_model, tiny_cfg):
     torch.manual_seed(0)
-    model = model_of(tiny_cfg, num_classes=4).eval()
+    model = make_model(tiny_cfg, num_classes=4).eval()
     image = torch.rand(3, 40, 56)  # resized by the transform: boxes go to and fro
     with torch.no_grad():
         (detected,) = model([image])
@@ -78,9 +74,9 @@ def test_rcnn_masks_for_boxes_are_what_eval_forward_gives(tiny_cfg):
 
 
 @pytest.mark.parametrize("preset", ["maskrcnn-tiny", "deepmac-tiny"])
-def test_masks_for_boxes_of_both_detectors(synth_paths, preset):
+def test_masks_for_boxes_of_both_detectors(make_config, make_model, preset):
     torch.manual_seed(0)
-    model = model_of(tiny_config(synth_paths, *FCOS, preset=preset), num_classes=4).eval()
+    model = make_model(make_config(*FCOS, preset=preset), num_classes=4).eval()
     image = torch.rand(3, 48, 64)
     boxes = torch.tensor([[4.0, 6.0, 30.0, 20.0], [30.0, 20.0, 64.0, 48.0]])
     with torch.no_grad():
@@ -135,13 +131,9 @@ def test_segment_works_for_every_detector(runs, name):
 
 
 @pytest.fixture(scope="module")
-def runs(synth_paths, tmp_path_factory):
-    """Predictors of one-step R-CNN and FCOS runs."""
-    out = tmp_path_factory.mktemp("runs")
-    presets = {"rcnn": "maskrcnn-tiny", "fcos": "deepmac-tiny"}
-    predictors = {}
-    for name, preset in presets.items():
-        cfg = tiny_config(synth_paths, "train.steps=1", *FCOS, preset=preset)
-        run = train(cfg, out_dir=out / name, progress=False)
-        predictors[name] = Predictor(run.root, device="cpu")
-    return predictors
+def runs(trained_run, fcos_run):
+    """Predictors of the session's R-CNN and FCOS runs."""
+    return {
+        name: Predictor(run.root, device="cpu")
+        for name, run in [("rcnn", trained_run), ("fcos", fcos_run)]
+    }

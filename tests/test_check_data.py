@@ -17,7 +17,8 @@ from everyseg.data.images import load_image
 from everyseg.data.validate import BadSampleWarning
 from everyseg.predict_files import predict_files
 from everyseg.predictor import Instances
-from tests.bad_data import H, W, ann, found, image_entry, load, write_dataset, write_image
+
+from coco_json import H, W, ann, image_entry
 
 
 def _truncate(path):
@@ -36,7 +37,7 @@ def _garble_pixels(path):
     path.write_bytes(bytes(data))
 
 
-def _break(path, how):
+def _break(coco_files, path, how):
     if how == "missing":
         path.unlink()
     elif how == "corrupt":
@@ -46,7 +47,7 @@ def _break(path, how):
     elif how == "text-file":
         path.write_text("this is not an image")
     elif how == "size-mismatch":
-        write_image(path, width=W + 1)
+        coco_files.write_image(path, width=W + 1)
     elif how == "exif-rotated-json-has-stored-size":
         exif = Image.Exif()
         exif[0x0112] = 6  # displayed rotated 90 degrees: 30x40
@@ -64,17 +65,17 @@ BAD_FILES = {
 
 
 @pytest.mark.parametrize("how", list(BAD_FILES))
-def test_bad_image_file_is_skipped_with_its_annotations(tmp_path, how):
-    json_path = write_dataset(tmp_path)
-    _break(tmp_path / "img" / "a.png", how)
-    dataset = load(tmp_path, json_path)
+def test_bad_image_file_is_skipped_with_its_annotations(coco_files, tmp_path, how):
+    json_path = coco_files.write_dataset()
+    _break(coco_files, tmp_path / "img" / "a.png", how)
+    dataset = coco_files.load(json_path)
     key, message = BAD_FILES[how]
-    assert found(dataset, "skipped_images") == {key: [1]}
-    assert found(dataset, "skipped_annotations") == {"image_skipped": [10]}
+    assert coco_files.found(dataset, "skipped_images") == {key: [1]}
+    assert coco_files.found(dataset, "skipped_annotations") == {"image_skipped": [10]}
     assert dataset.image_ids == [2] and dataset[0][1]["ann_ids"].tolist() == [20]
     assert str(tmp_path / "img" / "a.png") in dataset.summary()
     with pytest.raises(DataError, match=f"image 1, .*a.png: .*{message}"):
-        load(tmp_path, json_path, on_bad_sample="error")
+        coco_files.load(json_path, on_bad_sample="error")
 
 
 @pytest.mark.parametrize(
@@ -104,41 +105,41 @@ def test_bad_image_file_is_skipped_with_its_annotations(tmp_path, how):
         "fractional-width",
     ],
 )
-def test_malformed_image_entry(tmp_path, entry, detail):
-    json_path = write_dataset(tmp_path, images=[entry, image_entry(2, "b.png")])
-    dataset = load(tmp_path, json_path)
-    assert list(found(dataset, "skipped_images")) == ["malformed_entry"]
+def test_malformed_image_entry(coco_files, entry, detail):
+    json_path = coco_files.write_dataset(images=[entry, image_entry(2, "b.png")])
+    dataset = coco_files.load(json_path)
+    assert list(coco_files.found(dataset, "skipped_images")) == ["malformed_entry"]
     assert dataset.image_ids == [2]
     with pytest.raises(DataError, match=f"images\\[0\\]: {detail}"):
-        load(tmp_path, json_path, on_bad_sample="error")
+        coco_files.load(json_path, on_bad_sample="error")
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "CMYK"])
-def test_unusual_image_modes_load_as_rgb(tmp_path, mode):
-    json_path = write_dataset(tmp_path)
+def test_unusual_image_modes_load_as_rgb(coco_files, tmp_path, mode):
+    json_path = coco_files.write_dataset()
     gray = np.tile(np.arange(W, dtype=np.uint8) * 6, (H, 1))
     if mode == "I;16":
         Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "img" / "a.png")
     elif mode == "CMYK":
-        json_path = write_dataset(
-            tmp_path, images=[image_entry(1, "a.tiff")], annotations=[ann(10)]
+        json_path = coco_files.write_dataset(
+            images=[image_entry(1, "a.tiff")], annotations=[ann(10)]
         )
         Image.fromarray(gray).convert("CMYK").save(tmp_path / "img" / "a.tiff")
     else:
         Image.fromarray(gray).convert(mode).save(tmp_path / "img" / "a.png")
-    image, target = load(tmp_path, json_path, on_bad_sample="error")[0]
+    image, target = coco_files.load(json_path, on_bad_sample="error")[0]
     assert image.shape == (3, H, W) and target["masks"].shape == (1, H, W)
     expected = torch.from_numpy(gray).float() / 255
     torch.testing.assert_close(image[0], expected, atol=1.5 / 255, rtol=0)
 
 
-def test_exif_rotated_image_with_displayed_size_loads_rotated(tmp_path):
+def test_exif_rotated_image_with_displayed_size_loads_rotated(coco_files, tmp_path):
     images = [image_entry(1, "r.jpg", width=H, height=W)]
-    json_path = write_dataset(tmp_path, images=images, annotations=[ann(10)])
+    json_path = coco_files.write_dataset(images=images, annotations=[ann(10)])
     exif = Image.Exif()
     exif[0x0112] = 6
     Image.new("RGB", (W, H), (200, 10, 10)).save(tmp_path / "img" / "r.jpg", exif=exif)
-    image, _ = load(tmp_path, json_path, on_bad_sample="error")[0]
+    image, _ = coco_files.load(json_path, on_bad_sample="error")[0]
     assert image.shape == (3, W, H)
 
 
@@ -146,44 +147,44 @@ def test_exif_rotated_image_with_displayed_size_loads_rotated(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["a.png", "a.jpg"])
-def test_truncated_png_or_jpeg_is_found_by_the_header_scan(tmp_path, monkeypatch, name):
-    json_path = write_dataset(tmp_path, images=[image_entry(1, name), image_entry(2, "b.png")])
+def test_truncated_png_or_jpeg_is_found_by_the_header_scan(coco_files, tmp_path, monkeypatch, name):
+    json_path = coco_files.write_dataset(images=[image_entry(1, name), image_entry(2, "b.png")])
     _truncate(tmp_path / "img" / name)
     decoded = []
     load_pixels = Image.Image.load
     monkeypatch.setattr(Image.Image, "load", lambda im: decoded.append(im) or load_pixels(im))
-    dataset = load(tmp_path, json_path)
-    assert found(dataset, "skipped_images") == {"unreadable": [1]}
+    dataset = coco_files.load(json_path)
+    assert coco_files.found(dataset, "skipped_images") == {"unreadable": [1]}
     assert "image file is truncated" in dataset.summary()
     assert len(decoded) == 1  # only the file without its end marker was decoded
 
 
-def test_png_with_data_after_its_end_is_not_truncated(tmp_path):
-    json_path = write_dataset(tmp_path)
+def test_png_with_data_after_its_end_is_not_truncated(coco_files, tmp_path):
+    json_path = coco_files.write_dataset()
     path = tmp_path / "img" / "a.png"
     path.write_bytes(path.read_bytes() + bytes(3000))  # legal: readers stop at IEND
-    assert load(tmp_path, json_path, on_bad_sample="error").image_ids == [1, 2]
+    assert coco_files.load(json_path, on_bad_sample="error").image_ids == [1, 2]
 
 
 # --- a file that only fails when decoded ------------------------------------------------------
 
 
 @pytest.fixture
-def corrupt(tmp_path):
-    json_path = write_dataset(tmp_path)
+def corrupt(coco_files, tmp_path):
+    json_path = coco_files.write_dataset()
     _garble_pixels(tmp_path / "img" / "a.png")
     return json_path
 
 
-def test_corrupt_pixels_pass_the_header_check_but_not_decoding(tmp_path, corrupt):
-    assert load(tmp_path, corrupt).image_ids == [1, 2]
-    dataset = load(tmp_path, corrupt, decode_images=True)  # how evaluation reads its set
-    assert found(dataset, "skipped_images") == {"unreadable": [1]}
+def test_corrupt_pixels_pass_the_header_check_but_not_decoding(coco_files, corrupt):
+    assert coco_files.load(corrupt).image_ids == [1, 2]
+    dataset = coco_files.load(corrupt, decode_images=True)  # how evaluation reads its set
+    assert coco_files.found(dataset, "skipped_images") == {"unreadable": [1]}
     assert "unrecognized data stream contents" in dataset.summary()
 
 
-def test_corrupt_image_in_training_is_replaced_and_reported(tmp_path, corrupt, capsys):
-    dataset = load(tmp_path, corrupt, train=True)
+def test_corrupt_image_in_training_is_replaced_and_reported(coco_files, corrupt, capsys):
+    dataset = coco_files.load(corrupt, train=True)
     for _ in range(2):
         _, target = dataset[(0, 5)]
         assert target["image_id"].item() == 2  # the next image stands in
@@ -192,12 +193,12 @@ def test_corrupt_image_in_training_is_replaced_and_reported(tmp_path, corrupt, c
     assert "image 1: cannot read image" in err and "the next image stands in" in err
 
 
-def test_corrupt_image_under_warn_and_error(tmp_path, corrupt):
+def test_corrupt_image_under_warn_and_error(coco_files, corrupt):
     with pytest.warns(BadSampleWarning, match="a.png.*unrecognized data stream"):
-        load(tmp_path, corrupt, train=True, on_bad_sample="warn")[(0, 1)]
+        coco_files.load(corrupt, train=True, on_bad_sample="warn")[(0, 1)]
     for dataset in (
-        load(tmp_path, corrupt, train=True, on_bad_sample="error"),
-        load(tmp_path, corrupt),
+        coco_files.load(corrupt, train=True, on_bad_sample="error"),
+        coco_files.load(corrupt),
     ):
         with pytest.raises(DataError, match=r"ann.json: image 1: cannot read image .*a.png"):
             dataset[0]
@@ -206,37 +207,38 @@ def test_corrupt_image_under_warn_and_error(tmp_path, corrupt):
 # --- where an image file may be: inside the images folder unless the user opts in --------------
 
 
-def _outside(tmp_path, how):
+def _outside(coco_files, how):
     """An entry for image 1 whose file_name leads out of img/, to a valid 40x30 image."""
-    write_image(tmp_path / "outside.png")
+    outside = coco_files.root / "outside.png"
+    coco_files.write_image(outside)
     if how == "absolute":
-        return image_entry(1, str(tmp_path / "outside.png"))
+        return image_entry(1, str(outside))
     if how == "dot-dot":
         return image_entry(1, "../outside.png")
-    (tmp_path / "img").mkdir(exist_ok=True)
-    (tmp_path / "img" / "link.png").symlink_to(tmp_path / "outside.png")
+    coco_files.images.mkdir(exist_ok=True)
+    (coco_files.images / "link.png").symlink_to(outside)
     return image_entry(1, "link.png")
 
 
 @pytest.mark.parametrize("how", ["absolute", "dot-dot", "symlink"])
-def test_file_name_leading_outside_the_images_folder_is_refused(tmp_path, how):
-    entry = _outside(tmp_path, how)
-    json_path = write_dataset(tmp_path, images=[entry, image_entry(2, "b.png")])
-    dataset = load(tmp_path, json_path)
-    assert found(dataset, "skipped_images") == {"outside_images": [1]}
+def test_file_name_leading_outside_the_images_folder_is_refused(coco_files, tmp_path, how):
+    entry = _outside(coco_files, how)
+    json_path = coco_files.write_dataset(images=[entry, image_entry(2, "b.png")])
+    dataset = coco_files.load(json_path)
+    assert coco_files.found(dataset, "skipped_images") == {"outside_images": [1]}
     assert dataset.image_ids == [2]
     message = f"image 1, .*{entry['file_name']}: file_name leads outside the images folder: "
     message += f"leads to {tmp_path / 'outside.png'}; set data.allow_outside_images=true"
     with pytest.raises(DataError, match=message):
-        load(tmp_path, json_path, on_bad_sample="error")
-    allowed = load(tmp_path, json_path, allow_outside_images=True, on_bad_sample="error")
+        coco_files.load(json_path, on_bad_sample="error")
+    allowed = coco_files.load(json_path, allow_outside_images=True, on_bad_sample="error")
     assert allowed.image_ids == [1, 2] and allowed[0][0].shape == (3, H, W)
 
 
-def test_images_folder_may_itself_be_a_symlink(tmp_path):
+def test_images_folder_may_itself_be_a_symlink(coco_files, tmp_path):
     (tmp_path / "img" / "x").mkdir(parents=True)
-    json_path = write_dataset(
-        tmp_path, images=[image_entry(1, "a.png"), image_entry(2, "x/../b.png")]
+    json_path = coco_files.write_dataset(
+        images=[image_entry(1, "a.png"), image_entry(2, "x/../b.png")]
     )
     (tmp_path / "linked").symlink_to(tmp_path / "img")
     dataset = CocoInstances(
@@ -245,8 +247,8 @@ def test_images_folder_may_itself_be_a_symlink(tmp_path):
     assert dataset.image_ids == [1, 2]
 
 
-def test_allow_outside_images_is_a_config_key(tmp_path):
-    json_path = write_dataset(tmp_path, images=[_outside(tmp_path, "dot-dot")])
+def test_allow_outside_images_is_a_config_key(coco_files, tmp_path):
+    json_path = coco_files.write_dataset(images=[_outside(coco_files, "dot-dot")])
     cfg = DataConfig(val_json=str(json_path), val_images=str(tmp_path / "img"))
     with pytest.raises(DataError, match="no usable images .*outside the images folder"):
         build_dataset(cfg, split="val")
@@ -257,14 +259,14 @@ def test_allow_outside_images_is_a_config_key(tmp_path):
 # --- images the model's resize would crush ----------------------------------------------------
 
 
-def test_image_too_thin_for_the_resize_is_skipped_before_training(tmp_path):
+def test_image_too_thin_for_the_resize_is_skipped_before_training(coco_files, tmp_path):
     images = [image_entry(1, "thin.png", width=2000, height=3), image_entry(2, "b.png")]
-    json_path = write_dataset(tmp_path, images=images, annotations=[ann(20, 2), ann(21, 1)])
-    write_image(tmp_path / "img" / "thin.png", width=2000, height=3)
+    json_path = coco_files.write_dataset(images=images, annotations=[ann(20, 2), ann(21, 1)])
+    coco_files.write_image(tmp_path / "img" / "thin.png", width=2000, height=3)
     cfg = DataConfig(train_json=str(json_path), train_images=str(tmp_path / "img"))
     cfg.min_size, cfg.max_size = [800], 1333
     dataset = build_dataset(cfg, split="train")
-    assert found(dataset, "skipped_images") == {"unusable_size": [1]}
+    assert coco_files.found(dataset, "skipped_images") == {"unusable_size": [1]}
     assert "2000x3 (aspect ratio 667:1) becomes 1333.0x2.0 px with data.min_size=[800]" in (
         dataset.summary()
     )
@@ -278,34 +280,34 @@ def test_image_too_thin_for_the_resize_is_skipped_before_training(tmp_path):
 # --- policies ---------------------------------------------------------------------------------
 
 
-def test_skip_summary_names_every_bad_sample(tmp_path):
+def test_skip_summary_names_every_bad_sample(coco_files):
     bad = [ann(100 + i, bbox=[1, 1, -1, 1]) for i in range(30)]
-    dataset = load(tmp_path, write_dataset(tmp_path, annotations=[ann(10), *bad]))
+    dataset = coco_files.load(coco_files.write_dataset(annotations=[ann(10), *bad]))
     line = next(x for x in dataset.summary().splitlines() if "negative box" in x)
     assert line.endswith(", ".join(str(100 + i) for i in range(30)) + ")")
 
 
-def test_warn_warns_once_per_bad_sample(tmp_path):
-    json_path = write_dataset(tmp_path, annotations=[ann(10), ann(0), ann(11, category_id=9)])
+def test_warn_warns_once_per_bad_sample(coco_files):
+    json_path = coco_files.write_dataset(annotations=[ann(10), ann(0), ann(11, category_id=9)])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        dataset = load(tmp_path, json_path, on_bad_sample="warn")
+        dataset = coco_files.load(json_path, on_bad_sample="warn")
     messages = [str(w.message) for w in caught if w.category is BadSampleWarning]
     assert len(messages) == 2 and "has id 0" in messages[0] and "annotation 11" in messages[1]
     assert dataset.index.findings.num_bad == 2
 
 
-def test_error_stops_at_the_first_bad_sample(tmp_path):
-    json_path = write_dataset(tmp_path, annotations=[ann(10), ann(11, bbox=None), ann(0)])
+def test_error_stops_at_the_first_bad_sample(coco_files):
+    json_path = coco_files.write_dataset(annotations=[ann(10), ann(11, bbox=None), ann(0)])
     with pytest.raises(DataError, match="annotation 11, image 1: bbox missing"):
-        load(tmp_path, json_path, on_bad_sample="error")
+        coco_files.load(json_path, on_bad_sample="error")
 
 
 # --- everyseg check-data ----------------------------------------------------------------------
 
 
-def test_check_data_clean_json(tmp_path, capsys):
-    write_dataset(tmp_path)
+def test_check_data_clean_json(coco_files, tmp_path, capsys):
+    coco_files.write_dataset()
     assert main(["check-data", str(tmp_path / "ann.json"), "--images", str(tmp_path / "img")]) == 0
     out = capsys.readouterr().out
     assert "OK: no bad samples" in out and "* cat" in out
@@ -315,8 +317,8 @@ def test_check_data_clean_json(tmp_path, capsys):
     assert "OK: no bad samples (every image decoded)" in capsys.readouterr().out
 
 
-def test_check_data_json_report_and_exit_code(tmp_path, capsys):
-    json_path = write_dataset(tmp_path, annotations=[ann(10), ann(11, image_id=9)])
+def test_check_data_json_report_and_exit_code(coco_files, tmp_path, capsys):
+    json_path = coco_files.write_dataset(annotations=[ann(10), ann(11, image_id=9)])
     (tmp_path / "img" / "b.png").unlink()
     argv = ["check-data", str(json_path), "--images", str(tmp_path / "img"), "--json"]
     assert main(argv) == 1
@@ -347,10 +349,10 @@ def test_check_data_json_report_and_exit_code(tmp_path, capsys):
     }
 
 
-def test_check_data_config_checks_train_and_val(tmp_path, capsys):
+def test_check_data_config_checks_train_and_val(coco_files, tmp_path, capsys):
     # a dog too: a train set whose mask classes have no mask cannot train (test below)
     annotations = [ann(10), ann(20, 2), ann(30, 2, category_id=2)]
-    json_path = write_dataset(tmp_path, annotations=annotations)
+    json_path = coco_files.write_dataset(annotations=annotations)
     sets = [
         f"data.{s}_{k}={v}"
         for s in ("train", "val")
@@ -366,8 +368,8 @@ def test_check_data_config_checks_train_and_val(tmp_path, capsys):
     assert val["classes"][0]["masks"] == 2  # evaluation scores every class's masks
 
 
-def test_check_data_says_when_the_train_set_cannot_train(tmp_path, capsys):
-    json_path = write_dataset(tmp_path)  # cats only
+def test_check_data_says_when_the_train_set_cannot_train(coco_files, tmp_path, capsys):
+    json_path = coco_files.write_dataset()  # cats only
     argv = ["check-data", "maskrcnn-tiny", "--set", "data.mask_classes=dog"]
     for key, value in (("json", json_path), ("images", tmp_path / "img")):
         argv += ["--set", f"data.train_{key}={value}"]
@@ -385,19 +387,19 @@ def test_check_data_unreadable_dataset_is_reported_not_raised(tmp_path, capsys):
     assert "error: " in capsys.readouterr().out
 
 
-def test_check_data_json_needs_images(tmp_path, capsys):
-    assert main(["check-data", str(write_dataset(tmp_path))]) == 2
+def test_check_data_json_needs_images(coco_files, capsys):
+    assert main(["check-data", str(coco_files.write_dataset())]) == 2
     assert "--images DIR" in capsys.readouterr().err
 
 
-def test_check_data_reads_headers_not_pixels(tmp_path, monkeypatch, capsys):
-    write_dataset(tmp_path)
+def test_check_data_reads_headers_not_pixels(coco_files, tmp_path, monkeypatch, capsys):
+    coco_files.write_dataset()
     monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("pixels were decoded"))
     assert main(["check-data", str(tmp_path / "ann.json"), "--images", str(tmp_path / "img")]) == 0
 
 
-def test_check_data_finds_truncated_files_without_decode(tmp_path, capsys):
-    json_path = write_dataset(tmp_path)
+def test_check_data_finds_truncated_files_without_decode(coco_files, tmp_path, capsys):
+    json_path = coco_files.write_dataset()
     _truncate(tmp_path / "img" / "a.png")
     assert main(["check-data", str(json_path), "--images", str(tmp_path / "img")]) == 1
     assert "image file is truncated" in capsys.readouterr().out
@@ -427,9 +429,9 @@ class _EmptyPredictor:
         return []
 
 
-def test_predict_reports_each_bad_file_and_processes_the_rest(tmp_path, capsys):
+def test_predict_reports_each_bad_file_and_processes_the_rest(coco_files, tmp_path, capsys):
     good = tmp_path / "good.png"
-    write_image(good)
+    coco_files.write_image(good)
     bad = {name: tmp_path / name for name in ("trunc.png", "empty.png", "text.png", "gone.png")}
     _truncate(bad["trunc.png"])
     bad["empty.png"].write_bytes(b"")

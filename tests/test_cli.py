@@ -2,6 +2,7 @@
 
 import errno
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,38 +10,32 @@ from PIL import Image
 
 from everyseg.cli import main
 from everyseg.predictor import Predictor, draw_overlay
-from tests.conftest import TINY_OVERRIDES
 
 METRIC_KEYS = {"AP", "AP50", "AP75", "APs", "APm", "APl"}
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    assert main(["synth", str(root / "data"), "--train", "6", "--val", "3", "--size", "64"]) == 0
-    data = {
-        "train_json": root / "data/annotations/train.json",
-        "train_images": root / "data/train",
-        "val_json": root / "data/annotations/val.json",
-        "val_images": root / "data/val",
-    }
-    sets = [f"data.{k}={v}" for k, v in data.items()]
-    sets += [*TINY_OVERRIDES, "train.steps=3", "data.mask_classes=[circle, star, ring]"]
-    argv = ["train", "baseline-tiny", "--out", str(root / "run")]
-    for item in sets:
-        argv += ["--set", item]
+@pytest.fixture
+def val_images(synth_paths) -> list[Path]:
+    return sorted(Path(synth_paths["val_images"]).glob("*.png"))
+
+
+def test_synth_command_writes_a_coco_data_set(tmp_path):
+    argv = ["synth", str(tmp_path), "--train", "2", "--val", "1", "--size", "64"]
     assert main(argv) == 0
-    return root
+    for split, count in (("train", 2), ("val", 1)):
+        data = json.loads((tmp_path / f"annotations/{split}.json").read_text())
+        assert len(data["images"]) == count
+        assert all((tmp_path / split / image["file_name"]).is_file() for image in data["images"])
 
 
 def test_train_writes_the_run_directory_and_metrics(trained_run):
-    run = trained_run / "run"
+    run = trained_run.root
     for name in ("config.yaml", "checkpoints/last.pt", "log.jsonl", "metrics.json"):
         assert (run / name).is_file(), name
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics) == {"segm", "bbox", "seen_classes", "unseen_classes", "images"}
     assert metrics["seen_classes"] == ["circle", "star", "ring"]
-    assert len(metrics["unseen_classes"]) == 11 and metrics["images"] == 3
+    assert len(metrics["unseen_classes"]) == 11 and metrics["images"] == 4
     for kind in ("segm", "bbox"):
         assert set(metrics[kind]) == {"all", "seen", "unseen", "per_class"}
         for subset in ("all", "seen", "unseen"):
@@ -48,64 +43,67 @@ def test_train_writes_the_run_directory_and_metrics(trained_run):
         assert len(metrics[kind]["per_class"]) == 14
 
 
-def test_evaluate_command_rewrites_metrics(trained_run, capsys):
-    run = trained_run / "run"
+def test_evaluate_command_rewrites_metrics(trained_run, copy_run, capsys):
+    run = copy_run(trained_run).root
     (run / "metrics.json").unlink()
     assert main(["evaluate", str(run)]) == 0
     assert (run / "metrics.json").is_file()
     assert "segm unseen" in capsys.readouterr().out
 
 
-def test_evaluate_on_other_data_writes_its_own_metrics_file(trained_run, capsys):
-    run, data = trained_run / "run", trained_run / "data"
+def test_evaluate_on_other_data_writes_its_own_metrics_file(
+    trained_run, copy_run, synth_paths, capsys
+):
+    run = copy_run(trained_run).root
     before = (run / "metrics.json").read_bytes()
-    argv = ["evaluate", str(run), "--data", str(data / "annotations/val.json")]
-    assert main([*argv, "--images", str(data / "val")]) == 0
+    argv = ["evaluate", str(run), "--data", synth_paths["val_json"]]
+    assert main([*argv, "--images", synth_paths["val_images"]]) == 0
     assert (run / "metrics.json").read_bytes() == before  # the run's own numbers stay
     metrics = json.loads((run / "metrics-val.json").read_text())
-    assert metrics["data"]["json"] == str(data / "annotations/val.json")
-    assert metrics["seen_classes"] == ["circle", "star", "ring"] and metrics["images"] == 3
+    assert metrics["data"]["json"] == synth_paths["val_json"]
+    assert metrics["seen_classes"] == ["circle", "star", "ring"] and metrics["images"] == 4
     assert "segm unseen" in capsys.readouterr().out
 
 
-def test_evaluate_prints_the_table_when_the_metrics_cannot_be_written(trained_run, capsys):
-    run, data = trained_run / "run", trained_run / "data"
+def test_evaluate_prints_the_table_when_the_metrics_cannot_be_written(
+    trained_run, copy_run, synth_paths, capsys
+):
+    run = copy_run(trained_run).root
     blocked = run / "metrics-val.json"
-    blocked.unlink(missing_ok=True)
     blocked.mkdir()  # as unwritable as a read-only directory, even for root
-    try:
-        argv = ["evaluate", str(run), "--data", str(data / "annotations/val.json")]
-        assert main([*argv, "--images", str(data / "val")]) == 2
-    finally:
-        blocked.rmdir()
+    argv = ["evaluate", str(run), "--data", synth_paths["val_json"]]
+    assert main([*argv, "--images", synth_paths["val_images"]]) == 2
     out, err = capsys.readouterr()
     assert "segm unseen" in out
     assert f"everyseg evaluate: error: [Errno {errno.EISDIR}] could not write {blocked}" in err
 
 
-def test_predict_writes_results_and_overlays_and_skips_bad_files(trained_run, capsys):
-    images = sorted((trained_run / "data/val").glob("*.png"))
-    broken = trained_run / "broken.png"
+def test_predict_writes_results_and_overlays_and_skips_bad_files(
+    trained_run, val_images, tmp_path, capsys
+):
+    broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
-    out = trained_run / "pred"
-    argv = ["predict", str(trained_run / "run"), *map(str, images), str(broken)]
+    out = tmp_path / "pred"
+    argv = ["predict", str(trained_run.root), *map(str, val_images), str(broken)]
     code = main([*argv, "--out", str(out), "--score-thresh", "0.0"])
     assert code == 1  # one file failed; the others were still processed
     assert "broken.png" in capsys.readouterr().err
     results = json.loads((out / "results.json").read_text())
-    assert results and {r["image_id"] for r in results} <= {1, 2, 3}
+    assert results and {r["image_id"] for r in results} <= {1, 2, 3, 4}
     assert all("counts" in r["segmentation"] and len(r["bbox"]) == 4 for r in results)
-    assert sorted(p.name for p in (out / "overlays").iterdir()) == [p.name for p in images]
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == [p.name for p in val_images]
 
 
-def test_predict_never_overwrites_one_inputs_outputs_with_anothers(trained_run):
-    first, second = sorted((trained_run / "data/val").glob("*.png"))[:2]
+def test_predict_never_overwrites_one_inputs_outputs_with_anothers(
+    trained_run, val_images, tmp_path
+):
+    first, second = val_images[:2]
     for folder, source in (("a", first), ("b", second)):
-        (trained_run / folder).mkdir(exist_ok=True)
-        (trained_run / folder / "img.png").write_bytes(source.read_bytes())
-    inputs = [trained_run / "a/img.png", trained_run / "b/img.png", first]
-    out = trained_run / "pred-same-stem"
-    argv = ["predict", str(trained_run / "run"), *map(str, inputs), "--out", str(out)]
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "img.png").write_bytes(source.read_bytes())
+    inputs = [tmp_path / "a/img.png", tmp_path / "b/img.png", first]
+    out = tmp_path / "pred-same-stem"
+    argv = ["predict", str(trained_run.root), *map(str, inputs), "--out", str(out)]
     assert main([*argv, "--score-thresh", "0"]) == 0
     overlays = out / "overlays"
     assert sorted(p.name for p in overlays.iterdir()) == sorted(
@@ -121,9 +119,8 @@ def test_predict_never_overwrites_one_inputs_outputs_with_anothers(trained_run):
 
 
 def test_predict_keeps_the_results_done_when_an_image_fails_unexpectedly(
-    trained_run, monkeypatch, capsys
+    trained_run, val_images, tmp_path, monkeypatch, capsys
 ):
-    images = sorted((trained_run / "data/val").glob("*.png"))
     calls = []
     original = Predictor.__call__
 
@@ -134,23 +131,23 @@ def test_predict_keeps_the_results_done_when_an_image_fails_unexpectedly(
         return original(self, image)
 
     monkeypatch.setattr(Predictor, "__call__", fail_on_second)
-    out = trained_run / "pred-stopped"
-    argv = ["predict", str(trained_run / "run"), *map(str, images), "--out", str(out)]
+    out = tmp_path / "pred-stopped"
+    argv = ["predict", str(trained_run.root), *map(str, val_images), "--out", str(out)]
     with pytest.raises(RuntimeError, match="simulated"):
         main([*argv, "--score-thresh", "0"])
     results = json.loads((out / "results.json").read_text())
     assert results and {r["image_id"] for r in results} == {1}
-    assert [p.name for p in (out / "overlays").iterdir()] == [images[0].name]
-    assert f"stopped at {images[1]} (2 of 3)" in capsys.readouterr().err
+    assert [p.name for p in (out / "overlays").iterdir()] == [val_images[0].name]
+    assert f"stopped at {val_images[1]} (2 of 4)" in capsys.readouterr().err
 
 
-def test_predict_refuses_to_write_over_an_input(trained_run, capsys):
-    out = trained_run / "pred-over-input"
+def test_predict_refuses_to_write_over_an_input(trained_run, val_images, tmp_path, capsys):
+    out = tmp_path / "pred-over-input"
     (out / "overlays").mkdir(parents=True)
     victim = out / "overlays/img.png"
-    victim.write_bytes((sorted((trained_run / "data/val").glob("*.png"))[0]).read_bytes())
+    victim.write_bytes(val_images[0].read_bytes())
     before = victim.read_bytes()
-    assert main(["predict", str(trained_run / "run"), str(victim), "--out", str(out)]) == 2
+    assert main(["predict", str(trained_run.root), str(victim), "--out", str(out)]) == 2
     assert "would overwrite it" in capsys.readouterr().err
     assert victim.read_bytes() == before
 
@@ -163,17 +160,15 @@ def test_predictor_thresholds_are_checked_before_loading(tmp_path):
             Predictor(tmp_path / "no-run", mask_thresh=bad)
 
 
-def test_bad_config_key_is_a_clean_error(trained_run, capsys):
-    code = main(
-        ["train", "maskrcnn-tiny", "--out", str(trained_run / "x"), "--set", "train.nope=1"]
-    )
+def test_bad_config_key_is_a_clean_error(tmp_path, capsys):
+    code = main(["train", "maskrcnn-tiny", "--out", str(tmp_path / "x"), "--set", "train.nope=1"])
     assert code == 2
     assert "train.nope" in capsys.readouterr().err
 
 
-def test_predictor_accepts_path_array_and_pil(trained_run):
-    predictor = Predictor(trained_run / "run", score_thresh=0.0)
-    path = sorted((trained_run / "data/val").glob("*.png"))[0]
+def test_predictor_accepts_path_array_and_pil(trained_run, val_images):
+    predictor = Predictor(trained_run.root, score_thresh=0.0)
+    path = val_images[0]
     array = np.asarray(Image.open(path).convert("RGB"))
     by_path, by_array, by_pil = predictor(path), predictor(array), predictor(Image.open(path))
     assert len(by_path) > 0
@@ -191,9 +186,9 @@ def test_predictor_accepts_path_array_and_pil(trained_run):
 
 
 @pytest.mark.parametrize("scale", [1, 2])  # 2: the model resizes the image, boxes must follow
-def test_segment_masks_lie_in_their_boxes(trained_run, scale):
-    predictor = Predictor(trained_run / "run")
-    path = sorted((trained_run / "data/val").glob("*.png"))[0]
+def test_segment_masks_lie_in_their_boxes(trained_run, val_images, scale):
+    predictor = Predictor(trained_run.root)
+    path = val_images[0]
     image = np.asarray(Image.open(path).convert("RGB")).repeat(scale, 0).repeat(scale, 1)
     boxes = np.array([[4, 6, 30, 20], [33, 40, 63, 64]], dtype=np.float32) * scale
     instances = predictor.segment(image, boxes)
@@ -208,10 +203,10 @@ def test_segment_masks_lie_in_their_boxes(trained_run, scale):
         assert (probs[inside] > 0).all()
 
 
-def test_segment_command_writes_masks_overlay_and_rle(trained_run, capsys):
-    path = sorted((trained_run / "data/val").glob("*.png"))[0]
-    out = trained_run / "segment"
-    argv = ["segment", str(trained_run / "run"), str(path), "--out", str(out)]
+def test_segment_command_writes_masks_overlay_and_rle(trained_run, val_images, tmp_path, capsys):
+    path = val_images[0]
+    out = tmp_path / "segment"
+    argv = ["segment", str(trained_run.root), str(path), "--out", str(out)]
     argv += ["--box", "4", "6", "30", "20", "--box", "33", "40", "63", "64"]
     assert main(argv) == 0
     assert (out / "overlay.png").is_file()

@@ -14,7 +14,6 @@ from everyseg.modeling.detector import DETECTORS
 from everyseg.modeling.mask_heads import MASK_HEADS, PREDICTORS
 from everyseg.modeling.mask_heads.transfer import ACTIVATIONS, TRANSFER_INPUTS
 from everyseg.modeling.roi_heads import MASK_ROIS
-from tests.conftest import model_of
 
 
 def test_bundled_presets_exist_and_load():
@@ -73,9 +72,9 @@ def test_yaml_file_with_base_round_trips(tmp_path):
 
 
 @pytest.mark.parametrize("preset", ["maskrcnn-tiny", "baseline-tiny"])
-def test_tiny_presets_build(preset):
+def test_tiny_presets_build(make_model, preset):
     cfg = load_config(preset)
-    model = model_of(cfg, num_classes=15)
+    model = make_model(cfg, num_classes=15)
     agnostic = cfg.model.mask_head.class_agnostic
     assert model.roi_heads.mask_head.predictor.conv.out_channels == (1 if agnostic else 15)
 
@@ -153,10 +152,10 @@ def test_choices_match_what_the_code_builds():
 # --- the optimizer -------------------------------------------------------------------------
 
 
-def test_adamw_is_what_trains_when_the_config_says_adamw():
+def test_adamw_is_what_trains_when_the_config_says_adamw(make_model):
     # issue 9 item 3: train.optimizer was never read, adamw trained with SGD
     cfg = load_config("maskrcnn-tiny", ["train.optimizer=adamw", "train.lr=1e-4"])
-    model = model_of(cfg, num_classes=15)
+    model = make_model(cfg, num_classes=15)
     optimizer = build_optimizer(model, cfg.train)
     assert type(optimizer) is torch.optim.AdamW
     assert all(

@@ -7,18 +7,15 @@ import torch
 
 from everyseg.config import ConfigError, load_config
 from everyseg.engine.evaluate_run import evaluate_run
-from everyseg.engine.train import train
 from everyseg.modeling.mask_heads.deep import HOURGLASS_LAYOUTS, RESNET_DEPTHS
-from tests.conftest import model_of, tiny_config
-from tests.test_model import SIZE, _targets
 
 HEADS = [("resnet", n) for n in RESNET_DEPTHS] + [("hourglass", n) for n in HOURGLASS_LAYOUTS]
 
 
-def _mask_head_inputs(cfg, target):
+def _mask_head_inputs(make_model, cfg, target):
     """The (R, 4) boxes and (R,) labels the mask head trains on for one image with `target`."""
     torch.manual_seed(0)
-    model = model_of(cfg, num_classes=4).train()
+    model = make_model(cfg, num_classes=4).train()
     seen = {}
 
     def spy_pool(module, args):
@@ -29,59 +26,56 @@ def _mask_head_inputs(cfg, target):
 
     model.roi_heads.mask_roi_pool.register_forward_pre_hook(spy_pool)
     model.roi_heads.mask_head.register_forward_pre_hook(spy_head)
-    model([torch.rand(3, SIZE, SIZE)], [target])
+    model([torch.rand(3, *target["masks"].shape[-2:])], [target])
     return seen["rois"], seen["labels"]
 
 
-def test_gt_crops_are_exactly_the_masked_instances_boxes(synth_paths):
-    cfg = tiny_config(synth_paths, "model.mask_head.train_rois=gt")
-    target = _targets()  # instance 0 has a mask, instance 1 is box-only
-    rois, labels = _mask_head_inputs(cfg, target)
+def test_gt_crops_are_exactly_the_masked_instances_boxes(make_config, make_model, partial_target):
+    target = partial_target  # instance 0 has a mask, instance 1 is box-only
+    cfg = make_config("model.mask_head.train_rois=gt")
+    rois, labels = _mask_head_inputs(make_model, cfg, target)
     # the transform keeps 64 px images at 64 px, so image and RoI coordinates agree
     assert torch.equal(rois, target["boxes"][:1])
     assert torch.equal(labels, target["labels"][:1])
 
 
-def test_no_crops_without_masks(synth_paths):
-    cfg = tiny_config(synth_paths, "model.mask_head.train_rois=gt")
-    target = dict(_targets(), has_mask=torch.tensor([False, False]))
-    rois, labels = _mask_head_inputs(cfg, target)
+def test_no_crops_without_masks(make_config, make_model, partial_target):
+    cfg = make_config("model.mask_head.train_rois=gt")
+    target = dict(partial_target, has_mask=torch.tensor([False, False]))
+    rois, labels = _mask_head_inputs(make_model, cfg, target)
     assert rois.shape == (0, 4) and labels.numel() == 0
 
 
-def test_both_is_proposals_plus_gt(synth_paths):
-    target = _targets()
-    proposals, _ = _mask_head_inputs(tiny_config(synth_paths), target)
-    both, _ = _mask_head_inputs(tiny_config(synth_paths, "model.mask_head.train_rois=both"), target)
+def test_both_is_proposals_plus_gt(make_config, make_model, partial_target):
+    target = partial_target
+    proposals, _ = _mask_head_inputs(make_model, make_config(), target)
+    both, _ = _mask_head_inputs(make_model, make_config("model.mask_head.train_rois=both"), target)
     assert torch.equal(both, torch.cat([proposals, target["boxes"][:1]]))
 
 
-def test_jitter_moves_gt_crops_a_little(synth_paths):
-    cfg = tiny_config(
-        synth_paths, "model.mask_head.train_rois=gt", "model.mask_head.roi_jitter=0.1"
-    )
-    target = _targets()
-    rois, _ = _mask_head_inputs(cfg, target)
+def test_jitter_moves_gt_crops_a_little(make_config, make_model, partial_target):
+    target = partial_target
+    cfg = make_config("model.mask_head.train_rois=gt", "model.mask_head.roi_jitter=0.1")
+    rois, _ = _mask_head_inputs(make_model, cfg, target)
     shift = (rois - target["boxes"][:1]).abs()
     assert 0 < shift.max() <= 0.1 * 22 + 1e-4  # the masked box is 22 x 22
 
 
-def test_unknown_mask_rois(synth_paths):
+def test_unknown_mask_rois(make_config, make_model):
     with pytest.raises(ValueError, match="train_rois"):
-        model_of(tiny_config(synth_paths, "model.mask_head.train_rois=boxes"), num_classes=4)
+        make_model(make_config("model.mask_head.train_rois=boxes"), num_classes=4)
 
 
 @pytest.mark.parametrize("name, depth", HEADS)
 @pytest.mark.parametrize("agnostic", [True, False])
-def test_deep_head_shapes(synth_paths, name, depth, agnostic):
-    cfg = tiny_config(
-        synth_paths,
+def test_deep_head_shapes(make_config, make_model, name, depth, agnostic):
+    cfg = make_config(
         f"model.mask_head.name={name}",
         f"model.mask_head.depth={depth}",
         "model.mask_head.resolution=28",
         f"model.mask_head.class_agnostic={str(agnostic).lower()}",
     )
-    head = model_of(cfg, num_classes=4).roi_heads.mask_head
+    head = make_model(cfg, num_classes=4).roi_heads.mask_head
     features = torch.rand(3, 16, 7, 7)  # (R, C, S, S)
     labels = torch.tensor([1, 3, 2])
     all_channels = head.predictor.conv(head.features(features))
@@ -91,27 +85,29 @@ def test_deep_head_shapes(synth_paths, name, depth, agnostic):
 
 
 @pytest.mark.parametrize("resolution", [28, 32, 56])
-def test_deep_head_resolutions_through_the_model(synth_paths, resolution):
-    cfg = tiny_config(
-        synth_paths,
+def test_deep_head_resolutions_through_the_model(
+    make_config, make_model, partial_target, resolution
+):
+    cfg = make_config(
         "model.mask_head.name=hourglass",
         "model.mask_head.depth=10",
         f"model.mask_head.resolution={resolution}",
         "model.mask_head.train_rois=gt",
     )
-    model = model_of(cfg, num_classes=4).train()
-    losses = model([torch.rand(3, SIZE, SIZE)], [_targets()])
+    model = make_model(cfg, num_classes=4).train()
+    size = partial_target["masks"].shape[-1]
+    losses = model([torch.rand(3, size, size)], [partial_target])
     assert losses["loss_mask"] > 0
     with torch.no_grad():
-        (out,) = model.eval()([torch.rand(3, SIZE, SIZE)])
-    assert out["masks"].shape[1:] == (1, SIZE, SIZE)
+        (out,) = model.eval()([torch.rand(3, size, size)])
+    assert out["masks"].shape[1:] == (1, size, size)
 
 
 @pytest.mark.parametrize("name, depth", HEADS)
-def test_deep_heads_train_on_a_tiny_batch(synth_paths, name, depth):
-    cfg = tiny_config(synth_paths, f"model.mask_head.name={name}", f"model.mask_head.depth={depth}")
+def test_deep_heads_train_on_a_tiny_batch(make_config, make_model, name, depth):
+    cfg = make_config(f"model.mask_head.name={name}", f"model.mask_head.depth={depth}")
     torch.manual_seed(0)
-    head = model_of(cfg, num_classes=4).roi_heads.mask_head.train()
+    head = make_model(cfg, num_classes=4).roi_heads.mask_head.train()
     features = torch.rand(4, 16, 7, 7)
     labels = torch.tensor([1, 2, 3, 1])
     targets = (torch.rand(4, 14, 14) > 0.5).float()
@@ -126,14 +122,14 @@ def test_deep_heads_train_on_a_tiny_batch(synth_paths, name, depth):
     assert losses[-1] < 0.8 * losses[0]
 
 
-def test_depth_and_resolution_errors(synth_paths):
+def test_depth_and_resolution_errors(make_config, make_model):
     with pytest.raises(ConfigError, match="depth 6 for hourglass"):
-        model_of(
-            tiny_config(synth_paths, "model.mask_head.name=hourglass", "model.mask_head.depth=6"),
+        make_model(
+            make_config("model.mask_head.name=hourglass", "model.mask_head.depth=6"),
             num_classes=4,
         )
     with pytest.raises(ConfigError, match="fcn head's deconv"):
-        model_of(tiny_config(synth_paths, "model.mask_head.resolution=32"), num_classes=4)
+        make_model(make_config("model.mask_head.resolution=32"), num_classes=4)
 
 
 def test_deepmarc_presets():
@@ -145,9 +141,8 @@ def test_deepmarc_presets():
     assert tiny.data.mask_classes == load_config("baseline-tiny").data.mask_classes
 
 
-def test_deepmarc_tiny_trains_and_evaluates(synth_paths, tmp_path):
-    cfg = tiny_config(synth_paths, "train.steps=3", preset="deepmarc-tiny")
-    run = train(cfg, out_dir=tmp_path / "deepmarc", progress=False)
+def test_deepmarc_tiny_trains_and_evaluates(train_tiny, tmp_path):
+    run = train_tiny(tmp_path / "deepmarc", "train.steps=3", preset="deepmarc-tiny")
     records = [json.loads(line) for line in run.log.read_text().splitlines()]
     assert len(records) == 3 and any(r["loss_mask"] > 0 for r in records)
     metrics = evaluate_run(run.root, progress=False)
@@ -155,9 +150,8 @@ def test_deepmarc_tiny_trains_and_evaluates(synth_paths, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["resnet", "hourglass"])
-def test_deep_heads_take_the_transfer_and_fused_predictors(synth_paths, name):
-    cfg = tiny_config(
-        synth_paths,
+def test_deep_heads_take_the_transfer_and_fused_predictors(make_config, make_model, name):
+    cfg = make_config(
         f"model.mask_head.name={name}",
         f"model.mask_head.depth={4 if name == 'resnet' else 10}",
         "model.mask_head.resolution=32",
@@ -165,27 +159,22 @@ def test_deep_heads_take_the_transfer_and_fused_predictors(synth_paths, name):
         "model.mask_head.predictor=transfer",
         "model.mask_head.mlp_fusion=true",
     )
-    head = model_of(cfg, num_classes=4).roi_heads.mask_head
+    head = make_model(cfg, num_classes=4).roi_heads.mask_head
     assert head(torch.rand(2, 16, 7, 7), torch.tensor([1, 3])).shape == (2, 32, 32)
 
 
-def test_deepmac_tiny_fcos_trains_and_evaluates(synth_paths, tmp_path):
-    # FCOS's head uses GroupNorm(32, C): at 64 px the last FPN level is 1 x 1, so C >= 64
-    cfg = tiny_config(
-        synth_paths, "train.steps=3", "model.backbone.fpn_channels=64", preset="deepmac-tiny"
-    )
-    run = train(cfg, out_dir=tmp_path / "deepmac", progress=False)
-    records = [json.loads(line) for line in run.log.read_text().splitlines()]
+def test_deepmac_tiny_fcos_trains_and_evaluates(fcos_run, copy_run):
+    records = [json.loads(line) for line in fcos_run.log.read_text().splitlines()]
     assert len(records) == 3 and any(r["loss_mask"] > 0 for r in records)
-    metrics = evaluate_run(run.root, progress=False)
+    metrics = evaluate_run(copy_run(fcos_run).root, progress=False)  # writes metrics.json
     assert len(metrics["seen_classes"]) == 7 and set(metrics["segm"]) >= {"seen", "unseen"}
 
 
-def test_fcos_masks_in_eval_and_config_errors(synth_paths):
-    cfg = tiny_config(synth_paths, "model.backbone.fpn_channels=64", preset="deepmac-tiny")
-    model = model_of(cfg, num_classes=4).eval()
+def test_fcos_masks_in_eval_and_config_errors(make_config, make_model):
+    cfg = make_config("model.backbone.fpn_channels=64", preset="deepmac-tiny")
+    model = make_model(cfg, num_classes=4).eval()
     with torch.no_grad():
         (out,) = model([torch.rand(3, 40, 56)])
     assert out["masks"].shape[1:] == (1, 40, 56) and len(out["masks"]) == len(out["boxes"])
     with pytest.raises(ConfigError, match="train_rois=gt"):
-        model_of(tiny_config(synth_paths, "model.detector=fcos"), num_classes=4)
+        make_model(make_config("model.detector=fcos"), num_classes=4)

@@ -14,7 +14,6 @@ from everyseg.data.synthetic import CATEGORY_IDS, CLASS_NAMES
 from everyseg.engine.eval_data import map_classes, metrics_file_name
 from everyseg.engine.evaluate_run import evaluate_loaded
 from everyseg.engine.run_dir import RunRecord
-from tests.conftest import tiny_config
 
 MASK_CLASSES = ["circle", "star", "ring"]
 # the run's record of its training file: labels 1..K in CLASS_NAMES order, odd category ids
@@ -92,8 +91,8 @@ def _evaluate(cfg, val_json, data_json=None) -> dict:
 
 
 @pytest.fixture
-def cfg(synth_paths):
-    return tiny_config(synth_paths)
+def cfg(make_config):
+    return make_config()
 
 
 def _assert_perfect(metrics: dict) -> None:

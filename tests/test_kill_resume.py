@@ -26,7 +26,6 @@ from everyseg.engine.evaluate_run import evaluate_run
 from everyseg.engine.files import atomic_write_bytes
 from everyseg.engine.run_dir import RunDir
 from everyseg.engine.train import train
-from tests.conftest import tiny_config
 
 STEPS, KILLS = 12, 3
 NAN = float("nan")
@@ -60,8 +59,8 @@ def _kill_after_step(proc, log, step: int, delay: float, timeout: float = 120.0)
     proc.wait()
 
 
-def test_sigkill_at_random_moments_then_resume_gives_identical_weights(synth_paths, tmp_path):
-    cfg = tiny_config(synth_paths, f"train.steps={STEPS}", "train.checkpoint_every=2")
+def test_sigkill_at_random_moments_then_resume_gives_identical_weights(make_config, tmp_path):
+    cfg = make_config(f"train.steps={STEPS}", "train.checkpoint_every=2")
     config = tmp_path / "config.yaml"
     config.write_text(cfg.to_yaml())
     run = RunDir(tmp_path / "killed")
@@ -120,8 +119,8 @@ def test_failed_write_says_why_and_keeps_the_previous_file(tmp_path, monkeypatch
     assert target.read_bytes() == b"previous" and sorted(tmp_path.iterdir()) == [target]
 
 
-def test_disk_full_during_training_is_a_plain_cli_error(synth_paths, tmp_path, monkeypatch, capsys):
-    cfg = tiny_config(synth_paths, "train.steps=4", "train.checkpoint_every=2")
+def test_disk_full_during_training_is_a_plain_cli_error(make_config, tmp_path, monkeypatch, capsys):
+    cfg = make_config("train.steps=4", "train.checkpoint_every=2")
     config = tmp_path / "config.yaml"
     config.write_text(cfg.to_yaml())
     real_save = torch.save
@@ -164,17 +163,17 @@ def _poison(monkeypatch, *, at_step: int, term: str, value: float) -> None:
     monkeypatch.setattr(train_module, "build_model", poisoned_build)
 
 
-def test_unknown_nonfinite_policy_is_a_config_error(synth_paths, tmp_path):
+def test_unknown_nonfinite_policy_is_a_config_error(make_config, tmp_path):
     # refused when the config loads, before train() could create anything
     with pytest.raises(ConfigError, match="train.on_nonfinite_loss: expected stop or skip"):
-        cfg = tiny_config(synth_paths, "train.on_nonfinite_loss=ignore")
+        cfg = make_config("train.on_nonfinite_loss=ignore")
         train(cfg, out_dir=tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
 
 
-def test_nan_loss_stops_naming_step_and_term(synth_paths, tmp_path, monkeypatch):
+def test_nan_loss_stops_naming_step_and_term(make_config, tmp_path, monkeypatch):
     _poison(monkeypatch, at_step=4, term="loss_mask", value=float("nan"))
-    cfg = tiny_config(synth_paths, "train.steps=6", "train.checkpoint_every=2")
+    cfg = make_config("train.steps=6", "train.checkpoint_every=2")
     with pytest.raises(FloatingPointError, match="step 4: loss_mask is nan; training stopped"):
         train(cfg, out_dir=tmp_path / "run", progress=False)
     state = load_checkpoint(RunDir(tmp_path / "run").last)
@@ -182,11 +181,9 @@ def test_nan_loss_stops_naming_step_and_term(synth_paths, tmp_path, monkeypatch)
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
-def test_inf_loss_is_skipped_when_asked(synth_paths, tmp_path, monkeypatch):
+def test_inf_loss_is_skipped_when_asked(make_config, tmp_path, monkeypatch):
     _poison(monkeypatch, at_step=3, term="loss_box_reg", value=float("inf"))
-    cfg = tiny_config(
-        synth_paths, "train.steps=4", "train.keep_every=1", "train.on_nonfinite_loss=skip"
-    )
+    cfg = make_config("train.steps=4", "train.keep_every=1", "train.on_nonfinite_loss=skip")
     run = train(cfg, out_dir=tmp_path / "run", progress=False)
     records = [json.loads(line) for line in run.log.read_text().splitlines()]
     assert [r.get("skipped") for r in records] == [None, None, "loss_box_reg is inf", None]
@@ -197,7 +194,7 @@ def test_inf_loss_is_skipped_when_asked(synth_paths, tmp_path, monkeypatch):
 
 
 def test_weights_gone_nan_stop_training_without_a_nan_checkpoint(
-    synth_paths, tmp_path, monkeypatch
+    make_config, tmp_path, monkeypatch
 ):
     """An update that makes the weights NaN while its loss was finite: the following losses
     are NaN and, under skip, skipped; training must stop, not finish with a NaN model."""
@@ -211,9 +208,7 @@ def test_weights_gone_nan_stop_training_without_a_nan_checkpoint(
         return values
 
     monkeypatch.setattr(train_module, "train_one_step", diverging)
-    cfg = tiny_config(
-        synth_paths, "train.steps=6", "train.checkpoint_every=2", "train.on_nonfinite_loss=skip"
-    )
+    cfg = make_config("train.steps=6", "train.checkpoint_every=2", "train.on_nonfinite_loss=skip")
     run = RunDir(tmp_path / "run")
     message = (
         r"step 3: the model's weights hold NaN or Inf \(roi_heads.box_predictor.cls_score.weight\)"
@@ -229,11 +224,11 @@ def test_weights_gone_nan_stop_training_without_a_nan_checkpoint(
         )
 
 
-def test_stop_before_any_checkpoint_says_none_was_written(synth_paths, tmp_path, monkeypatch):
+def test_stop_before_any_checkpoint_says_none_was_written(make_config, tmp_path, monkeypatch):
     _poison(monkeypatch, at_step=1, term="loss_mask", value=NAN)
     run = RunDir(tmp_path / "run")
     with pytest.raises(FloatingPointError, match="step 1: .*; no checkpoint was written"):
-        train(tiny_config(synth_paths, "train.steps=2"), out_dir=run.root, progress=False)
+        train(make_config("train.steps=2"), out_dir=run.root, progress=False)
     assert not run.checkpoints.exists()
 
 
@@ -265,10 +260,10 @@ def _spoil(paths) -> None:
     (Path(paths["val_images"]) / val["images"][0]["file_name"]).unlink()
 
 
-def test_bad_samples_stop_neither_training_nor_evaluation(tmp_path, capfd):
+def test_bad_samples_stop_neither_training_nor_evaluation(make_config, tmp_path, capfd):
     paths = generate(tmp_path / "data", num_train=4, num_val=3, size=64, seed=1, progress=False)
     _spoil(paths)
-    cfg = tiny_config(paths, "train.steps=4", "data.num_workers=1")  # a real worker process
+    cfg = make_config("train.steps=4", "data.num_workers=1", paths=paths)  # a real worker
     run = train(cfg, out_dir=tmp_path / "run", progress=False)
     out, err = capfd.readouterr()
     assert "image 999, " in out and "gone.png" in out  # the start-up summary
@@ -277,6 +272,6 @@ def test_bad_samples_stop_neither_training_nor_evaluation(tmp_path, capfd):
     metrics = evaluate_run(run.root, progress=False)
     assert metrics["images"] == 2  # the missing val image is skipped, and said so
     assert "image file not found: 1" in capfd.readouterr().out
-    strict = tiny_config(paths, "data.on_bad_sample=error")
+    strict = make_config("data.on_bad_sample=error", paths=paths)
     with pytest.raises(DataError, match="image 999, .*gone.png: image file not found"):
         train(strict, out_dir=tmp_path / "strict", progress=False)

@@ -10,21 +10,8 @@ from everyseg.config import load_config
 from everyseg.engine.initialize import initialize_for_training
 from everyseg.modeling.detector import from_torchvision
 from everyseg.modeling.losses import mask_bce_loss
-from tests.conftest import model_of, tiny_config
 
 SIZE = 64
-
-
-def _targets():
-    """One image, two instances: a masked square (class 1) and a box-only bar (class 2)."""
-    masks = torch.zeros(2, SIZE, SIZE, dtype=torch.uint8)
-    masks[0, 8:30, 8:30] = 1
-    return {
-        "boxes": torch.tensor([[8.0, 8.0, 30.0, 30.0], [34.0, 20.0, 60.0, 50.0]]),
-        "labels": torch.tensor([1, 2]),
-        "masks": masks,
-        "has_mask": torch.tensor([True, False]),
-    }
 
 
 def _losses_and_grads(model, image, target, seed=0):
@@ -37,9 +24,9 @@ def _losses_and_grads(model, image, target, seed=0):
 
 
 @pytest.fixture
-def model_and_image(tiny_cfg):
+def model_and_image(make_model, tiny_cfg):
     torch.manual_seed(0)
-    model = model_of(tiny_cfg, num_classes=4).train()
+    model = make_model(tiny_cfg, num_classes=4).train()
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     return model, torch.rand(3, SIZE, SIZE)
@@ -61,9 +48,9 @@ def test_from_torchvision_gives_identical_predictions():
             assert torch.equal(e[key], g[key]), key
 
 
-def test_box_only_instance_adds_nothing_to_mask_loss(model_and_image):
+def test_box_only_instance_adds_nothing_to_mask_loss(model_and_image, partial_target):
     model, image = model_and_image
-    target = _targets()
+    target = partial_target
     losses, grads = _losses_and_grads(model, image, target)
     scrambled = dict(target, masks=target["masks"].clone())
     scrambled["masks"][1] = 1  # garbage mask on the box-only instance: must be ignored
@@ -74,9 +61,9 @@ def test_box_only_instance_adds_nothing_to_mask_loss(model_and_image):
             assert torch.equal(grad, grads2[name]), name
 
 
-def test_box_only_instance_still_trains_the_box_head(model_and_image):
+def test_box_only_instance_still_trains_the_box_head(model_and_image, partial_target):
     model, image = model_and_image
-    target = _targets()
+    target = partial_target
     none_masked = dict(target, has_mask=torch.tensor([False, False]))
     losses, grads = _losses_and_grads(model, image, none_masked)
     # no supervised RoI: a zero mask loss that keeps the graph, so every mask-head
@@ -89,9 +76,9 @@ def test_box_only_instance_still_trains_the_box_head(model_and_image):
     assert losses["loss_classifier"] > 0
 
 
-def test_masked_instance_trains_the_mask_head(model_and_image):
+def test_masked_instance_trains_the_mask_head(model_and_image, partial_target):
     model, image = model_and_image
-    losses, grads = _losses_and_grads(model, image, _targets())
+    losses, grads = _losses_and_grads(model, image, partial_target)
     assert losses["loss_mask"] > 0
     assert torch.count_nonzero(grads["roi_heads.mask_head.predictor.conv.weight"]) > 0
 
@@ -116,9 +103,9 @@ def test_mask_bce_loss_empty_keeps_graph():
 
 
 @pytest.mark.parametrize("agnostic, channels", [(False, 4), (True, 1)])
-def test_mask_head_shapes(synth_paths, agnostic, channels):
-    cfg = tiny_config(synth_paths, f"model.mask_head.class_agnostic={str(agnostic).lower()}")
-    head = model_of(cfg, num_classes=4).roi_heads.mask_head
+def test_mask_head_shapes(make_config, make_model, agnostic, channels):
+    cfg = make_config(f"model.mask_head.class_agnostic={str(agnostic).lower()}")
+    head = make_model(cfg, num_classes=4).roi_heads.mask_head
     assert head.predictor.conv.out_channels == channels
     features = torch.rand(5, 16, 7, 7)  # (R, C, S, S)
     labels = torch.tensor([1, 2, 3, 1, 2])
@@ -126,28 +113,28 @@ def test_mask_head_shapes(synth_paths, agnostic, channels):
     assert head.predict(features, labels).shape == (5, 1, 14, 14)
 
 
-def test_class_specific_head_selects_the_labels_channel(synth_paths):
-    head = model_of(tiny_config(synth_paths), num_classes=4).roi_heads.mask_head
+def test_class_specific_head_selects_the_labels_channel(make_config, make_model):
+    head = make_model(make_config(), num_classes=4).roi_heads.mask_head
     features = torch.rand(3, 16, 7, 7)
     all_channels = head.predictor.conv(head.features(features))  # (R, K, M, M)
     labels = torch.tensor([3, 1, 2])
     assert torch.equal(head(features, labels), all_channels[torch.arange(3), labels])
 
 
-def test_eval_outputs_masks_in_image_size(tiny_cfg):
-    model = model_of(tiny_cfg, num_classes=4).eval()
+def test_eval_outputs_masks_in_image_size(make_model, tiny_cfg):
+    model = make_model(tiny_cfg, num_classes=4).eval()
     with torch.no_grad():
         (out,) = model([torch.rand(3, 40, 56)])
     assert out["masks"].shape[1:] == (1, 40, 56)
     assert out["masks"].shape[0] == out["boxes"].shape[0] == out["labels"].shape[0]
 
 
-def test_mask_head_learns_masks_that_match_the_ground_truth(tiny_cfg):
+def test_mask_head_learns_masks_that_match_the_ground_truth(make_model, tiny_cfg):
     """Fit the mask branch on ground-truth boxes of an easy image, then paste its masks back
     into the image: they must cover the true shapes (checks loss, RoI targets and pasting
     agree on geometry)."""
     torch.manual_seed(0)
-    model = model_of(tiny_cfg, num_classes=4).eval()
+    model = make_model(tiny_cfg, num_classes=4).eval()
     yy, xx = torch.meshgrid(torch.arange(SIZE), torch.arange(SIZE), indexing="ij")
     disc = ((yy - 20) ** 2 + (xx - 18) ** 2 <= 100).to(torch.uint8)
     triangle = ((yy >= 36) & (yy <= 58) & (xx >= 30) & (xx - 30 <= yy - 36)).to(torch.uint8)
@@ -179,7 +166,7 @@ def test_mask_head_learns_masks_that_match_the_ground_truth(tiny_cfg):
         assert iou > 0.8, iou
 
 
-def test_init_from_a_torchvision_state_dict(tmp_path, capsys):
+def test_init_from_a_torchvision_state_dict(make_model, tmp_path, capsys):
     """model.init loads a torchvision MaskRCNN .pth: the same predictions when the class
     count matches; when it differs only the class-dependent predictors start afresh."""
     torch.manual_seed(0)
@@ -190,7 +177,7 @@ def test_init_from_a_torchvision_state_dict(tmp_path, capsys):
     sizes = [f"data.min_size=[{SIZE}]", f"data.test_min_size={SIZE}", f"data.max_size={SIZE}"]
     overrides = ["model.backbone.name=resnet18", "model.backbone.weights=null", *sizes]
     cfg = load_config("maskrcnn", [*overrides, f"model.init={path}"])
-    ours = model_of(cfg, num_classes=6)
+    ours = make_model(cfg, num_classes=6)
     initialize_for_training(ours, cfg)
     ours.eval()
     images = [torch.rand(3, SIZE, SIZE)]
@@ -199,7 +186,7 @@ def test_init_from_a_torchvision_state_dict(tmp_path, capsys):
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
 
-    other = model_of(cfg, num_classes=3)
+    other = make_model(cfg, num_classes=3)
     initialize_for_training(other, cfg)
     reinitialised = capsys.readouterr().out
     assert "roi_heads.box_predictor.cls_score.weight" in reinitialised

@@ -21,20 +21,14 @@ from everyseg.engine.load import load_run
 from everyseg.engine.run_dir import RunDir, RunDirInUse, RunRecord
 from everyseg.engine.train import train
 from everyseg.predictor import Predictor
-from tests.conftest import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def run(synth_paths, tmp_path_factory) -> RunDir:
-    """A finished 2-step run, trained with umask 002 (group-writable files)."""
-    previous = os.umask(0o002)
-    try:
-        cfg = tiny_config(synth_paths, "train.steps=2")
-        return train(cfg, out_dir=tmp_path_factory.mktemp("runs") / "run", progress=False)
-    finally:
-        os.umask(previous)
+@pytest.fixture
+def run(trained_run) -> RunDir:
+    """The session's finished 2-step run, trained under umask 002 (group-writable files)."""
+    return trained_run
 
 
 # --- nothing everyseg loads may run code ------------------------------------------------------
@@ -61,15 +55,17 @@ def _craft(run: RunDir, into: Path, marker: Path) -> RunDir:
 
 
 ENTRY_POINTS = {
-    "load_checkpoint": lambda crafted, paths: load_checkpoint(crafted.last),
-    "load_run": lambda crafted, paths: load_run(crafted.root),
-    "load_run-checkpoint-path": lambda crafted, paths: load_run(".", checkpoint=str(crafted.last)),
-    "Predictor": lambda crafted, paths: Predictor(crafted.root),
-    "train-resume": lambda crafted, paths: train(
-        tiny_config(paths, "train.steps=4"), out_dir=crafted.root, resume=True, progress=False
+    "load_checkpoint": lambda crafted, make_config: load_checkpoint(crafted.last),
+    "load_run": lambda crafted, make_config: load_run(crafted.root),
+    "load_run-checkpoint-path": lambda crafted, make_config: load_run(
+        ".", checkpoint=str(crafted.last)
     ),
-    "init-from-run": lambda crafted, paths: train(
-        tiny_config(paths, f"model.init_from_run={crafted.root}"),
+    "Predictor": lambda crafted, make_config: Predictor(crafted.root),
+    "train-resume": lambda crafted, make_config: train(
+        make_config("train.steps=4"), out_dir=crafted.root, resume=True, progress=False
+    ),
+    "init-from-run": lambda crafted, make_config: train(
+        make_config(f"model.init_from_run={crafted.root}"),
         out_dir=crafted.root.parent / "stage2",
         progress=False,
     ),
@@ -77,11 +73,11 @@ ENTRY_POINTS = {
 
 
 @pytest.mark.parametrize("entry", list(ENTRY_POINTS))
-def test_checkpoint_that_would_run_code_is_refused(run, synth_paths, tmp_path, entry):
+def test_checkpoint_that_would_run_code_is_refused(run, make_config, tmp_path, entry):
     marker = tmp_path / "code-ran"
     crafted = _craft(run, tmp_path / "crafted", marker)
     with pytest.raises(ValueError, match=r"last.pt: refused to load: it holds a posix.mkdir"):
-        ENTRY_POINTS[entry](crafted, synth_paths)
+        ENTRY_POINTS[entry](crafted, make_config)
     assert not marker.exists()
 
 
@@ -189,14 +185,14 @@ def test_new_run_after_one_killed_before_its_first_checkpoint_logs_each_step_onc
     assert steps == [1, 2, 3, 4]
 
 
-def test_resume_with_renamed_classes_is_refused(run, synth_paths, tmp_path):
+def test_resume_with_renamed_classes_is_refused(run, make_config, synth_paths, tmp_path):
     data = json.loads(Path(synth_paths["train_json"]).read_text())
     old_name = data["categories"][0]["name"]
     data["categories"][0]["name"] = "renamed"
     renamed = tmp_path / "train.json"
     renamed.write_text(json.dumps(data))
     shutil.copytree(run.root, tmp_path / "run")
-    cfg = tiny_config({**synth_paths, "train_json": renamed}, "train.steps=4")
+    cfg = make_config("train.steps=4", paths={**synth_paths, "train_json": renamed})
     with pytest.raises(ValueError, match=rf"renamed '{old_name}' -> 'renamed' \(category id 1\)"):
         train(cfg, out_dir=tmp_path / "run", resume=True, progress=False)
 
@@ -266,9 +262,10 @@ def test_full_disk_is_the_documented_error_on_a_real_file_system(tmp_path):
     unshare = ["unshare", "--user", "--map-root-user", "--mount"]
     if not shutil.which("unshare") or subprocess.run([*unshare, "true"]).returncode != 0:
         pytest.skip("mounting a small tmpfs needs root or unprivileged user namespaces")
-    check = (
-        "from pathlib import Path; from tests.test_run_dir import check_checkpoint_on_a_full_disk"
-        f" as check; check(Path({str(mount_point)!r}))"
+    check = (  # this file's check, loaded by path: test files are not a package to import
+        "import runpy; from pathlib import Path;"
+        f" check = runpy.run_path({__file__!r})['check_checkpoint_on_a_full_disk'];"
+        f" check(Path({str(mount_point)!r}))"
     )
     python = f"{shlex.quote(sys.executable)} -c {shlex.quote(check)}"
     script = f"{shlex.join(mount)} || exit 77; exec {python}"

@@ -13,16 +13,15 @@ from everyseg.engine.optim import lr_factor
 from everyseg.engine.run_dir import RunDir
 from everyseg.engine.sampler import StepBatchSampler
 from everyseg.engine.train import train
-from tests.conftest import tiny_config
 
 
 def _weights(run: RunDir) -> dict[str, torch.Tensor]:
     return load_checkpoint(run.last)["model"]
 
 
-def test_resume_continues_exactly(synth_paths, tmp_path, monkeypatch):
+def test_resume_continues_exactly(make_config, tmp_path, monkeypatch):
     n = 3
-    cfg = tiny_config(synth_paths, f"train.steps={2 * n}", f"train.checkpoint_every={n}")
+    cfg = make_config(f"train.steps={2 * n}", f"train.checkpoint_every={n}")
     straight = train(cfg, out_dir=tmp_path / "a", progress=False)
 
     real_step = train_module.train_one_step
@@ -47,7 +46,7 @@ def test_resume_continues_exactly(synth_paths, tmp_path, monkeypatch):
     first = load_checkpoint(RunDir(tmp_path / "b").checkpoints / "last.pt")["step"]
     assert first == 2 * n
     untrained = train(
-        tiny_config(synth_paths, "train.steps=1", "train.lr=0.0"),
+        make_config("train.steps=1", "train.lr=0.0"),
         out_dir=tmp_path / "c",
         progress=False,
     )
@@ -57,8 +56,8 @@ def test_resume_continues_exactly(synth_paths, tmp_path, monkeypatch):
     assert moved
 
 
-def test_run_directory_contents(tiny_cfg, tmp_path):
-    run = train(tiny_cfg, out_dir=tmp_path / "run", progress=False)
+def test_run_directory_contents(trained_run):
+    run = trained_run  # 2 steps, logged every step
     state = load_checkpoint(run.last)
     for key in (
         "model",
@@ -73,24 +72,23 @@ def test_run_directory_contents(tiny_cfg, tmp_path):
         "mask_classes",
     ):
         assert key in state, key
-    assert state["step"] == tiny_cfg.train.steps
+    assert state["step"] == 2
     assert len(state["class_names"]) == 14 and state["label_to_cat_id"][1] == 1
     assert run.config.is_file()
     records = [json.loads(line) for line in run.log.read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert [r["step"] for r in records] == [1, 2]
     assert all(math.isfinite(r["loss"]) and "loss_mask" in r and "lr" in r for r in records)
     assert not list(run.checkpoints.glob("*.tmp"))  # atomic writes leave no temp files
 
 
-def test_existing_run_needs_resume(tiny_cfg, tmp_path):
-    train(tiny_cfg, out_dir=tmp_path / "run", progress=False)
+def test_existing_run_needs_resume(trained_run, copy_run, tiny_cfg):
+    run = copy_run(trained_run)
     with pytest.raises(FileExistsError, match="--resume"):
-        train(tiny_cfg, out_dir=tmp_path / "run", progress=False)
+        train(tiny_cfg, out_dir=run.root, progress=False)
 
 
-def test_loss_falls_when_training(synth_paths, tmp_path):
-    cfg = tiny_config(
-        synth_paths,
+def test_loss_falls_when_training(make_config, tmp_path):
+    cfg = make_config(
         "train.steps=40",
         "train.lr=0.02",
         "train.warmup_steps=5",

@@ -16,7 +16,6 @@ from everyseg.engine.optim import build_optimizer
 from everyseg.engine.run_dir import RunDir
 from everyseg.engine.train import train, train_one_step
 from everyseg.modeling.mask_heads.transfer import build_transfer_predictor, word_vectors
-from tests.conftest import model_of, tiny_config
 
 NAMES = ["circle", "traffic light", "T-shape", "dining_table"]
 K, REP, D, M = len(NAMES), 16, 8, 14
@@ -83,9 +82,9 @@ def test_transfer_reads_the_box_predictor_without_owning_it():
     assert not torch.equal(before, predictor.class_weights(torch.tensor([2])))
 
 
-def test_model_lists_the_box_predictor_once(synth_paths):
-    cfg = tiny_config(synth_paths, preset="maskx-tiny")
-    model = model_of(cfg, num_classes=K + 1)
+def test_model_lists_the_box_predictor_once(make_config, make_model):
+    cfg = make_config(preset="maskx-tiny")
+    model = make_model(cfg, num_classes=K + 1)
     params = list(model.parameters())
     assert len(params) == len({id(p) for p in params})
     assert len(dict(model.named_parameters())) == len(params)
@@ -127,10 +126,10 @@ def test_only_the_needed_classes_are_transferred():
         ["model.mask_head.predictor=transfer"],
     ],
 )
-def test_mlp_fusion_adds_the_same_logits_to_every_class(synth_paths, predictor):
+def test_mlp_fusion_adds_the_same_logits_to_every_class(make_config, make_model, predictor):
     overrides = ["model.mask_head.mlp_fusion=true", *predictor]
-    cfg = tiny_config(synth_paths, *overrides, preset="maskx-tiny")
-    fused = model_of(cfg, num_classes=K + 1).roi_heads.mask_head.predictor
+    cfg = make_config(*overrides, preset="maskx-tiny")
+    fused = make_model(cfg, num_classes=K + 1).roi_heads.mask_head.predictor
     x = torch.rand(3, cfg.model.mask_head.channels, M, M)
     mlp = fused.mlp(x)  # (R, M, M)
     assert mlp.shape == (3, M, M) and mlp.any()
@@ -140,28 +139,26 @@ def test_mlp_fusion_adds_the_same_logits_to_every_class(synth_paths, predictor):
     assert fused(x[:0], labels[:0]).shape == (0, M, M)
 
 
-def test_transfer_needs_class_specific_masks(synth_paths):
-    cfg = tiny_config(synth_paths, "model.mask_head.class_agnostic=true", preset="maskx-tiny")
+def test_transfer_needs_class_specific_masks(make_config, make_model):
+    cfg = make_config("model.mask_head.class_agnostic=true", preset="maskx-tiny")
     with pytest.raises(ConfigError, match="class_agnostic=false"):
-        model_of(cfg, num_classes=K + 1)
+        make_model(cfg, num_classes=K + 1)
 
 
-def test_stage_errors(synth_paths, tmp_path):
+def test_stage_errors(make_config, make_model, tmp_path):
     with pytest.raises(ConfigError, match="init_from_run"):
-        train(tiny_config(synth_paths, "train.stage=mask"), out_dir=tmp_path, progress=False)
+        train(make_config("train.stage=mask"), out_dir=tmp_path, progress=False)
     with pytest.raises(ConfigError, match="train.stage"):
-        cfg = tiny_config(synth_paths, "train.stage=stage2")
-        initialize_for_training(model_of(cfg, num_classes=K + 1), cfg)
+        cfg = make_config("train.stage=stage2")
+        initialize_for_training(make_model(cfg, num_classes=K + 1), cfg)
 
 
 @pytest.fixture(scope="module")
-def stage1_run(synth_paths, tmp_path_factory):
+def stage1_run(train_tiny, tmp_path_factory):
     """A stage-1 run (detector on boxes only) with a BatchNorm backbone, so that stage 2 has
     running statistics to keep."""
-    cfg = tiny_config(
-        synth_paths, "train.steps=2", "train.stage=detector", "model.backbone.norm=bn"
-    )
-    return train(cfg, out_dir=tmp_path_factory.mktemp("stage1"), progress=False)
+    out = tmp_path_factory.mktemp("stage1")
+    return train_tiny(out, "train.steps=2", "train.stage=detector", "model.backbone.norm=bn")
 
 
 def test_stage1_trains_the_detector_without_masks(stage1_run):
@@ -171,9 +168,8 @@ def test_stage1_trains_the_detector_without_masks(stage1_run):
     assert records and all(r["loss_mask"] == 0.0 and r["loss_classifier"] > 0 for r in records)
 
 
-def test_stage2_changes_only_the_mask_branch(synth_paths, stage1_run):
-    cfg = tiny_config(
-        synth_paths,
+def test_stage2_changes_only_the_mask_branch(make_config, make_model, stage1_run):
+    cfg = make_config(
         "train.stage=mask",
         f"model.init_from_run={stage1_run.root}",
         "model.backbone.norm=bn",
@@ -182,7 +178,7 @@ def test_stage2_changes_only_the_mask_branch(synth_paths, stage1_run):
     )
     dataset = build_dataset(cfg.data, split="train")
     names = dataset.class_names
-    model = model_of(cfg, num_classes=len(names) + 1, class_names=names)
+    model = make_model(cfg, num_classes=len(names) + 1, class_names=names)
     initialize_for_training(model, cfg, class_names=names)
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -204,23 +200,21 @@ def test_stage2_changes_only_the_mask_branch(synth_paths, stage1_run):
     assert "roi_heads.mask_head.predictor.per_class.transfer.0.weight" in changed
 
 
-def test_stage2_run_trains_and_evaluates(synth_paths, stage1_run, tmp_path):
-    cfg = tiny_config(
-        synth_paths,
+def test_stage2_run_trains_and_evaluates(train_tiny, stage1_run, tmp_path):
+    run = train_tiny(
+        tmp_path / "stage2",
         "train.steps=2",
         "train.stage=mask",
         f"model.init_from_run={stage1_run.root}",
         "model.backbone.norm=bn",
         preset="maskx-tiny",
     )
-    run = train(cfg, out_dir=tmp_path / "stage2", progress=False)
     metrics = evaluate_run(run.root, progress=False)
     assert set(metrics["segm"]) >= {"all", "seen", "unseen"}
 
 
-def test_maskx_tiny_trains_and_evaluates(synth_paths, tmp_path):
-    cfg = tiny_config(synth_paths, "train.steps=3", preset="maskx-tiny")
-    run = train(cfg, out_dir=tmp_path / "maskx", progress=False)
+def test_maskx_tiny_trains_and_evaluates(train_tiny, tmp_path):
+    run = train_tiny(tmp_path / "maskx", "train.steps=3", preset="maskx-tiny")
     records = [json.loads(line) for line in run.log.read_text().splitlines()]
     assert len(records) == 3 and any(r["loss_mask"] > 0 for r in records)
     metrics = evaluate_run(run.root, progress=False)
