@@ -16,7 +16,7 @@ from everyseg.data.coco import CocoInstances, DataError
 from everyseg.data.images import load_image
 from everyseg.data.validate import BadSampleWarning
 from everyseg.predict_files import predict_files
-from everyseg.predictor import Instances
+from everyseg.instances import BoxMasks, Instances
 
 from coco_json import H, W, ann, image_entry
 
@@ -422,8 +422,10 @@ class _EmptyPredictor:
     def __call__(self, path):
         load_image(path)
         empty = np.zeros((0,), dtype=np.float32)
-        masks = np.zeros((0, 1, 1), dtype=bool)
-        return Instances(empty.reshape(0, 4), empty, empty.astype(np.int64), [], masks, masks)
+        masks = BoxMasks(
+            torch.zeros(0, 1, 14, 14), torch.zeros(0, 4), image_size=(1, 1), threshold=0.5
+        )
+        return Instances(empty.reshape(0, 4), empty, empty.astype(np.int64), [], masks)
 
     def coco_results(self, instances, *, image_id):
         return []

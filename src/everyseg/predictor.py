@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,23 +14,11 @@ from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 from everyseg.data.images import load_image
 from everyseg.engine.coco_results import to_coco_results
 from everyseg.engine.load import load_run
+from everyseg.instances import BoxMasks, Instances
+
+__all__ = ["Instances", "Predictor", "draw_overlay", "image_to_tensor"]
 
 ImageLike = str | Path | np.ndarray | Image.Image
-
-
-@dataclass
-class Instances:
-    """Detections of one image, in its pixel coordinates (N instances, H x W image)."""
-
-    boxes: np.ndarray  # (N, 4) float32 xyxy
-    scores: np.ndarray  # (N,) float32
-    labels: np.ndarray  # (N,) int64, contiguous 1..K
-    class_names: list[str]  # (N,)
-    masks: np.ndarray  # (N, H, W) bool
-    mask_probs: np.ndarray  # (N, H, W) float32
-
-    def __len__(self) -> int:
-        return len(self.scores)
 
 
 def image_to_tensor(image: ImageLike) -> torch.Tensor:
@@ -87,13 +74,16 @@ class Predictor:
 
     @torch.inference_mode()
     def __call__(self, image: ImageLike) -> Instances:
-        output = self.predict_raw(image_to_tensor(image))
+        tensor = image_to_tensor(image)
+        output = self.predict_raw(tensor)
+        # filter before pasting: only kept detections' masks ever reach image size
         keep = output["scores"] >= self.score_thresh
         return self._instances(
+            (tensor.shape[1], tensor.shape[2]),
             output["boxes"][keep],
             output["scores"][keep],
             output["labels"][keep],
-            output["masks"][keep, 0],
+            output["box_masks"][keep],
         )
 
     @torch.inference_mode()
@@ -113,45 +103,52 @@ class Predictor:
             boxes = boxes[None]  # a single box
         if labels is not None:
             labels = [_as_tensor(labels, None, "labels").reshape(-1)]
-        (output,) = self.model.masks_for_boxes([tensor], [boxes], labels)
-        boxes, size = output["boxes"], (tensor.shape[1], tensor.shape[2])
+        (output,) = self.model.masks_for_boxes([tensor], [boxes], labels, paste=False)
+        size = (tensor.shape[1], tensor.shape[2])
         # torchvision's paste pads the box by a pixel or two, so cut to the box: a prompt
         # bounds its mask
-        probs = output["masks"][:, 0] * _inside(boxes, size)
-        return self._instances(boxes, output["scores"], output["labels"], probs)
+        return self._instances(
+            size,
+            output["boxes"],
+            output["scores"],
+            output["labels"],
+            output["box_masks"],
+            cut_to_box=True,
+        )
 
-    def _instances(self, boxes, scores, labels, probs) -> Instances:
-        """(N, 4), (N,), (N,), (N, H, W) tensors -> Instances, masks thresholded."""
-        probs = probs.float().cpu().numpy()
+    def _instances(self, size, boxes, scores, labels, box_masks, *, cut_to_box=False):
+        """(N, 4), (N,), (N,), (N, 1, M, M) tensors of an image of `size` (H, W) -> Instances,
+        masks pasted one at a time and thresholded (above `mask_thresh`)."""
         labels = labels.cpu().numpy()
         return Instances(
             boxes=boxes.float().cpu().numpy(),
             scores=scores.float().cpu().numpy(),
             labels=labels,
             class_names=[self.class_names[int(lab) - 1] for lab in labels],
-            masks=probs >= self.mask_thresh,
-            mask_probs=probs,
+            box_masks=BoxMasks(
+                box_masks, boxes, image_size=size, threshold=self.mask_thresh, cut_to_box=cut_to_box
+            ),
         )
 
     @torch.inference_mode()
     def predict_raw(self, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
-        """(3, H, W) float image -> the model's output dict (torchvision convention)."""
-        return self.model([tensor.to(self.device)])[0]
+        """(3, H, W) float image -> the model's detections, masks left in their boxes
+        ("box_masks" (N, 1, M, M), see the detector's `detect`)."""
+        return self.model.detect([tensor.to(self.device)])[0]
 
     def coco_results(self, instances: Instances, *, image_id: int) -> list[dict]:
         """COCO results entries (bbox xywh, RLE segmentation) for one image's instances."""
-        output = {
+        boxes_only = {
             "boxes": torch.from_numpy(instances.boxes),
             "scores": torch.from_numpy(instances.scores),
             "labels": torch.from_numpy(instances.labels),
-            "masks": torch.from_numpy(instances.mask_probs)[:, None],
         }
-        return to_coco_results(
-            output,
-            image_id=image_id,
-            label_to_cat_id=self.label_to_cat_id,
-            mask_threshold=self.mask_thresh,
+        results = to_coco_results(
+            boxes_only, image_id=image_id, label_to_cat_id=self.label_to_cat_id
         )
+        for result, rle in zip(results, instances.rle(), strict=True):
+            result["segmentation"] = rle
+        return results
 
 
 def _as_tensor(values, dtype, name: str) -> torch.Tensor:
@@ -159,16 +156,6 @@ def _as_tensor(values, dtype, name: str) -> torch.Tensor:
         return torch.as_tensor(np.asarray(values, dtype=dtype))
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be numbers, got {values!r}") from None
-
-
-def _inside(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(N, 4) xyxy boxes -> (N, H, W) bool: the pixels whose centres lie in each box."""
-    ys = torch.arange(size[0], device=boxes.device) + 0.5
-    xs = torch.arange(size[1], device=boxes.device) + 0.5
-    x0, y0, x1, y1 = (boxes[:, i, None] for i in range(4))  # (N, 1) each
-    in_y = (ys >= y0) & (ys <= y1)  # (N, H)
-    in_x = (xs >= x0) & (xs <= x1)  # (N, W)
-    return in_y[:, :, None] & in_x[:, None, :]
 
 
 def draw_overlay(

@@ -14,6 +14,7 @@ import copy
 import io
 import json
 import os
+from collections.abc import Iterable
 from typing import Any, Literal, cast
 
 import numpy as np
@@ -23,6 +24,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from everyseg.data.segmentation import usable_segmentation
+from everyseg.modeling.paste import Region, pasted_crops
 
 try:
     import faster_coco_eval
@@ -39,15 +41,19 @@ def to_coco_results(
     image_id: int,
     label_to_cat_id: dict[int, int],
     mask_threshold: float = 0.5,
+    image_size: tuple[int, int] | None = None,
 ) -> list[dict[str, Any]]:
     """Turn one image's detections (torchvision convention) into COCO result dicts.
 
     Args:
         outputs: ``boxes`` (N, 4) xyxy in image pixels, ``labels`` (N,) contiguous 1..K,
-            ``scores`` (N,), optional ``masks`` (N, 1, H, W) or (N, H, W) probabilities.
+            ``scores`` (N,), optional ``masks`` (N, 1, H, W) or (N, H, W) probabilities, or
+            ``box_masks`` (N, 1, M, M) probabilities in the boxes (a detector's ``detect``),
+            pasted one at a time into the same pixels.
         image_id: COCO image id the detections belong to.
         label_to_cat_id: contiguous label -> COCO category id.
         mask_threshold: a pixel is foreground when its probability is above this.
+        image_size: (H, W) of the image, needed with ``box_masks``.
 
     Returns:
         N dicts with ``image_id``, ``category_id``, ``score``, ``bbox`` ([x, y, w, h] floats) and,
@@ -69,11 +75,47 @@ def to_coco_results(
         }
         for label, score, box in zip(labels, scores, xywh, strict=True)
     ]
-    masks = outputs.get("masks")
-    if masks is not None:
-        for result, rle in zip(results, encode_masks(masks, threshold=mask_threshold), strict=True):
+    rles = _segmentations(outputs, threshold=mask_threshold, image_size=image_size)
+    if rles is not None:
+        for result, rle in zip(results, rles, strict=True):
             result["segmentation"] = rle
     return results
+
+
+def _segmentations(
+    outputs: dict[str, torch.Tensor], *, threshold: float, image_size: tuple[int, int] | None
+) -> list[dict[str, Any]] | None:
+    """The RLEs of one image's full-image "masks" or in-box "box_masks", None without masks."""
+    if "masks" in outputs:
+        return encode_masks(outputs["masks"], threshold=threshold)
+    if "box_masks" not in outputs:
+        return None
+    if image_size is None:
+        raise ValueError("box_masks need the image_size to be pasted into")
+    crops = pasted_crops(outputs["box_masks"].detach(), outputs["boxes"].detach(), image_size)
+    # threshold on the masks' device, one mask at a time: only its bool crop moves
+    binary = ((region, (probs > threshold).cpu().numpy()) for region, probs in crops)
+    return encode_crops(binary, image_size=image_size)
+
+
+def encode_crops(
+    crops: Iterable[tuple[Region, np.ndarray]], *, image_size: tuple[int, int]
+) -> list[dict[str, Any]]:
+    """Masks of an (H, W) image given as their regions (x0, y0, x1, y1) and the (y1 - y0,
+    x1 - x0) bool crops there (background elsewhere) -> compressed RLEs, ``counts`` as str.
+
+    One (H, W) byte plane is reused for every mask: memory stays one mask's whatever N is.
+    """
+    plane = np.zeros(image_size, dtype=np.uint8, order="F")
+    rles = []
+    for (x0, y0, x1, y1), crop in crops:
+        plane[y0:y1, x0:x1] = crop
+        # (H, W, 1) in, a list of one RLE out (pycocotools' stubs type only the (H, W) form)
+        (rle,) = cast(list[dict[str, Any]], mask_util.encode(plane[:, :, None]))
+        rle["counts"] = rle["counts"].decode("ascii")
+        rles.append(rle)
+        plane[y0:y1, x0:x1] = 0
+    return rles
 
 
 def encode_masks(masks: torch.Tensor, *, threshold: float = 0.5) -> list[dict[str, Any]]:

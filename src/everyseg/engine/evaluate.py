@@ -152,7 +152,8 @@ def evaluate_model(
 
     Args:
         model: torchvision-style detector: ``model(list of (3, H, W) float images)`` returns
-            one dict per image (see :func:`to_coco_results`). Its train/eval mode is restored.
+            one dict per image (see :func:`to_coco_results`), or everyseg's, whose
+            ``detect`` returns masks in their boxes. Its train/eval mode is restored.
         dataset: map-style dataset of ``(image, target)`` with ``target["image_id"]`` a scalar
             tensor (or int) naming the image in ``gt_json``.
         label_to_cat_id, seen_cat_ids, gt_json: see :func:`to_coco_results` / :func:`coco_metrics`.
@@ -175,17 +176,30 @@ def evaluate_model(
     try:
         with torch.inference_mode():
             for images, targets in tqdm(loader, desc="evaluate", disable=not progress):
-                outputs = model([image.to(device) for image in images])
-                for output, target in zip(outputs, targets, strict=True):
+                outputs = _detections(model, [image.to(device) for image in images])
+                for output, image, target in zip(outputs, images, targets, strict=True):
                     image_id = int(target["image_id"])
                     image_ids.append(image_id)
                     output = _without_labels(output, ignore)
                     results.extend(
-                        to_coco_results(output, image_id=image_id, label_to_cat_id=label_to_cat_id)
+                        to_coco_results(
+                            output,
+                            image_id=image_id,
+                            label_to_cat_id=label_to_cat_id,
+                            image_size=(image.shape[-2], image.shape[-1]),
+                        )
                     )
     finally:
         model.train(was_training)
     return coco_metrics(gt_json, results, seen_cat_ids=seen_cat_ids, image_ids=image_ids)
+
+
+def _detections(model: torch.nn.Module, images: list[torch.Tensor]) -> list[dict]:
+    """The model's per-image detections. An everyseg detector's `detect` leaves masks M x M
+    in their boxes, pasted one at a time when encoded, so memory stays bounded whatever the
+    image size; other torchvision-style models give full-image masks."""
+    detect = getattr(model, "detect", None)
+    return detect(images) if callable(detect) else model(images)
 
 
 def _without_labels(output: dict[str, torch.Tensor], labels: torch.Tensor) -> dict:

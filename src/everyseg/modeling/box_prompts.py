@@ -12,6 +12,8 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 from torchvision.models.detection.transform import resize_boxes
 
+from everyseg.modeling.paste import unpasted
+
 # (images, features, per-image (N_i, 4) boxes in the transformed images' pixels, per-image
 # (N_i,) labels or None) -> per image {"boxes", "labels", "scores", "masks" (N_i, 1, M, M)}
 SegmentBoxes = Callable[
@@ -70,9 +72,11 @@ def masks_for_box_prompts(
     labels: Sequence[Tensor] | None,
     num_classes: int,
     segment: SegmentBoxes,
+    paste: bool = True,
 ) -> list[dict[str, Tensor]]:
     """Per image: (3, H, W) image, (N_i, 4) boxes in its pixels, optional (N_i,) labels ->
-    {"boxes" (clipped to the image), "labels", "scores", "masks" (N_i, 1, H, W)}."""
+    {"boxes" (clipped to the image), "labels", "scores", "masks" (N_i, 1, H, W)}, or with
+    `paste=False` "box_masks" (N_i, 1, M, M) in the boxes instead of "masks"."""
     if len(boxes) != len(images) or (labels is not None and len(labels) != len(images)):
         raise ValueError("give one boxes tensor (and one labels tensor) per image")
     sizes = [(image.shape[-2], image.shape[-1]) for image in images]
@@ -88,8 +92,11 @@ def masks_for_box_prompts(
     features = backbone(transformed.tensors)  # {level: (B, C, H_l, W_l)}
     rois = [resize_boxes(b, s, t) for b, s, t in zip(boxes, sizes, transformed.image_sizes)]
     detections = segment(transformed, features, rois, labels)
+    if not paste:
+        detections = unpasted(detections, transformed.image_sizes, sizes)
     for detection, image_boxes, size in zip(detections, boxes, sizes):
         # the given boxes, not their round trip through the transform's scaling
         detection["boxes"] = image_boxes
-        detection["masks"] = paste_masks_in_image(detection["masks"], image_boxes, size)
+        if paste:
+            detection["masks"] = paste_masks_in_image(detection["masks"], image_boxes, size)
     return detections

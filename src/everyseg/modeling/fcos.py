@@ -23,6 +23,7 @@ from everyseg.modeling.backbone import FPN_LEVELS
 from everyseg.modeling.box_prompts import masks_for_box_prompts
 from everyseg.modeling.mask_branch import gt_mask_crops, mask_probabilities, mask_training_loss
 from everyseg.modeling.mask_heads import MaskHead, build_mask_head, build_mask_predictor
+from everyseg.modeling.paste import unpasted
 
 
 class FCOSWithMasks(FCOS):
@@ -64,28 +65,52 @@ class FCOSWithMasks(FCOS):
                 resolution=self.mask_resolution,
             )
             return losses
+        detections = self._detections(features, head_outputs, anchors, image_list.image_sizes)
+        return self.transform.postprocess(detections, image_list.image_sizes, original_sizes)
+
+    def detect(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
+        """The eval forward's detections with the masks left in their boxes; call in eval mode.
+
+        Per (3, H, W) image: "boxes" (N, 4) xyxy in its pixels, "labels", "scores" and
+        "box_masks" (N, 1, M, M), the foreground probabilities in each box that the forward
+        pastes into its "masks" (N, 1, H, W) (see modeling/paste.py).
+        """
+        if self.training:
+            raise RuntimeError("detect predicts: call model.eval() first")
+        original_sizes = [(image.shape[-2], image.shape[-1]) for image in images]
+        image_list, _ = self.transform(images)
+        features = self.backbone(image_list.tensors)  # {level: (B, C, H_l, W_l)}
+        levels = list(features.values())
+        anchors = self.anchor_generator(image_list, levels)
+        detections = self._detections(features, self.head(levels), anchors, image_list.image_sizes)
+        return unpasted(detections, image_list.image_sizes, original_sizes)
+
+    def _detections(self, features, head_outputs, anchors, image_sizes):
+        """Per image "boxes", "labels", "scores" in the transformed image's pixels and
+        "masks" (N, 1, M, M) in the boxes."""
+        num_anchors_per_level = [x.size(2) * x.size(3) for x in features.values()]
         split_outputs = {
             k: list(v.split(num_anchors_per_level, dim=1)) for k, v in head_outputs.items()
         }
         split_anchors = [list(a.split(num_anchors_per_level)) for a in anchors]
-        detections = self.postprocess_detections(
-            split_outputs, split_anchors, image_list.image_sizes
-        )
+        detections = self.postprocess_detections(split_outputs, split_anchors, image_sizes)
         masks = self._masks(
             features,
             boxes=[d["boxes"] for d in detections],
             labels=[d["labels"] for d in detections],
-            image_sizes=image_list.image_sizes,
+            image_sizes=image_sizes,
         )
         for detection, image_masks in zip(detections, masks):
             detection["masks"] = image_masks
-        return self.transform.postprocess(detections, image_list.image_sizes, original_sizes)
+        return detections
 
     def masks_for_boxes(
         self,
         images: list[Tensor],
         boxes: list[Tensor],
         labels: list[Tensor] | None = None,
+        *,
+        paste: bool = True,
     ) -> list[dict[str, Tensor]]:
         """Masks for given boxes, whatever their class; call in eval mode.
 
@@ -93,7 +118,8 @@ class FCOSWithMasks(FCOS):
         and, optionally, (N_i,) labels in 1..K. Without labels each box gets the class FCOS
         scores highest at the feature locations inside it (the nearest one if none is);
         "scores" are FCOS's score of the box's class there, sqrt(class x centerness) as in
-        its detections. Returns per image "boxes", "labels", "scores", "masks" (N_i, 1, H, W).
+        its detections. Returns per image "boxes", "labels", "scores", "masks" (N_i, 1, H, W),
+        or with `paste=False` "box_masks" (N_i, 1, M, M) in the boxes instead, as `detect`'s.
         Raises ValueError for bad boxes or labels (box_prompts.check_box_prompts).
         """
         if self.training:
@@ -105,6 +131,7 @@ class FCOSWithMasks(FCOS):
             boxes=boxes,
             labels=labels,
             num_classes=self.head.classification_head.num_classes,
+            paste=paste,
             segment=self._segment_boxes,
         )
 

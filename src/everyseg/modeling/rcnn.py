@@ -18,6 +18,7 @@ from everyseg.config import ModelConfig
 from everyseg.modeling.backbone import FPN_LEVELS
 from everyseg.modeling.box_prompts import masks_for_box_prompts
 from everyseg.modeling.mask_heads import build_mask_head, build_mask_predictor
+from everyseg.modeling.paste import unpasted
 from everyseg.modeling.roi_heads import PartialMaskRoIHeads
 
 
@@ -25,11 +26,29 @@ class RCNN(GeneralizedRCNN):
     """torchvision's GeneralizedRCNN (backbone, rpn, roi_heads, transform) that also
     segments given boxes."""
 
+    def detect(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
+        """The eval forward's detections with the masks left in their boxes; call in eval mode.
+
+        Per (3, H, W) image: "boxes" (N, 4) xyxy in its pixels, "labels", "scores" and
+        "box_masks" (N, 1, M, M), the foreground probabilities in each box that the forward
+        pastes into its "masks" (N, 1, H, W) (see modeling/paste.py).
+        """
+        if self.training:
+            raise RuntimeError("detect predicts: call model.eval() first")
+        original_sizes = [(image.shape[-2], image.shape[-1]) for image in images]
+        transformed, _ = self.transform(images)
+        features = self.backbone(transformed.tensors)  # {level: (B, C, H_l, W_l)}
+        proposals, _ = self.rpn(transformed, features)
+        detections, _ = self.roi_heads(features, proposals, transformed.image_sizes)
+        return unpasted(detections, transformed.image_sizes, original_sizes)
+
     def masks_for_boxes(
         self,
         images: list[Tensor],
         boxes: list[Tensor],
         labels: list[Tensor] | None = None,
+        *,
+        paste: bool = True,
     ) -> list[dict[str, Tensor]]:
         """Masks for given boxes, whatever their class (Deep-MAC); call in eval mode.
 
@@ -37,7 +56,8 @@ class RCNN(GeneralizedRCNN):
         and, optionally, (N_i,) labels in 1..K; without labels each box gets the box
         classifier's most likely foreground class on it. Returns per image "boxes",
         "labels", "scores" (the classifier's probability of that class) and "masks"
-        (N_i, 1, H, W): for a detection's box and label, the masks eval-mode forward gives.
+        (N_i, 1, H, W): for a detection's box and label, the masks eval-mode forward gives;
+        with `paste=False`, "box_masks" (N_i, 1, M, M) in the boxes instead, as `detect`'s.
         Raises ValueError for bad boxes or labels (box_prompts.check_box_prompts).
         """
         if self.training:
@@ -49,6 +69,7 @@ class RCNN(GeneralizedRCNN):
             boxes=boxes,
             labels=labels,
             num_classes=self.roi_heads.box_predictor.cls_score.out_features,
+            paste=paste,
             segment=lambda images, features, rois, labels: self.roi_heads.segment_boxes(
                 features, rois, images.image_sizes, labels
             ),
