@@ -15,8 +15,8 @@ from everyseg.data.build import build_dataset
 from everyseg.data.coco import CocoInstances, DataError
 from everyseg.data.images import load_image
 from everyseg.data.validate import BadSampleWarning
-from everyseg.predict_files import predict_files
 from everyseg.instances import BoxMasks, Instances
+from everyseg.predict_files import predict_files
 
 from coco_json import H, W, ann, image_entry
 

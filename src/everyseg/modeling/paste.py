@@ -41,6 +41,9 @@ def pasted_crops(
     for mask, (bx0, by0, bx1, by1) in zip(padded, grown):
         x0, y0 = min(max(bx0, 0), width), min(max(by0, 0), height)
         x1, y1 = max(min(bx1 + 1, width), x0), max(min(by1 + 1, height), y0)
+        if x1 == x0 or y1 == y0:  # nothing of the box in the image (torchvision's paste fails)
+            yield (x0, y0, x1, y1), box_masks.new_zeros(y1 - y0, x1 - x0)
+            continue
         # the box in the region's pixels: torchvision's paste into a region-sized image
         shifted = [bx0 - x0, by0 - y0, bx1 - x0, by1 - y0]
         yield (x0, y0, x1, y1), paste_mask_in_image(mask[0], shifted, y1 - y0, x1 - x0)
