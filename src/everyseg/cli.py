@@ -10,6 +10,7 @@ from pathlib import Path
 
 from everyseg.config import ConfigError, load_config, preset_names
 from everyseg.data.synthetic import MIN_SIZE
+from everyseg.engine.distributed import PeerFailed
 
 # Upper bounds that no sensible run reaches, so a typo (an extra zero or three) fails at once
 # instead of filling the disk or running for days.
@@ -25,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except (
+        PeerFailed,
         ConfigError,
         FileNotFoundError,
         FileExistsError,
@@ -153,21 +155,28 @@ def _synth(args) -> None:
 
 
 def _train(args) -> None:
+    from everyseg.engine.distributed import process_group
     from everyseg.engine.evaluate_run import evaluate_run
+    from everyseg.engine.load import resolve_device
     from everyseg.engine.train import train
 
     cfg = load_config(args.config, args.overrides)
-    run = train(cfg, out_dir=args.out, resume=args.resume)
-    if cfg.data.val_json and not args.no_eval:
-        evaluate_run(run.root)
+    # under torchrun: one process per device, joined for training and the evaluation after
+    with process_group(resolve_device(cfg.train.device)):
+        run = train(cfg, out_dir=args.out, resume=args.resume)
+        if cfg.data.val_json and not args.no_eval:
+            evaluate_run(run.root)
 
 
 def _evaluate(args) -> None:
+    from everyseg.engine.distributed import process_group
     from everyseg.engine.evaluate_run import evaluate_run
+    from everyseg.engine.load import resolve_device
 
     if (args.data is None) != (args.images is None):
         raise ValueError("--data and --images go together")
-    evaluate_run(args.run, data_json=args.data, images=args.images, checkpoint=args.checkpoint)
+    with process_group(resolve_device("auto")):  # under torchrun the ranks share the images
+        evaluate_run(args.run, data_json=args.data, images=args.images, checkpoint=args.checkpoint)
 
 
 def _predict(args) -> int:

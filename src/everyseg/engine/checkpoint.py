@@ -3,7 +3,8 @@ read with torch.load(weights_only=True), so that loading one never runs code.
 
     last.pt, best.pt, step_XXXXXXX.pt  the record's fields, "step", "model", "optimizer",
                                        "scheduler", "scaler" (state dicts) and "rng"
-                                       (rng.capture_rng): everything a resume needs
+                                       (rng.capture_rng): everything a resume needs; a run
+                                       of several processes adds "rng_per_rank" (a list)
     model.pt                           the record's fields, "step" and "model" alone, to
                                        share (TrainingState.export_model)
 """
@@ -121,8 +122,12 @@ class TrainingState:
                 "stopped (an update diverged: lower train.lr, or set train.clip_grad_norm)"
             )
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path, *, rngs: list[dict[str, Any]] | None = None) -> None:
+        """`rngs`: every rank's capture_rng() under DDP (rank 0's is also the "rng" that a
+        resume on another number of processes uses); by default this process's."""
         self.check_weights()  # a checkpoint never holds a diverged model
+        rngs = rngs or [capture_rng()]
+        per_rank = {"rng_per_rank": rngs} if len(rngs) > 1 else {}
         save_checkpoint(
             path,
             {
@@ -132,7 +137,8 @@ class TrainingState:
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
                 "step": self.step,
-                "rng": capture_rng(),
+                "rng": rngs[0],
+                **per_rank,
             },
         )
 
@@ -143,7 +149,9 @@ class TrainingState:
             path, {**self.record.to_plain(), "step": self.step, "model": self.model.state_dict()}
         )
 
-    def restore(self, path: Path) -> None:
+    def restore(self, path: Path, *, rank: int = 0, world_size: int = 1) -> None:
+        """Continue from `path`; rank r of the same number of processes gets back its own
+        random streams, any other gets rank 0's."""
         state = load_checkpoint(path)
         changes = RunRecord.from_plain(state, source=path).class_differences(self.record)
         if changes:
@@ -156,5 +164,6 @@ class TrainingState:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        restore_rng(state["rng"])
+        per_rank = state.get("rng_per_rank", [state["rng"]])
+        restore_rng(per_rank[rank] if len(per_rank) == world_size else state["rng"])
         self.step = int(state["step"])

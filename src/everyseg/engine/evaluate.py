@@ -12,9 +12,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from everyseg.engine import distributed
 from everyseg.engine.coco_results import (
     IouType,
     ground_truth_for,
@@ -164,34 +165,47 @@ def evaluate_model(
         progress: show a tqdm bar.
 
     Only the images in ``dataset`` are evaluated (``metrics["images"]`` counts them).
+    Inside a process group (under torchrun) rank r of W runs images r, r + W, ...; rank 0
+    scores them all, in dataset order, and every rank returns the metrics.
     """
+    rank, world = distributed.rank(), distributed.world_size()
+    positions = range(rank, len(dataset), world)  # type: ignore[arg-type]
     loader = DataLoader(
-        dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate_pairs
+        Subset(dataset, positions) if world > 1 else dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=_collate_pairs,
     )
-    results: list[dict[str, Any]] = []
-    image_ids: list[int] = []
+    mine: list[tuple[int, int, list[dict[str, Any]]]] = []  # (position, image id, results)
     ignore = torch.tensor(sorted(set(ignore_labels)), dtype=torch.int64)
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            for images, targets in tqdm(loader, desc="evaluate", disable=not progress):
+            done = iter(positions)
+            bar = tqdm(loader, desc="evaluate", disable=not (progress and distributed.is_main()))
+            for images, targets in bar:
                 outputs = _detections(model, [image.to(device) for image in images])
                 for output, image, target in zip(outputs, images, targets, strict=True):
                     image_id = int(target["image_id"])
-                    image_ids.append(image_id)
                     output = _without_labels(output, ignore)
-                    results.extend(
-                        to_coco_results(
-                            output,
-                            image_id=image_id,
-                            label_to_cat_id=label_to_cat_id,
-                            image_size=(image.shape[-2], image.shape[-1]),
-                        )
+                    coco = to_coco_results(
+                        output,
+                        image_id=image_id,
+                        label_to_cat_id=label_to_cat_id,
+                        image_size=(image.shape[-2], image.shape[-1]),
                     )
+                    mine.append((next(done), image_id, coco))
     finally:
         model.train(was_training)
-    return coco_metrics(gt_json, results, seen_cat_ids=seen_cat_ids, image_ids=image_ids)
+    # in dataset order, as one process would list them (COCOeval breaks score ties by order)
+    every = sorted(item for share in distributed.gather(mine) for item in share)
+    results = [result for _, _, coco in every for result in coco]
+    image_ids = [image_id for _, image_id, _ in every]
+    metrics = distributed.on_main(
+        lambda: coco_metrics(gt_json, results, seen_cat_ids=seen_cat_ids, image_ids=image_ids)
+    )
+    return distributed.broadcast(metrics)
 
 
 def _detections(model: torch.nn.Module, images: list[torch.Tensor]) -> list[dict]:

@@ -10,6 +10,7 @@ import torch
 
 from everyseg.config import Config
 from everyseg.data.build import build_dataset
+from everyseg.engine import distributed
 from everyseg.engine.eval_data import map_classes, metrics_file_name
 from everyseg.engine.evaluate import evaluate_model, format_metrics_table, write_metrics
 from everyseg.engine.load import load_run
@@ -29,7 +30,7 @@ def evaluate_loaded(
         data = replace(data, val_json=str(data_json), val_images=str(images))
     dataset = build_dataset(data, split="val")  # every class keeps its masks
     assert data.val_json is not None  # build_dataset refuses a val split without one
-    if dataset.index.findings.num_bad:
+    if dataset.index.findings.num_bad and distributed.is_main():
         print(dataset.summary())
     mapping = map_classes(
         run_classes=record.class_names,
@@ -39,7 +40,7 @@ def evaluate_loaded(
         },
         source=data.val_json,
     )
-    if mapping.unscored:
+    if mapping.unscored and distributed.is_main():
         print(
             f"everyseg: {data.val_json} has no class(es) {mapping.unscored}: the run's "
             "detections of them are dropped, not scored",
@@ -68,6 +69,7 @@ def evaluate_run(run_dir, *, data_json=None, images=None, checkpoint="last", pro
     On the run's own val set that is DIR/metrics.json; on another file (`data_json`) it is
     DIR/metrics-<its stem>.json, with the file named inside, so metrics.json is never replaced
     by numbers on other data. The table is printed first: a failed write loses nothing.
+    Under torchrun the ranks share the images and rank 0 alone prints and writes.
     """
     loaded = load_run(run_dir, checkpoint=checkpoint)
     device = next(loaded.model.parameters()).device
@@ -86,10 +88,14 @@ def evaluate_run(run_dir, *, data_json=None, images=None, checkpoint="last", pro
     if data_json is not None:
         metrics["data"] = {"json": str(data_json), "images": str(images)}
         path = run.root / metrics_file_name(data_json)
+    distributed.on_main(lambda: _print_and_write(metrics, path))
+    return metrics
+
+
+def _print_and_write(metrics: dict, path: Path) -> None:
     print(format_metrics_table(metrics))
     try:
         write_metrics(metrics, path)
     except OSError as err:
         # atomic_write_bytes' message names the file and the reason
         raise OSError(err.errno, f"{err.strerror}; the table above has the metrics") from err
-    return metrics

@@ -1,20 +1,28 @@
-"""The training loop: one plain function per step, checkpoints that resume exactly."""
+"""The training loop: one plain function per step, checkpoints that resume exactly.
+
+Under torchrun every rank runs this loop on its slice of each global batch inside
+DistributedDataParallel; rank 0 alone writes the run directory (engine.distributed).
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from everyseg.config import Config, from_dict
+from everyseg.config import Config, ConfigError, from_dict
 from everyseg.data.build import build_dataset
 from everyseg.data.coco import CocoInstances, collate
+from everyseg.engine import distributed
 from everyseg.engine.checkpoint import TrainingState
 from everyseg.engine.evaluate_run import evaluate_loaded
 from everyseg.engine.files import atomic_write_bytes
@@ -58,7 +66,8 @@ def train_one_step(
     with torch.autocast(device_type=device_type, enabled=amp):
         losses = model(images, targets)
     total = sum(losses.values())
-    values = {name: float(v.detach()) for name, v in losses.items()}
+    # the global batch's losses: one NaN on any rank stops (or skips) every rank together
+    values = distributed.mean_over_ranks({name: float(v.detach()) for name, v in losses.items()})
     bad = [f"{name} is {value}" for name, value in values.items() if not math.isfinite(value)]
     if bad and on_nonfinite != "skip":
         raise FloatingPointError(
@@ -85,34 +94,64 @@ def train_one_step(
 
 def train(cfg: Config, *, out_dir, resume: bool = False, progress: bool = True) -> RunDir:
     """Train `cfg` into the run directory `out_dir`; resume=True continues from its last
-    checkpoint as if never interrupted."""
-    _check_train_config(cfg)
+    checkpoint as if never interrupted. Inside a process group (distributed.process_group,
+    under torchrun) each rank trains on its share of train.batch_size, the global batch."""
+    device = distributed.training_device(resolve_device(cfg.train.device))
+    _check_train_config(cfg, device)
     run = RunDir(Path(out_dir))
+    with ExitStack() as held:
+        distributed.on_main(lambda: _claim_run_dir(run, cfg, resume=resume, held=held))
+        dataset, state = distributed.on_every_rank(lambda: _set_up(cfg, run, device, resume))
+        # also a new run's: a run killed before its first checkpoint leaves its log behind
+        distributed.on_main(lambda: trim_log(run.log, step=state.step))
+        _train_loop(run, state, cfg, dataset, device, progress=progress)
+    return run
+
+
+def _claim_run_dir(run: RunDir, cfg: Config, *, resume: bool, held: ExitStack) -> None:
+    """Lock the run directory for the rest of training (`held`) and write its config."""
     if resume and not run.last.is_file():
         raise FileNotFoundError(
             f"no checkpoint in {run.root} to resume ({run.last} does not exist); drop --resume "
             "to start a new run"
         )
-    with run.lock():
-        _prepare_run_dir(run, cfg, resume=resume)
-        device = resolve_device(cfg.train.device)
-        seed_everything(cfg.train.seed)
-        # stage-wise training's stage 1 trains the detector alone: no instance keeps its mask
-        no_masks = "none" if cfg.train.stage == "detector" else None
-        dataset = build_dataset(cfg.data, split="train", seed=cfg.train.seed, mask_classes=no_masks)
+    held.enter_context(run.lock())
+    _prepare_run_dir(run, cfg, resume=resume)
+
+
+def _set_up(cfg: Config, run: RunDir, device, resume: bool):
+    seed_everything(cfg.train.seed)
+    # stage-wise training's stage 1 trains the detector alone: no instance keeps its mask
+    no_masks = "none" if cfg.train.stage == "detector" else None
+    dataset = build_dataset(cfg.data, split="train", seed=cfg.train.seed, mask_classes=no_masks)
+    if distributed.is_main():
         print(dataset.summary())
-        state = _build_state(cfg, dataset, device)
-        if resume:
-            state.restore(run.last)
+    state = _build_state(cfg, dataset, device)
+    rank = distributed.rank()
+    if rank > 0:
+        # the same initial weights on every rank, then each rank its own random draws (RPN
+        # and RoI sampling); rank 0 keeps the stream a one-process run has
+        seed_everything(int(np.random.SeedSequence([cfg.train.seed, rank]).generate_state(1)[0]))
+    if resume:
+        state.restore(run.last, rank=rank, world_size=distributed.world_size())
+        if distributed.is_main():
             print(f"resumed from {run.last} at step {state.step}")
-        # also a new run's: a run killed before its first checkpoint leaves its log behind
-        trim_log(run.log, step=state.step)
-        _train_loop(run, state, cfg, dataset, device, progress=progress)
-    return run
+    return dataset, state
 
 
-def _check_train_config(cfg: Config) -> None:
+def _check_train_config(cfg: Config, device: torch.device) -> None:
     check_stage(cfg)
+    world = distributed.world_size()
+    if cfg.train.batch_size % world:
+        raise ConfigError(
+            f"train.batch_size {cfg.train.batch_size} is the global batch, split evenly over "
+            f"the {world} processes: make it a multiple of {world}"
+        )
+    if world > 1 and cfg.model.backbone.norm == "bn" and device.type != "cuda":
+        raise ConfigError(
+            "model.backbone.norm=bn with several processes needs SyncBatchNorm, which runs on "
+            "CUDA only; on the CPU use gn or frozen_bn"
+        )
 
 
 def _build_state(cfg: Config, dataset: CocoInstances, device: torch.device) -> TrainingState:
@@ -127,6 +166,9 @@ def _build_state(cfg: Config, dataset: CocoInstances, device: torch.device) -> T
         test_min_size=d.test_min_size,
     )
     initialize_for_training(model, cfg, class_names=classes)
+    if distributed.world_size() > 1 and cfg.model.backbone.norm == "bn":
+        # statistics over the global batch, as one process would compute them
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
     optimizer = build_optimizer(model, cfg.train)
     amp = cfg.train.amp and device.type == "cuda"
@@ -156,18 +198,24 @@ def _train_loop(run: RunDir, state: TrainingState, cfg: Config, dataset, device,
 def _take_steps(run: RunDir, state: TrainingState, cfg: Config, dataset, device, *, progress):
     tc = cfg.train
     loader = _loader(dataset, cfg, start_step=state.step)
-    state.model.train()
+    net = _parallel(state.model, device)
+    net.train()
     bar = tqdm(
-        total=tc.steps, initial=state.step, disable=not progress, desc="train", dynamic_ncols=True
+        total=tc.steps,
+        initial=state.step,
+        disable=not (progress and distributed.is_main()),
+        desc="train",
+        dynamic_ncols=True,
     )
-    with run.log.open("a") as log, bar:
+    with ExitStack() as files, bar:
+        log = files.enter_context(run.log.open("a")) if distributed.is_main() else None
         tic = time.perf_counter()
         for images, targets in loader:
             if state.step >= tc.steps:
                 break
             images, targets = to_device(images, targets, device)
             values = train_one_step(
-                state.model,
+                net,
                 images,
                 targets,
                 optimizer=state.optimizer,
@@ -181,13 +229,13 @@ def _take_steps(run: RunDir, state: TrainingState, cfg: Config, dataset, device,
             state.step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{values['loss']:.3f}", mask=f"{values['loss_mask']:.3f}")
-            if "skipped" in values:
+            if "skipped" in values and distributed.is_main():
                 tqdm.write(f"step {state.step}: {values['skipped']}; update skipped")
             if state.step % tc.log_every == 0 or state.step == tc.steps or "skipped" in values:
                 record = {"step": state.step, "lr": state.optimizer.param_groups[0]["lr"]}
                 record.update(values, seconds_per_step=(time.perf_counter() - tic) / tc.log_every)
-                log.write(json.dumps(record) + "\n")
-                log.flush()
+                line = json.dumps(record)
+                distributed.on_main(lambda: _append_line(log, line))  # noqa: B023 (called now)
                 tic = time.perf_counter()
                 # checked when logging too, so that with skipped steps, every step after an
                 # update that diverged, a long run does not go on until its next checkpoint
@@ -195,15 +243,43 @@ def _take_steps(run: RunDir, state: TrainingState, cfg: Config, dataset, device,
             _save_and_evaluate_when_due(run, state, cfg, device)
 
 
+def _parallel(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The model DistributedDataParallel averages gradients of, with several processes.
+
+    Every parameter that trains gets a gradient each step (the mask loss of a batch without
+    masks is a zero that keeps the graph; stage-wise training's frozen parameters do not
+    require gradients), so DDP needs no search for unused ones.
+    """
+    if distributed.world_size() == 1:
+        return model
+    return DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
+
+
+def _append_line(log, line: str) -> None:
+    log.write(line + "\n")
+    log.flush()
+
+
 def _save_and_evaluate_when_due(run: RunDir, state: TrainingState, cfg: Config, device) -> None:
     step, tc = state.step, cfg.train
-    if step % tc.checkpoint_every == 0 or step == tc.steps:
-        state.save(run.last)
-        state.export_model(run.model)
-    if tc.keep_every and step % tc.keep_every == 0:
-        state.save(run.snapshot(step))
+    last = step % tc.checkpoint_every == 0 or step == tc.steps
+    keep = bool(tc.keep_every) and step % tc.keep_every == 0
+    if last or keep:
+        state.check_weights()  # on every rank, so that a diverged model stops them all
+        rngs = distributed.gather(capture_rng())  # each rank's random streams, for a resume
+        distributed.on_main(lambda: _save(run, state, rngs, last=last, keep=keep))
     if tc.eval_every and step % tc.eval_every == 0 and cfg.data.val_json:
         _evaluate_and_keep_best(run, state, cfg, device)
+
+
+def _save(run: RunDir, state: TrainingState, rngs: list, *, last: bool, keep: bool) -> None:
+    if last:
+        state.save(run.last, rngs=rngs)
+        state.export_model(run.model)
+    if keep:
+        state.save(run.snapshot(state.step), rngs=rngs)
 
 
 def _prepare_run_dir(run: RunDir, cfg: Config, *, resume: bool) -> None:
@@ -238,6 +314,8 @@ def _loader(dataset: CocoInstances, cfg: Config, *, start_step: int) -> DataLoad
         batch_size=cfg.train.batch_size,
         seed=cfg.train.seed,
         start_step=start_step,
+        rank=distributed.rank(),
+        world_size=distributed.world_size(),
     )
     workers = cfg.data.num_workers
     return DataLoader(
@@ -253,10 +331,15 @@ def _loader(dataset: CocoInstances, cfg: Config, *, start_step: int) -> DataLoad
 
 def _evaluate_and_keep_best(run: RunDir, state: TrainingState, cfg: Config, device) -> None:
     rng = capture_rng()  # evaluation must not change what the next training step sees
+    # every rank evaluates its share of the val set; all get the metrics
     metrics = evaluate_loaded(state.model, cfg, state.record, device=device, progress=False)
     restore_rng(rng)
     state.model.train()
     ap = metrics["segm"]["all"]["AP"] or 0.0
+    distributed.on_main(lambda: _keep_if_best(run, state, ap))
+
+
+def _keep_if_best(run: RunDir, state: TrainingState, ap: float) -> None:
     best_file = run.checkpoints / "best.json"
     best = json.loads(best_file.read_text())["AP"] if best_file.is_file() else -1.0
     with run.log.open("a") as log:
