@@ -23,6 +23,7 @@ from everyseg.engine.coco_results import (
     to_coco_results,
 )
 from everyseg.engine.files import write_json
+from everyseg.engine.precision import autocast, outputs_to_float32
 
 __all__ = [
     "coco_metrics",
@@ -146,6 +147,7 @@ def evaluate_model(
     device: str | torch.device = "cpu",
     batch_size: int = 1,
     num_workers: int = 0,
+    precision: str = "fp32",
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run ``model`` over ``dataset`` and return :func:`coco_metrics` of its detections.
@@ -160,12 +162,19 @@ def evaluate_model(
             that ``gt_json`` does not have (every other label needs a ``label_to_cat_id``).
         device: where the images go; the model must already be there.
         batch_size, num_workers: DataLoader settings.
+        precision: fp32 | fp16 | bf16, the autocast of the model's forward passes (see
+            everyseg.engine.precision); detections are scored as float32 whatever it is.
         progress: show a tqdm bar.
 
     Only the images in ``dataset`` are evaluated (``metrics["images"]`` counts them).
     """
+    device = torch.device(device)
     loader = DataLoader(
-        dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate_pairs
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=_collate_pairs,
+        pin_memory=device.type == "cuda",
     )
     results: list[dict[str, Any]] = []
     image_ids: list[int] = []
@@ -175,7 +184,9 @@ def evaluate_model(
     try:
         with torch.inference_mode():
             for images, targets in tqdm(loader, desc="evaluate", disable=not progress):
-                outputs = model([image.to(device) for image in images])
+                with autocast(device, precision):
+                    outputs = model([image.to(device, non_blocking=True) for image in images])
+                outputs = outputs_to_float32(outputs)
                 for output, target in zip(outputs, targets, strict=True):
                     image_id = int(target["image_id"])
                     image_ids.append(image_id)
