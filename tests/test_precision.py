@@ -11,8 +11,10 @@ from torch import nn
 from everyseg.cli import main
 from everyseg.config import ConfigError, from_dict, load_config
 from everyseg.data.synthetic import generate
-from everyseg.engine.checkpoint import load_checkpoint
+from everyseg.engine.checkpoint import TrainingState, load_checkpoint
+from everyseg.engine.optim import build_optimizer, build_scheduler
 from everyseg.engine.precision import inference_precision
+from everyseg.engine.run_dir import RunRecord
 from everyseg.engine.train import train, train_one_step
 from everyseg.predictor import Predictor
 
@@ -157,3 +159,18 @@ def test_bf16_on_cpu_trains_and_predicts_float32_close_to_fp32(train_tiny, tmp_p
     boxes = want.boxes[:5]
     masks = bf16.segment(image, boxes).mask_probs, fp32.segment(image, boxes).mask_probs
     assert masks[0].dtype == np.float32 and np.abs(masks[0] - masks[1]).max() < 0.05
+
+
+def test_resuming_a_run_without_fp16_starts_a_fresh_loss_scale(trained_run, make_model):
+    # the resume of `--set train.amp=fp16` on a GPU: its checkpoint's scaler state is empty
+    state = load_checkpoint(trained_run.last)
+    record = RunRecord.from_plain(state, source=trained_run.last)
+    cfg = from_dict(record.config)
+    model = make_model(cfg, num_classes=len(record.class_names) + 1)
+    optimizer = build_optimizer(model, cfg.train)
+    scaler = torch.amp.GradScaler("cpu", enabled=True)  # the GPU's, on the CPU
+    training = TrainingState(
+        model, optimizer, build_scheduler(optimizer, cfg.train), scaler, record
+    )
+    training.restore(trained_run.last)
+    assert training.step == 2 and scaler.get_scale() == 2.0**16
