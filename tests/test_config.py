@@ -96,6 +96,7 @@ CHOICE_KEYS = {
     "train.on_nonfinite_loss",
     "train.stage",
     "model.mask_head.train_rois",
+    "train.amp",
 }
 
 

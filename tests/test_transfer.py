@@ -191,7 +191,7 @@ def test_stage2_changes_only_the_mask_branch(make_config, make_model, stage1_run
     for step in range(3):
         images, targets = collate([dataset[2 * step], dataset[2 * step + 1]])
         train_one_step(
-            model, images, targets, optimizer=optimizer, scaler=scaler, amp=False,
+            model, images, targets, optimizer=optimizer, scaler=scaler,
             clip_grad_norm=None, step=step,
         )  # fmt: skip
     after = model.state_dict()

@@ -69,6 +69,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, help="COCO JSON to evaluate on (default: data.val_json)")
     p.add_argument("--images", type=Path, help="images of --data")
     p.add_argument("--checkpoint", default="last", help="last, best or a .pt path")
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "fp16", "bf16"],
+        help="autocast of the model (default: the run's train.amp where the device runs it)",
+    )
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("predict", help="COCO results JSON (RLE) and overlays for images")
@@ -77,6 +82,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--score-thresh", type=float_in(0.0, 1.0), default=0.5)
     p.add_argument("--checkpoint", default="last")
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "fp16", "bf16"],
+        help="autocast of the model (default: the run's train.amp where the device runs it)",
+    )
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("segment", help="one mask per given box, any class: PNGs, overlay, RLE")
@@ -92,6 +102,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--checkpoint", default="last")
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "fp16", "bf16"],
+        help="autocast of the model (default: the run's train.amp where the device runs it)",
+    )
     p.set_defaults(func=_segment)
 
     p = sub.add_parser("check-data", help="scan a dataset; exit 1 if anything is invalid")
@@ -176,14 +191,25 @@ def _evaluate(args) -> None:
     if (args.data is None) != (args.images is None):
         raise ValueError("--data and --images go together")
     with process_group(resolve_device("auto")):  # under torchrun the ranks share the images
-        evaluate_run(args.run, data_json=args.data, images=args.images, checkpoint=args.checkpoint)
+        evaluate_run(
+            args.run,
+            data_json=args.data,
+            images=args.images,
+            checkpoint=args.checkpoint,
+            precision=args.precision,
+        )
 
 
 def _predict(args) -> int:
     from everyseg.predict_files import predict_files
     from everyseg.predictor import Predictor
 
-    predictor = Predictor(args.run, checkpoint=args.checkpoint, score_thresh=args.score_thresh)
+    predictor = Predictor(
+        args.run,
+        checkpoint=args.checkpoint,
+        score_thresh=args.score_thresh,
+        precision=args.precision,
+    )
     results = args.out / "results.json"
     failures = predict_files(
         predictor, args.images, overlays=args.out / "overlays", results=results
@@ -202,7 +228,7 @@ def _segment(args) -> None:
     for x0, y0, x1, y1 in args.box:  # before loading anything
         if not (x1 > x0 and y1 > y0):
             raise ValueError(f"--box {x0:g} {y0:g} {x1:g} {y1:g}: needs X1 > X0 and Y1 > Y0")
-    predictor = Predictor(args.run, checkpoint=args.checkpoint)
+    predictor = Predictor(args.run, checkpoint=args.checkpoint, precision=args.precision)
     instances = predictor.segment(args.image, args.box)
     args.out.mkdir(parents=True, exist_ok=True)
     for i, mask in enumerate(instances.masks):

@@ -198,7 +198,16 @@ class TrainConfig:
     warmup_steps: NonNegativeInt = 1000
     warmup_factor: Fraction = 0.001
     clip_grad_norm: PositiveFloat | None = None
-    amp: bool = True  # only takes effect on CUDA
+    # mixed precision: off | fp16 (CUDA only, with a GradScaler) | bf16 (CUDA and CPU); see
+    # everyseg.engine.precision. Evaluation and prediction run in it too, where the device can
+    amp: Literal["off", "fp16", "bf16"] = "off"
+    # split each step's batch_size images into this many micro-batches, each forward/backward
+    # on batch_size / accumulate images, gradients summed before the one update: the same
+    # step, schedule and data order in less memory (batch_size must divide evenly)
+    accumulate: PositiveInt = 1
+    # cuDNN autotuning: only pays when every batch has the same shape (one data.min_size and
+    # images of one aspect ratio); detection batches usually change shape with every image
+    cudnn_benchmark: bool = False
     seed: Annotated[int, Range(ge=0, le=2**32 - 1)] = 0  # numpy's seed range
     device: Device = "auto"
     checkpoint_every: PositiveInt = 5000

@@ -121,6 +121,8 @@ def check_value(value: Any, hint: Any, key: str) -> Any:
         return value
     if origin is Literal:
         choices = typing.get_args(hint)
+        if value is False and "off" in choices:  # YAML 1.1 reads an unquoted off as false
+            return "off"
         if isinstance(value, str) and value in choices:
             return value
         raise ConfigError(f"{key}: expected {_one_of(choices)}, got {value!r}")

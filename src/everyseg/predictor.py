@@ -14,6 +14,12 @@ from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 from everyseg.data.images import load_image
 from everyseg.engine.coco_results import to_coco_results
 from everyseg.engine.load import load_run
+from everyseg.engine.precision import (
+    InferencePrecision,
+    autocast,
+    inference_precision,
+    outputs_to_float32,
+)
 from everyseg.instances import BoxMasks, Instances
 
 __all__ = ["Instances", "Predictor", "draw_overlay", "image_to_tensor"]
@@ -52,7 +58,12 @@ def check_fraction(value, *, name: str) -> float:
 
 
 class Predictor:
-    """`Predictor(run_dir)(image)` -> Instances scoring at least `score_thresh`."""
+    """`Predictor(run_dir)(image)` -> Instances scoring at least `score_thresh`.
+
+    `precision` (fp32 | fp16 | bf16) is the autocast the model runs in; None (the default)
+    is the run's train.amp where the device runs it, else fp32 (everyseg.engine.precision).
+    Boxes, scores and masks come out as float32 whatever it is.
+    """
 
     def __init__(
         self,
@@ -62,6 +73,7 @@ class Predictor:
         device: str = "auto",
         score_thresh: float = 0.5,
         mask_thresh: float = 0.5,
+        precision: InferencePrecision | None = None,
     ) -> None:
         self.score_thresh = check_fraction(score_thresh, name="score_thresh")
         self.mask_thresh = check_fraction(mask_thresh, name="mask_thresh")
@@ -71,6 +83,9 @@ class Predictor:
         self.label_to_cat_id: dict[int, int] = run.record.label_to_cat_id
         self.mask_classes: list[str] = run.record.mask_classes
         self.device = next(self.model.parameters()).device
+        self.precision = inference_precision(
+            precision, trained=self.cfg.train.amp, device=self.device
+        )
 
     @torch.inference_mode()
     def __call__(self, image: ImageLike) -> Instances:
@@ -103,7 +118,9 @@ class Predictor:
             boxes = boxes[None]  # a single box
         if labels is not None:
             labels = [_as_tensor(labels, None, "labels").reshape(-1)]
-        (output,) = self.model.masks_for_boxes([tensor], [boxes], labels, paste=False)
+        with autocast(self.device, self.precision):
+            outputs = self.model.masks_for_boxes([tensor], [boxes], labels, paste=False)
+        (output,) = outputs_to_float32(outputs)
         size = (tensor.shape[1], tensor.shape[2])
         # torchvision's paste pads the box by a pixel or two, so cut to the box: a prompt
         # bounds its mask
@@ -133,8 +150,10 @@ class Predictor:
     @torch.inference_mode()
     def predict_raw(self, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         """(3, H, W) float image -> the model's detections, masks left in their boxes
-        ("box_masks" (N, 1, M, M), see the detector's `detect`)."""
-        return self.model.detect([tensor.to(self.device)])[0]
+        ("box_masks" (N, 1, M, M), see the detector's `detect`), as float32."""
+        with autocast(self.device, self.precision):
+            outputs = self.model.detect([tensor.to(self.device)])
+        return outputs_to_float32(outputs)[0]
 
     def coco_results(self, instances: Instances, *, image_id: int) -> list[dict]:
         """COCO results entries (bbox xywh, RLE segmentation) for one image's instances."""

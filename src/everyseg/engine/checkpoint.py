@@ -163,7 +163,9 @@ class TrainingState:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        # empty from a run without fp16: a resume that turns fp16 on starts a fresh scale
+        if state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
         per_rank = state.get("rng_per_rank", [state["rng"]])
         restore_rng(per_rank[rank] if len(per_rank) == world_size else state["rng"])
         self.step = int(state["step"])

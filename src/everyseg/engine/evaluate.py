@@ -24,6 +24,7 @@ from everyseg.engine.coco_results import (
     to_coco_results,
 )
 from everyseg.engine.files import write_json
+from everyseg.engine.precision import autocast, outputs_to_float32
 
 __all__ = [
     "coco_metrics",
@@ -147,6 +148,7 @@ def evaluate_model(
     device: str | torch.device = "cpu",
     batch_size: int = 1,
     num_workers: int = 0,
+    precision: str = "fp32",
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run ``model`` over ``dataset`` and return :func:`coco_metrics` of its detections.
@@ -162,6 +164,8 @@ def evaluate_model(
             that ``gt_json`` does not have (every other label needs a ``label_to_cat_id``).
         device: where the images go; the model must already be there.
         batch_size, num_workers: DataLoader settings.
+        precision: fp32 | fp16 | bf16, the autocast of the model's forward passes (see
+            everyseg.engine.precision); detections are scored as float32 whatever it is.
         progress: show a tqdm bar.
 
     Only the images in ``dataset`` are evaluated (``metrics["images"]`` counts them).
@@ -170,11 +174,13 @@ def evaluate_model(
     """
     rank, world = distributed.rank(), distributed.world_size()
     positions = range(rank, len(dataset), world)  # type: ignore[arg-type]
+    device = torch.device(device)
     loader = DataLoader(
         Subset(dataset, positions) if world > 1 else dataset,
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=_collate_pairs,
+        pin_memory=device.type == "cuda",
     )
     mine: list[tuple[int, int, list[dict[str, Any]]]] = []  # (position, image id, results)
     ignore = torch.tensor(sorted(set(ignore_labels)), dtype=torch.int64)
@@ -185,7 +191,11 @@ def evaluate_model(
             done = iter(positions)
             bar = tqdm(loader, desc="evaluate", disable=not (progress and distributed.is_main()))
             for images, targets in bar:
-                outputs = _detections(model, [image.to(device) for image in images])
+                with autocast(device, precision):
+                    outputs = _detections(
+                        model, [image.to(device, non_blocking=True) for image in images]
+                    )
+                outputs = outputs_to_float32(outputs)
                 for output, image, target in zip(outputs, images, targets, strict=True):
                     image_id = int(target["image_id"])
                     output = _without_labels(output, ignore)

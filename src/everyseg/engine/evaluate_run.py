@@ -14,17 +14,29 @@ from everyseg.engine import distributed
 from everyseg.engine.eval_data import map_classes, metrics_file_name
 from everyseg.engine.evaluate import evaluate_model, format_metrics_table, write_metrics
 from everyseg.engine.load import load_run
+from everyseg.engine.precision import inference_precision
 from everyseg.engine.run_dir import RunDir, RunRecord
 
 
 def evaluate_loaded(
-    model, cfg: Config, record: RunRecord, *, device, data_json=None, images=None, progress=True
+    model,
+    cfg: Config,
+    record: RunRecord,
+    *,
+    device,
+    data_json=None,
+    images=None,
+    precision: str | None = None,
+    progress=True,
 ) -> dict:
-    """COCO metrics of `model` on the config's val set (or on `data_json` + `images`).
+    """COCO metrics of `model` on the config's val set (or on `data_json` + `images`), in
+    `precision` (fp32 | fp16 | bf16; None: the run's train.amp where `device` runs it, see
+    everyseg.engine.precision).
 
     Classes are matched by name (see `map_classes`); run classes the file lacks are listed
     under the added key "unscored_classes" and their detections dropped.
     """
+    precision = inference_precision(precision, trained=cfg.train.amp, device=torch.device(device))
     data = cfg.data
     if data_json is not None:
         data = replace(data, val_json=str(data_json), val_images=str(images))
@@ -56,6 +68,7 @@ def evaluate_loaded(
         # only what the loader kept: skipped images and annotations are not scored
         gt_json=dataset.ground_truth(),
         device=device,
+        precision=precision,
         progress=progress,
     )
     if mapping.unscored:
@@ -63,7 +76,9 @@ def evaluate_loaded(
     return metrics
 
 
-def evaluate_run(run_dir, *, data_json=None, images=None, checkpoint="last", progress=True):
+def evaluate_run(
+    run_dir, *, data_json=None, images=None, checkpoint="last", precision=None, progress=True
+):
     """Evaluate a run, print the table and write it beside the run's other results.
 
     On the run's own val set that is DIR/metrics.json; on another file (`data_json`) it is
@@ -81,6 +96,7 @@ def evaluate_run(run_dir, *, data_json=None, images=None, checkpoint="last", pro
             device=device,
             data_json=data_json,
             images=images,
+            precision=precision,
             progress=progress,
         )
     run = RunDir(Path(run_dir))

@@ -29,6 +29,7 @@ from everyseg.engine.files import atomic_write_bytes
 from everyseg.engine.initialize import check_stage, initialize_for_training
 from everyseg.engine.load import resolve_device
 from everyseg.engine.optim import build_optimizer, build_scheduler
+from everyseg.engine.precision import autocast, check_training_precision
 from everyseg.engine.rng import capture_rng, restore_rng, seed_everything
 from everyseg.engine.run_dir import RunDir, RunRecord, trim_log
 from everyseg.engine.sampler import StepBatchSampler
@@ -48,39 +49,53 @@ def train_one_step(
     *,
     optimizer,
     scaler,
-    amp: bool,
+    precision: str = "off",
+    accumulate: int = 1,
     clip_grad_norm: float | None,
     step: int,
     on_nonfinite: str = "stop",
 ) -> dict:
     """Forward, backward and update on one batch; returns each loss term as a float.
 
-    A NaN/Inf loss term raises FloatingPointError naming the step (counted from 1, as in
-    log.jsonl) and the term, before any update; with on_nonfinite="skip" the update is skipped
-    instead and the result has "skipped" saying why. An update can still make the weights
-    non-finite with finite losses: see TrainingState.check_weights.
+    The batch goes through in `accumulate` micro-batches of len(images) / accumulate images,
+    each copied to the model's device in turn and its losses scaled by 1 / accumulate, so the
+    one update sees the mean of the micro-batches' gradients (the full batch's, for losses
+    that average per image); the terms returned are the micro-batches' means. `precision` is
+    train.amp (off | fp16 | bf16), the autocast of the forward passes.
+
+    A NaN/Inf loss term in any micro-batch raises FloatingPointError naming the step (counted
+    from 1, as in log.jsonl) and the term, before any update; with on_nonfinite="skip" the
+    update is skipped instead and the result has "skipped" saying why. An update can still
+    make the weights non-finite with finite losses: see TrainingState.check_weights.
     """
-    device_type = images[0].device.type
-    # a skipped step must not keep what its forward pass did to BatchNorm statistics either
+    device = next(model.parameters()).device
+    # a skipped step must not keep what its forward passes did to BatchNorm statistics either
     buffers = [b.detach().clone() for b in model.buffers()] if on_nonfinite == "skip" else []
-    with torch.autocast(device_type=device_type, enabled=amp):
-        losses = model(images, targets)
-    total = sum(losses.values())
-    # the global batch's losses: one NaN on any rank stops (or skips) every rank together
-    values = distributed.mean_over_ranks({name: float(v.detach()) for name, v in losses.items()})
-    bad = [f"{name} is {value}" for name, value in values.items() if not math.isfinite(value)]
-    if bad and on_nonfinite != "skip":
-        raise FloatingPointError(
-            f"step {step + 1}: {', '.join(bad)}; training stopped "
-            "(train.on_nonfinite_loss=skip would skip such steps instead)"
-        )
-    if bad:
-        with torch.no_grad():
-            for buffer, saved in zip(model.buffers(), buffers):
-                buffer.copy_(saved)
-        return {**values, "loss": sum(values.values()), "skipped": ", ".join(bad)}
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(total).backward()
+    totals: dict[str, float] = {}
+    for chunk_images, chunk_targets in _micro_batches(images, targets, accumulate):
+        chunk_images, chunk_targets = to_device(chunk_images, chunk_targets, device)
+        with autocast(device, precision):
+            losses = model(chunk_images, chunk_targets)
+        # the global batch's losses: one NaN on any rank stops (or skips) every rank together
+        values = distributed.mean_over_ranks(
+            {name: float(v.detach()) for name, v in losses.items()}
+        )
+        bad = [f"{name} is {value}" for name, value in values.items() if not math.isfinite(value)]
+        if bad and on_nonfinite != "skip":
+            raise FloatingPointError(
+                f"step {step + 1}: {', '.join(bad)}; training stopped "
+                "(train.on_nonfinite_loss=skip would skip such steps instead)"
+            )
+        if bad:
+            optimizer.zero_grad(set_to_none=True)  # earlier micro-batches' gradients
+            with torch.no_grad():
+                for buffer, saved in zip(model.buffers(), buffers):
+                    buffer.copy_(saved)
+            return {**values, "loss": sum(values.values()), "skipped": ", ".join(bad)}
+        scaler.scale(sum(losses.values()) / accumulate).backward()
+        for name, value in values.items():
+            totals[name] = totals.get(name, 0.0) + value / accumulate
     if clip_grad_norm is not None:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(
@@ -88,8 +103,15 @@ def train_one_step(
         )
     scaler.step(optimizer)
     scaler.update()
-    values["loss"] = sum(values.values())
-    return values
+    totals["loss"] = sum(totals.values())
+    return totals
+
+
+def _micro_batches(images, targets, accumulate: int):
+    """`accumulate` consecutive (images, targets) slices of equal length."""
+    size = len(images) // accumulate
+    for start in range(0, size * accumulate, size):
+        yield images[start : start + size], targets[start : start + size]
 
 
 def train(cfg: Config, *, out_dir, resume: bool = False, progress: bool = True) -> RunDir:
@@ -120,6 +142,7 @@ def _claim_run_dir(run: RunDir, cfg: Config, *, resume: bool, held: ExitStack) -
 
 
 def _set_up(cfg: Config, run: RunDir, device, resume: bool):
+    torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
     seed_everything(cfg.train.seed)
     # stage-wise training's stage 1 trains the detector alone: no instance keeps its mask
     no_masks = "none" if cfg.train.stage == "detector" else None
@@ -141,11 +164,18 @@ def _set_up(cfg: Config, run: RunDir, device, resume: bool):
 
 def _check_train_config(cfg: Config, device: torch.device) -> None:
     check_stage(cfg)
-    world = distributed.world_size()
-    if cfg.train.batch_size % world:
+    tc, world = cfg.train, distributed.world_size()
+    check_training_precision(tc.amp, device)
+    if tc.batch_size % world:
         raise ConfigError(
-            f"train.batch_size {cfg.train.batch_size} is the global batch, split evenly over "
+            f"train.batch_size {tc.batch_size} is the global batch, split evenly over "
             f"the {world} processes: make it a multiple of {world}"
+        )
+    if (tc.batch_size // world) % tc.accumulate:
+        raise ConfigError(
+            f"train.accumulate={tc.accumulate} must divide train.batch_size={tc.batch_size}"
+            + (f" / {world} processes" if world > 1 else "")
+            + ": batch_size is the images per update, split into accumulate equal micro-batches"
         )
     if world > 1 and cfg.model.backbone.norm == "bn" and device.type != "cuda":
         raise ConfigError(
@@ -171,12 +201,12 @@ def _build_state(cfg: Config, dataset: CocoInstances, device: torch.device) -> T
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
     optimizer = build_optimizer(model, cfg.train)
-    amp = cfg.train.amp and device.type == "cuda"
     return TrainingState(
         model=model,
         optimizer=optimizer,
         scheduler=build_scheduler(optimizer, cfg.train),
-        scaler=torch.amp.GradScaler(device.type, enabled=amp),
+        # fp16's narrow range needs loss scaling; bf16 has float32's exponent range
+        scaler=torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16"),
         record=RunRecord(
             config=cfg.to_dict(),
             class_names=list(dataset.class_names),
@@ -197,7 +227,7 @@ def _train_loop(run: RunDir, state: TrainingState, cfg: Config, dataset, device,
 
 def _take_steps(run: RunDir, state: TrainingState, cfg: Config, dataset, device, *, progress):
     tc = cfg.train
-    loader = _loader(dataset, cfg, start_step=state.step)
+    loader = _loader(dataset, cfg, start_step=state.step, device=device)
     net = _parallel(state.model, device)
     net.train()
     bar = tqdm(
@@ -213,14 +243,14 @@ def _take_steps(run: RunDir, state: TrainingState, cfg: Config, dataset, device,
         for images, targets in loader:
             if state.step >= tc.steps:
                 break
-            images, targets = to_device(images, targets, device)
             values = train_one_step(
                 net,
                 images,
                 targets,
                 optimizer=state.optimizer,
                 scaler=state.scaler,
-                amp=state.scaler.is_enabled(),
+                precision=tc.amp,
+                accumulate=tc.accumulate,
                 clip_grad_norm=tc.clip_grad_norm,
                 step=state.step,
                 on_nonfinite=tc.on_nonfinite_loss,
@@ -308,7 +338,9 @@ def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def _loader(dataset: CocoInstances, cfg: Config, *, start_step: int) -> DataLoader:
+def _loader(
+    dataset: CocoInstances, cfg: Config, *, start_step: int, device: torch.device
+) -> DataLoader:
     sampler = StepBatchSampler(
         num_items=len(dataset),
         batch_size=cfg.train.batch_size,
@@ -324,6 +356,8 @@ def _loader(dataset: CocoInstances, cfg: Config, *, start_step: int) -> DataLoad
         collate_fn=collate,
         num_workers=workers,
         persistent_workers=workers > 0,
+        # page-locked batches: their copies to the GPU (non_blocking) overlap the step
+        pin_memory=device.type == "cuda",
         # a private generator: worker seeding must not consume the global RNG a resume restores
         generator=torch.Generator().manual_seed(cfg.train.seed),
     )
