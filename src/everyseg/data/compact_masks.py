@@ -7,7 +7,8 @@ targets in the training RoIs. So the loader never decodes a mask: a target carri
 rasterised straight at M x M inside the RoI, as detectron2 does; an RLE instance is decoded
 once and cut with RoIAlign, as torchvision cuts dense masks (`project_masks_on_boxes`). On
 the synthetic data both agree with torchvision's targets from dense masks to a mean IoU
-above 0.9 (tests/test_compact_masks.py).
+above 0.9 (polygons differ at edges, where dense masks have pixel steps and polygons their
+true edges; tests/test_compact_masks.py).
 
 Per instance the compact form (`Segm`) is a tuple of float64 polygon arrays (x0, y0, x1, y1,
 ... in image pixels; float64 so that `to_coco` gives back the JSON's numbers exactly) or the
