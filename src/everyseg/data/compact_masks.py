@@ -155,7 +155,8 @@ def _rasterize(polygons: Sequence[Polygons], boxes, resolution: int) -> Tensor:
             shifted.append(q)
         splits.append(len(shifted))
     # one call for every polygon: all are drawn on the same M x M canvas
-    rles = mask_utils.frPyObjects(shifted, resolution, resolution)
+    # pycocotools' stubs list int coordinates only; it reads any numbers
+    rles = mask_utils.frPyObjects(cast(list, shifted), resolution, resolution)
     merged = [mask_utils.merge(rles[a:b]) for a, b in zip(splits[:-1], splits[1:])]
     return torch.from_numpy(mask_utils.decode(merged)).permute(2, 0, 1).float()
 
