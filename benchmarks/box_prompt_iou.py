@@ -29,7 +29,7 @@ def instance_ious(predictor: Predictor, dataset: CocoInstances, *, max_images: i
             continue
         array = image.permute(1, 2, 0).numpy()  # (H, W, 3) float in [0, 1]
         instances = predictor.segment(array, target["boxes"].numpy()[keep])
-        truths = target["masks"].numpy()[keep].astype(bool)
+        truths = target["compact_masks"].to_dense().numpy()[keep].astype(bool)
         labels = target["labels"].numpy()[keep]
         for predicted, truth, label in zip(instances.masks, truths, labels):
             union = np.logical_or(predicted, truth).sum()

@@ -40,7 +40,7 @@ def mean_class_masks(dataset: CocoInstances, *, max_images: int, resolution: int
         keep = target["has_mask"]
         if not keep.any():
             continue
-        masks = target["masks"][keep].float()[:, None]  # (N, 1, H, W)
+        masks = target["compact_masks"].to_dense()[keep].float()[:, None]  # (N, 1, H, W)
         boxes = target["boxes"][keep].float()
         rois = torch.cat([torch.arange(len(boxes), dtype=torch.float)[:, None], boxes], dim=1)
         crops = roi_align(masks, rois, resolution, aligned=True)[:, 0]  # (N, M, M)

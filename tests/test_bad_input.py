@@ -227,7 +227,10 @@ def test_bad_segmentation_keeps_the_box_without_a_mask(coco_files, tmp_path, kin
     assert coco_files.found(dataset, "dropped_masks") == {key: [99]}
     _, target = dataset[0]
     assert target["ann_ids"].tolist() == [10, 99]
-    assert target["has_mask"].tolist() == [True, False] and target["masks"][1].sum() == 0
+    assert (
+        target["has_mask"].tolist() == [True, False]
+        and target["compact_masks"].to_dense()[1].sum() == 0
+    )
     with pytest.raises(DataError, match="annotation 99, image 1: ") as err:
         coco_files.load(tmp_path / "ann.json", on_bad_sample="error")
     assert form in str(err.value)
@@ -245,7 +248,7 @@ def test_valid_rle_forms_are_accepted(coco_files):
     dataset = coco_files.load(coco_files.write_dataset(annotations=annotations))
     assert dataset.index.findings.num_bad == 0
     for i in (0, 1):
-        assert dataset[i][1]["masks"][0].sum() == 80
+        assert dataset[i][1]["compact_masks"].to_dense()[0].sum() == 80
 
 
 @pytest.mark.parametrize(
@@ -290,7 +293,11 @@ def test_short_polygon_beside_a_good_one_is_dropped(coco_files):
     dataset = coco_files.load(
         coco_files.write_dataset(annotations=annotations), on_bad_sample="error"
     )
-    assert dataset[0][1]["masks"][0].sum() == coco_files.load()[1][1]["masks"][0].sum() > 0
+    assert (
+        dataset[0][1]["compact_masks"].to_dense()[0].sum()
+        == coco_files.load()[1][1]["compact_masks"].to_dense()[0].sum()
+        > 0
+    )
     assert coco_files.found(dataset, "repaired") == {"short_polygon": [10]}
 
 
@@ -300,7 +307,10 @@ def test_flat_polygon_list_is_read_as_one_polygon(coco_files):
         coco_files.write_dataset(annotations=annotations), on_bad_sample="error"
     )
     assert dataset[0][1]["has_mask"].tolist() == [True]
-    assert dataset[0][1]["masks"][0].sum() == dataset[1][1]["masks"][0].sum()
+    assert (
+        dataset[0][1]["compact_masks"].to_dense()[0].sum()
+        == dataset[1][1]["compact_masks"].to_dense()[0].sum()
+    )
     assert coco_files.found(dataset, "repaired") == {"flat_polygon": [10]}
 
 
@@ -341,7 +351,7 @@ def test_image_without_annotations_is_a_negative(coco_files):
         coco_files.write_dataset(annotations=[ann(10)]), on_bad_sample="error"
     )
     _, target = dataset[1]
-    assert target["boxes"].shape == (0, 4) and target["masks"].shape == (0, H, W)
+    assert target["boxes"].shape == (0, 4) and target["compact_masks"].to_dense().shape == (0, H, W)
     assert coco_files.found(dataset, "notes") == {"without_annotations": [2]}
     assert "(1 without instances)" in dataset.summary()
 

@@ -128,7 +128,7 @@ def test_unusual_image_modes_load_as_rgb(coco_files, tmp_path, mode):
     else:
         Image.fromarray(gray).convert(mode).save(tmp_path / "img" / "a.png")
     image, target = coco_files.load(json_path, on_bad_sample="error")[0]
-    assert image.shape == (3, H, W) and target["masks"].shape == (1, H, W)
+    assert image.shape == (3, H, W) and target["compact_masks"].to_dense().shape == (1, H, W)
     expected = torch.from_numpy(gray).float() / 255
     torch.testing.assert_close(image[0], expected, atol=1.5 / 255, rtol=0)
 

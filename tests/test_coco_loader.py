@@ -115,7 +115,9 @@ def test_every_annotation_kind(tmp_path):
     assert target["boxes"].dtype == torch.float32
     assert target["boxes"][0].tolist() == [2, 3, 12, 11]
     assert target["boxes"][6].tolist() == [35, 0, 40, 4]  # clipped to the image
-    assert target["masks"].dtype == torch.uint8 and target["masks"].shape == (7, H, W)
+    assert target["compact_masks"].to_dense().dtype == torch.uint8 and target[
+        "compact_masks"
+    ].to_dense().shape == (7, H, W)
 
     coco = COCO(str(json_path))
     for row, ann_id in enumerate(KEPT[:4]):
@@ -124,8 +126,8 @@ def test_every_annotation_kind(tmp_path):
             ann["segmentation"] = ann["segmentation"][:2]  # without the ignored 2-point polygon
         expected = coco.annToMask(ann)
         assert expected.sum() > 0
-        assert np.array_equal(target["masks"][row].numpy(), expected), ann_id
-    assert target["masks"][4:].sum() == 0
+        assert np.array_equal(target["compact_masks"].to_dense()[row].numpy(), expected), ann_id
+    assert target["compact_masks"].to_dense()[4:].sum() == 0
 
 
 def test_summary_reports_every_skip_with_ids(tmp_path):
@@ -165,7 +167,7 @@ def test_has_mask_is_per_instance(tmp_path):
     assert has_mask[101] and has_mask[104]  # cat, with segmentation
     assert not has_mask[102] and not has_mask[103]  # giraffe, person: masks dropped at load
     rows = ~target["has_mask"]
-    assert target["masks"][rows].sum() == 0
+    assert target["compact_masks"].to_dense()[rows].sum() == 0
     assert "* cat" in dataset.summary() and "  person" in dataset.summary()
 
 
@@ -209,7 +211,9 @@ def test_hflip_mirrors_image_boxes_and_masks(tmp_path):
     image, target = plain[0]
     f_image, f_target = flipping[(0, 123)]
     assert torch.equal(f_image, image.flip(-1))
-    assert torch.equal(f_target["masks"], target["masks"].flip(-1))
+    assert torch.equal(
+        f_target["compact_masks"].to_dense(), target["compact_masks"].to_dense().flip(-1)
+    )
     x0, y0, x1, y1 = target["boxes"].unbind(1)
     assert torch.equal(f_target["boxes"], torch.stack([W - x1, y0, W - x0, y1], dim=1))
     assert f_target["boxes"][0].tolist() == [W - 12, 3, W - 2, 11]
@@ -296,7 +300,7 @@ def test_images_without_instances_and_collate(tmp_path):
     images_out, targets = next(iter(loader))
     assert [tuple(i.shape) for i in images_out] == [(3, H, W), (3, 10, 20)]
     empty = targets[1]
-    assert empty["boxes"].shape == (0, 4) and empty["masks"].shape == (0, 10, 20)
+    assert empty["boxes"].shape == (0, 4) and empty["compact_masks"].to_dense().shape == (0, 10, 20)
     assert empty["labels"].shape == empty["has_mask"].shape == empty["ann_ids"].shape == (0,)
     assert "(1 without instances)" in dataset.summary()
 

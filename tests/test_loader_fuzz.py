@@ -148,7 +148,9 @@ def test_loader_raises_only_data_errors(root, data):
         try:
             for i in range(len(dataset)):
                 _, target = dataset[(i, i)]
-                assert (target["masks"] <= 1).all()  # decoded from runs that fit the image
+                assert (
+                    target["compact_masks"].to_dense() <= 1
+                ).all()  # decoded from runs that fit the image
         except DataError as err:  # a file failing to decode (policy error, or all of them)
             assert json_path in str(err) and "cut.png" in str(err)
         gt = json.loads(json.dumps(dataset.ground_truth(), allow_nan=False))

@@ -2,7 +2,7 @@
 
 Partial supervision is data: each annotation is judged on its own. It keeps its mask only if
 it has a usable `segmentation` and its class is in `mask_classes`; otherwise it is a box-only
-instance (`has_mask` False, all-zero mask). Nothing is inferred per image. What is usable, and
+instance (`has_mask` False, no mask). Nothing is inferred per image. What is usable, and
 every skip with its reason and ids, comes from `CocoIndex` (see `everyseg.data.report`).
 """
 
@@ -15,14 +15,13 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-import pycocotools.mask as mask_utils
 import torch
 from torch import Tensor
 
+from everyseg.data.compact_masks import CompactMasks
 from everyseg.data.images import load_image, size_mismatch
 from everyseg.data.index import CocoIndex, ImageMeta, Instance
 from everyseg.data.report import format_report, report
-from everyseg.data.segmentation import to_rle
 from everyseg.data.transforms import hflip
 from everyseg.data.validate import (
     CROWD,
@@ -50,8 +49,10 @@ class CocoInstances(torch.utils.data.Dataset):
     `dataset[i]` or `dataset[(i, aug_seed)]` returns `(image, target)`:
       image: float32 (3, H, W) RGB in [0, 1].
       target: `boxes` float32 (N, 4) xyxy pixels, `labels` int64 (N,) in 1..K,
-        `masks` uint8 (N, H, W) (zeros where `has_mask` is False), `has_mask` bool (N,),
-        `image_id` int64 scalar, `ann_ids` int64 (N,).
+        `compact_masks` a CompactMasks (the N masks as polygons / RLE, never decoded here:
+        the model rasterises what it trains on; `.to_dense()` gives uint8 (N, H, W), zeros
+        where `has_mask` is False), `has_mask` bool (N,), `image_id` int64 scalar,
+        `ann_ids` int64 (N,).
     With a tuple key and `train=True`, the image is flipped left-right when
     `random.Random(f"{seed}:{aug_seed}").random() < hflip_prob`: the decision depends only on
     the key, so augmentation is reproducible whatever the DataLoader worker layout.
@@ -170,18 +171,12 @@ def collate(batch: list[tuple[Tensor, dict]]) -> tuple[list[Tensor], list[dict]]
 
 def _build_target(image_id: int, instances: list[Instance], meta: ImageMeta) -> dict:
     n = len(instances)
-    masks = torch.zeros((n, meta.height, meta.width), dtype=torch.uint8)
-    with_mask = [(i, inst.segm) for i, inst in enumerate(instances) if inst.segm is not None]
-    if with_mask:
-        rows = [i for i, _ in with_mask]
-        # One decode call for the whole image: (H, W, M) -> (M, H, W).
-        rles = [to_rle(segm, height=meta.height, width=meta.width) for _, segm in with_mask]
-        masks[rows] = torch.from_numpy(mask_utils.decode(rles)).permute(2, 0, 1)
+    segms = [inst.segm for inst in instances]
     return {
         "boxes": torch.tensor([inst.box for inst in instances], dtype=torch.float32).reshape(n, 4),
         "labels": torch.tensor([inst.label for inst in instances], dtype=torch.int64),
-        "masks": masks,
-        "has_mask": torch.tensor([inst.segm is not None for inst in instances], dtype=torch.bool),
+        "compact_masks": CompactMasks(segms, height=meta.height, width=meta.width),
+        "has_mask": torch.tensor([s is not None for s in segms], dtype=torch.bool),
         "image_id": torch.tensor(image_id, dtype=torch.int64),
         "ann_ids": torch.tensor([inst.ann_id for inst in instances], dtype=torch.int64),
     }

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from everyseg.data.compact_masks import Segm, compact, to_coco
 from everyseg.data.images import image_file_problem
 from everyseg.data.segmentation import box_mask_mismatch, check_segmentation
 from everyseg.data.splits import resolve_mask_classes
@@ -58,7 +59,7 @@ class Instance:
     ann_id: int
     label: int
     box: tuple[float, float, float, float]  # xyxy, clipped to the image
-    segm: list | dict | None  # None: box-only
+    segm: Segm | None  # compact polygons or RLE (data.compact_masks); None: box-only
 
 
 class CocoIndex:
@@ -105,7 +106,8 @@ class CocoIndex:
         self.images = self._check_image_files(entries, decode=decode_images)
         self.image_ids = sorted(self.images)
         self.instances: dict[int, list[Instance]] = defaultdict(list)
-        # every kept annotation (crowd ones too) as sanitised COCO, for evaluation
+        # every kept annotation (crowd ones too) as sanitised COCO, for evaluation; its
+        # segmentation compact until ground_truth() writes it out
         self.gt_annotations: list[dict] = []
         self.num_json_annotations = len(data["annotations"])
         seen: set[int] = set()
@@ -180,18 +182,24 @@ class CocoIndex:
             self._flag(reason, f"bbox {ann.get('bbox')!r}", **where)
         if box is None:
             return
-        segm = None
+        segm: Segm | None = None
         if label in mask_labels:
-            segm, found = check_segmentation(
+            usable, found = check_segmentation(
                 ann.get("segmentation"), width=image.width, height=image.height
             )
             for reason, detail in found:
                 if not (crowd and reason is NO_SEGMENTATION):
                     self._flag(reason, detail, **where)
-            mismatch = segm and box_mask_mismatch(segm, box, width=image.width, height=image.height)
+            mismatch = usable and box_mask_mismatch(
+                usable, box, width=image.width, height=image.height
+            )
             if mismatch:
                 self._flag(BOX_MASK_MISMATCH, mismatch, **where)
                 return
+            if usable is not None:
+                # arrays and bytes instead of the JSON's lists: half the memory, and no
+                # refcount per number for DataLoader workers to write (and so copy)
+                segm = compact(usable, height=image.height, width=image.width)
         if crowd:
             self._flag(CROWD, **where)
         else:
@@ -271,12 +279,19 @@ class CocoIndex:
     def ground_truth(self) -> dict:
         """The usable part as a COCO dict for evaluation: crowd annotations included, and
         segmentations of the mask classes (build with mask_classes="all" to score every mask)."""
+        annotations = []
+        for ann in self.gt_annotations:
+            if "segmentation" in ann:
+                image = self.images[ann["image_id"]]
+                segm = to_coco(ann["segmentation"], height=image.height, width=image.width)
+                ann = dict(ann, segmentation=segm)
+            annotations.append(ann)
         return {
             "images": [
                 {"id": i, "width": m.width, "height": m.height, "file_name": str(m.path)}
                 for i, m in sorted(self.images.items())
             ],
-            "annotations": list(self.gt_annotations),
+            "annotations": annotations,
             "categories": [
                 {"id": self.label_to_cat_id[label], "name": name}
                 for label, name in enumerate(self.class_names, start=1)

@@ -1,8 +1,9 @@
 """Paired image/target transforms (image files are read by `everyseg.data.images`).
 
-Targets follow the torchvision detection convention used by `CocoInstances`: `boxes` (N, 4)
-xyxy in absolute pixels and `masks` (N, H, W). Resizing is not done here: the model's
-`GeneralizedRCNNTransform` resizes (and multi-scales) images and targets together.
+Targets follow the torchvision detection convention: `boxes` (N, 4) xyxy in absolute pixels
+and `masks` (N, H, W), or, from `CocoInstances`, `compact_masks` (data.compact_masks).
+Resizing is not done here: the model's `GeneralizedRCNNTransform` resizes (and multi-scales)
+images and targets together.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from torch import Tensor
 def hflip(image: Tensor, target: dict) -> tuple[Tensor, dict]:
     """Mirror an image and its target left-right.
 
-    image: (C, H, W). target: `boxes` (N, 4) xyxy pixels, optional `masks` (N, H, W); other
-    keys are passed through. Returns new tensors; the inputs are not modified.
+    image: (C, H, W). target: `boxes` (N, 4) xyxy pixels, optional `masks` (N, H, W) and
+    `compact_masks` (CompactMasks); other keys are passed through. Returns new tensors and
+    masks; the inputs are not modified.
     """
     width = image.shape[-1]
     out = dict(target)
@@ -26,4 +28,6 @@ def hflip(image: Tensor, target: dict) -> tuple[Tensor, dict]:
     )
     if "masks" in target:
         out["masks"] = target["masks"].flip(-1)
+    if "compact_masks" in target:
+        out["compact_masks"] = target["compact_masks"].hflip()
     return image.flip(-1), out

@@ -38,7 +38,14 @@ from everyseg.modeling.detector import build_model
 
 def to_device(images, targets, device):
     images = [img.to(device, non_blocking=True) for img in images]
-    targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+    # compact masks stay on the CPU, where their training targets are rasterised
+    targets = [
+        {
+            k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in t.items()
+        }
+        for t in targets
+    ]
     return images, targets
 
 

@@ -34,13 +34,29 @@ def mask_training_loss(
     labels = torch.cat([t["labels"][idxs] for t, (_, idxs) in zip(targets, crops)])  # (R,)
     mask_targets = torch.cat(
         [
-            project_masks_on_boxes(t["masks"], boxes, idxs, resolution)
-            for t, (boxes, idxs) in zip(targets, crops)
+            roi_mask_targets(t, boxes, idxs, resolution=resolution, image_size=size)
+            for t, (boxes, idxs), size in zip(targets, crops, image_shapes)
         ]
     )  # (R, M, M)
     roi_features = roi_pool(features, rois, image_shapes)  # (R, C, S, S)
     logits = head(roi_features, labels)  # (R, M, M)
     return head.loss(logits, mask_targets)
+
+
+def roi_mask_targets(
+    target: dict, boxes: Tensor, idxs: Tensor, *, resolution: int, image_size: tuple[int, int]
+) -> Tensor:
+    """(R, M, M) targets of one image's (R, 4) boxes, each cut from instance idxs[r]'s mask.
+
+    Masks come as everyseg's loader sends them, `compact_masks` (polygons and RLE at the
+    original image size, rasterised here at M x M only), or as torchvision's dense `masks`
+    (N, H, W), which the model's transform has already resized to `image_size`.
+    """
+    if "compact_masks" in target:
+        return target["compact_masks"].crop_and_resize(
+            boxes, idxs, resolution=resolution, image_size=image_size
+        )
+    return project_masks_on_boxes(target["masks"], boxes, idxs, resolution)
 
 
 def mask_probabilities(
