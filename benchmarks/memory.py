@@ -4,16 +4,20 @@ Each case runs in a fresh child process per variant, which reports its RSS after
 (model and inputs loaded: the "base") and its peak (ru_maxrss) after the measured work; the
 figure that matters is peak - base, the memory the work itself added.
 
-- predict: a 4000 x 3000 image with 100 detections (a 1-step maskrcnn-tiny run whose box head
-  keeps its top 100 at score threshold 0), predicted and encoded as COCO RLE results.
+- predict (4000 x 3000): an image with 100 detections (a 1-step maskrcnn-tiny run whose box
+  head keeps its top 100 at score threshold 0), predicted and encoded as COCO RLE results.
   "before" is the old path, kept here only as the reference: the eval forward pastes every
   detection as a full-image float mask, then filters and thresholds. "after" is
   Predictor(image) + coco_results. Target: after's peak under base + 300 MB.
+- train (1333 x 800): loading one sample with 100 polygon instances and one training step of
+  maskrcnn-tiny at that size (a small network, so that what the masks cost shows). "before"
+  decodes every polygon into an (N, H, W) mask (the old loader); "after" is the loader's
+  CompactMasks (polygons rasterised at the RoIs' M x M only).
 
-    python benchmarks/memory.py [--cases predict] [--size 4000x3000]
+    python benchmarks/memory.py [--cases predict train] [--size WxH (overrides each case's)]
 
-CASES maps a case name to (setup, {variant: work}); add a case there. The last line prints
-every case's figures.
+CASES maps a case name to (prepare, setup, {variant: work}, default size); add a case there.
+The last line prints every case's figures.
 """
 
 from __future__ import annotations
@@ -30,16 +34,21 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pycocotools.mask as mask_utils
 import torch
 
 from everyseg.config import load_config
+from everyseg.data.compact_masks import CompactMasks, compact
+from everyseg.data.segmentation import to_rle
 from everyseg.data.synthetic import generate
 from everyseg.engine.coco_results import to_coco_results
 from everyseg.engine.train import train
+from everyseg.modeling.detector import build_model
 from everyseg.predictor import Predictor, image_to_tensor
 
 TARGET_MB = 300
 DETECTIONS = 100
+INSTANCES = 100
 
 
 def rss_peak_mb() -> float:
@@ -68,7 +77,7 @@ def setup_predict(workdir: Path, size: tuple[int, int]):
     return predictor, image
 
 
-def predict_before(predictor: Predictor, image: np.ndarray) -> int:
+def predict_before(predictor: Predictor, image: np.ndarray) -> str:
     """The old Predictor.__call__ + coco_results: paste all, filter, threshold, encode."""
     with torch.inference_mode():
         output = predictor.model([image_to_tensor(image)])[0]  # masks (N, 1, H, W) float32
@@ -83,27 +92,98 @@ def predict_before(predictor: Predictor, image: np.ndarray) -> int:
         mask_threshold=predictor.mask_thresh,
     )
     assert len(masks) == len(results)
-    return len(results)
+    return f"{len(results)} detections"
 
 
-def predict_after(predictor: Predictor, image: np.ndarray) -> int:
+def predict_after(predictor: Predictor, image: np.ndarray) -> str:
     instances = predictor(image)
-    return len(predictor.coco_results(instances, image_id=1))
+    return f"{len(predictor.coco_results(instances, image_id=1))} detections"
 
 
-# name -> (prepare(workdir) in the parent, setup(workdir, size) -> args, {variant: work(*args)})
-CASES: dict[str, tuple[Callable, Callable, dict[str, Callable]]] = {
-    "predict": (prepare_predict, setup_predict, {"before": predict_before, "after": predict_after}),
+# --- train ------------------------------------------------------------------------------------
+
+
+def prepare_train(workdir: Path) -> None:
+    """Nothing to prepare: the model trains from random weights."""
+
+
+def setup_train(workdir: Path, size: tuple[int, int], instances: int = INSTANCES):
+    """A maskrcnn-tiny model at the image's size, the image, and `instances` star-shaped
+    polygons (COCO JSON lists, as the index reads them) with their boxes."""
+    height, width = size
+    sets = [f"data.min_size=[{min(size)}]", f"data.max_size={max(size)}"]
+    cfg = load_config("maskrcnn-tiny", sets)
+    torch.manual_seed(0)
+    model = build_model(
+        cfg.model, num_classes=3, min_size=[min(size)], max_size=max(size), test_min_size=800
+    ).train()
+    rng = np.random.default_rng(0)
+    polygons, boxes = [], []
+    for _ in range(instances):
+        radius = rng.uniform(20, 150)
+        cx, cy = rng.uniform(radius, width - radius), rng.uniform(radius, height - radius)
+        angles = np.linspace(0, 2 * np.pi, 40, endpoint=False)
+        r = radius * rng.uniform(0.5, 1.0, angles.size)
+        xs, ys = cx + r * np.cos(angles), cy + r * np.sin(angles)
+        polygons.append([np.stack([xs, ys], 1).ravel().round(2).tolist()])
+        boxes.append([xs.min(), ys.min(), xs.max(), ys.max()])
+    target = {
+        "boxes": torch.tensor(boxes, dtype=torch.float32),
+        "labels": torch.from_numpy(rng.integers(1, 3, instances)),
+        "has_mask": torch.ones(instances, dtype=torch.bool),
+    }
+    return model, torch.rand(3, height, width), target, polygons
+
+
+def train_step(model, image, target) -> None:
+    losses = model([image], [target])
+    sum(losses.values()).backward()
+
+
+def train_before(model, image, target, polygons) -> str:
+    """The old loader: every polygon decoded into an (N, H, W) mask."""
+    height, width = image.shape[-2:]
+    rles = [to_rle(p, height=height, width=width) for p in polygons]
+    masks = torch.from_numpy(mask_utils.decode(rles)).permute(2, 0, 1)  # (N, H, W) uint8
+    train_step(model, image, dict(target, masks=masks))
+    return f"the sample's masks {masks.numel() / 1e6:.2f} MB"
+
+
+def train_after(model, image, target, polygons) -> str:
+    height, width = image.shape[-2:]
+    segms = [compact(p, height=height, width=width) for p in polygons]
+    mask_bytes = sum(array.nbytes for polygon in segms for array in polygon)
+    train_step(
+        model, image, dict(target, compact_masks=CompactMasks(segms, height=height, width=width))
+    )
+    return f"the sample's masks {mask_bytes / 1e6:.2f} MB"
+
+
+# name -> (prepare(workdir) in the parent, setup(workdir, size) -> args, {variant: work(*args)},
+# default size W x H)
+CASES: dict[str, tuple[Callable, Callable, dict[str, Callable], str]] = {
+    "predict": (
+        prepare_predict,
+        setup_predict,
+        {"before": predict_before, "after": predict_after},
+        "4000x3000",
+    ),
+    "train": (
+        prepare_train,
+        setup_train,
+        {"before": train_before, "after": train_after},
+        "1333x800",
+    ),
 }
 
 
 def child(case: str, variant: str, workdir: Path, size: tuple[int, int]) -> dict:
     torch.set_num_threads(1)
-    _, setup, variants = CASES[case]
+    _, setup, variants, _ = CASES[case]
     args = setup(workdir, size)
     base = rss_peak_mb()
-    count = variants[variant](*args)
-    return {"base_mb": base, "peak_mb": rss_peak_mb(), "detections": count}
+    what = variants[variant](*args)
+    return {"base_mb": base, "peak_mb": rss_peak_mb(), "what": what}
 
 
 def measure(case: str, variant: str, workdir: Path, size: str) -> dict:
@@ -117,34 +197,35 @@ def measure(case: str, variant: str, workdir: Path, size: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
-    parser.add_argument("--size", default="4000x3000", help="image W x H")
+    parser.add_argument("--size", help="image W x H (default: each case's own)")
     parser.add_argument("--workdir", type=Path, help="keep the prepared runs here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    width, height = (int(side) for side in args.size.split("x"))
     if args.child:
         case, variant = args.child.split(":")
+        width, height = (int(side) for side in args.size.split("x"))
         print(json.dumps(child(case, variant, args.workdir, (height, width))))
         return
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or Path(tmp)
         summary = []
         for case in args.cases:
-            prepare, _, variants = CASES[case]
+            prepare, _, variants, default_size = CASES[case]
+            size = args.size or default_size
             with contextlib.redirect_stdout(io.StringIO()):  # training's data report
                 prepare(workdir)
             added = {}
             for variant in variants:
-                figures = measure(case, variant, workdir, args.size)
+                figures = measure(case, variant, workdir, size)
                 added[variant] = figures["peak_mb"] - figures["base_mb"]
                 print(
                     f"{case} {variant}: base (model + inputs) {figures['base_mb']:.0f} MB, "
                     f"peak {figures['peak_mb']:.0f} MB, added {added[variant]:.0f} MB "
-                    f"({figures['detections']} detections)"
+                    f"({figures['what']})"
                 )
             parts = ", ".join(f"{variant} +{mb:.0f} MB" for variant, mb in added.items())
-            summary.append(f"{case}: base {figures['base_mb']:.0f} MB, {parts}")
-        print(f"memory {args.size}, added to base, target < {TARGET_MB} MB: " + "; ".join(summary))
+            summary.append(f"{case} {size}: base {figures['base_mb']:.0f} MB, {parts}")
+        print(f"memory added to base (predict target < {TARGET_MB} MB): " + "; ".join(summary))
 
 
 if __name__ == "__main__":
