@@ -23,7 +23,7 @@ def fold_frozen_batchnorm(model: nn.Module) -> int:
     """Fold every FrozenBatchNorm2d that follows a Conv2d (a ResNet's stem, bottlenecks
     and downsamples: `convK`/`bnK` pairs and (conv, norm) Sequentials) into that Conv2d,
     leaving nn.Identity in its place. Returns how many were folded."""
-    pairs = []  # (conv, parent, norm's name in it)
+    pairs: list[tuple[object, nn.Module, str]] = []  # (conv?, parent, name of its norm)
     for parent in model.modules():
         if isinstance(parent, nn.Sequential) and len(parent) == 2:
             pairs.append((parent[0], parent, "1"))
