@@ -9,6 +9,7 @@ default, or failing hours into training, costs a whole run.
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,6 +40,18 @@ Device = Annotated[str, Pattern(r"auto|cpu|mps|cuda(:\d+)?", "auto, cpu, cuda, c
 
 
 @dataclass
+class SourceConfig:
+    """One entry of data.train_sources (see everyseg.data.sources)."""
+
+    json: str | None = None
+    images: str | None = None
+    # the spec data.mask_classes takes, resolved against this source's own class names
+    mask_classes: str | list[str] = "all"
+    # how often each of this source's images is drawn, relative to an image of weight 1
+    weight: PositiveFloat = 1.0
+
+
+@dataclass
 class DataConfig:
     train_json: str | None = None
     train_images: str | None = None
@@ -58,6 +71,36 @@ class DataConfig:
     # an image's file_name may lead outside data.*_images (absolute, `..`, symlinks out) only
     # when this is true: nothing is read outside the data set's folders unless asked
     allow_outside_images: bool = False
+    # several training sources merged into one set (everyseg.data.sources); exclusive with
+    # train_json / train_images / mask_classes, the one-source shorthand
+    train_sources: list[SourceConfig] | None = None
+    # a YAML or JSON mapping alias -> canonical class name, applied when sources are merged
+    class_aliases: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.train_sources is None:
+            return
+        mixed = [
+            key
+            for key, value in (
+                ("train_json", self.train_json),
+                ("train_images", self.train_images),
+                ("mask_classes", None if self.mask_classes == "all" else self.mask_classes),
+            )
+            if value is not None
+        ]
+        if mixed:
+            raise ConfigError(
+                f"data.train_sources and data.{mixed[0]} are exclusive: give each source its "
+                f"json, images and mask_classes, and set data.{mixed[0]} to "
+                f"{'all' if mixed[0] == 'mask_classes' else 'null'} (a _base_ preset may set it)"
+            )
+        if not self.train_sources:
+            raise ConfigError("data.train_sources is empty: list at least one {json, images}")
+        for i, source in enumerate(self.train_sources):
+            for key in ("json", "images"):
+                if getattr(source, key) is None:
+                    raise ConfigError(f"data.train_sources[{i}].{key} must be set")
 
 
 @dataclass
@@ -335,8 +378,23 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         key, hint = prefix + name, hints[name]
         if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             values[name] = _build(hint, value, key + ".")
+        elif (item := _section_list_item(hint)) is not None and value is not None:
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{key}: expected a list, got {value!r}")
+            values[name] = [_build(item, v, f"{key}[{i}].") for i, v in enumerate(value)]
         else:
             values[name] = check_value(value, hint, key)
     section = cls(**values)
     check_relations(section, hints, prefix)
     return section
+
+
+def _section_list_item(hint: Any) -> type | None:
+    """The section type of a `list[Section]` or `list[Section] | None` field, else None."""
+    options = typing.get_args(hint) if typing.get_origin(hint) is types.UnionType else (hint,)
+    for option in options:
+        if typing.get_origin(option) is list:
+            (item,) = typing.get_args(option)
+            if isinstance(item, type) and dataclasses.is_dataclass(item):
+                return item
+    return None

@@ -8,7 +8,9 @@ from everyseg.config import ConfigError, DataConfig
 from everyseg.data.coco import CocoInstances
 from everyseg.data.index import CocoIndex
 from everyseg.data.report import training_problem
+from everyseg.data.sources import MergedIndex, read_val_images
 from everyseg.data.validate import DataError
+from everyseg.data.vocabulary import read_class_aliases
 
 SPLITS = ("train", "val")
 
@@ -43,8 +45,11 @@ def build_dataset(
     The train set must have something to train: raises DataError when no instance is usable,
     or when the mask classes are not empty yet none of their instances has a usable mask.
     """
-    source = split_source(cfg, split)
     train = split == "train"
+    if train and cfg.train_sources is not None:
+        merged = build_merged_index(cfg, mask_classes=mask_classes, decode_images=False)
+        return CocoInstances.from_index(merged, train=True, hflip_prob=cfg.hflip_prob, seed=seed)
+    source = split_source(cfg, split)
     dataset = CocoInstances(
         json_path=source.json,
         images_dir=source.images,
@@ -61,6 +66,59 @@ def build_dataset(
     if problem:
         raise DataError(problem)
     return dataset
+
+
+def build_merged_index(
+    cfg: DataConfig, *, decode_images: bool, mask_classes=None, sources=None
+) -> MergedIndex:
+    """data.train_sources as one index (everyseg.data.sources), or `sources` (their indexes,
+    already built). Raises DataError when nothing can train, or when a source's mask classes
+    have no usable mask, naming the source."""
+    if sources is None:
+        sources = build_source_indexes(cfg, decode_images=decode_images, mask_classes=mask_classes)
+    for i, index in enumerate(sources):
+        problem = training_problem(index)
+        if problem and "no usable instance" not in problem:
+            # the hint names data.mask_classes; with several sources the key is the source's
+            raise DataError(
+                f"data.train_sources[{i}]: "
+                + problem.replace("data.mask_classes", f"data.train_sources[{i}].mask_classes")
+            )
+    assert cfg.train_sources is not None
+    merged = MergedIndex(
+        sources=sources,
+        weights=[source.weight for source in cfg.train_sources],
+        aliases=read_class_aliases(cfg.class_aliases),
+        val=read_val_images(cfg.val_json, cfg.val_images)
+        if cfg.val_json and cfg.val_images
+        else None,
+        policy=cfg.on_bad_sample,
+    )
+    if not any(merged.instances.values()):
+        raise DataError(
+            f"data.train_sources: no usable instance in any of the {len(sources)} sources "
+            "(once val images are left out); nothing to train on"
+        )
+    return merged
+
+
+def build_source_indexes(
+    cfg: DataConfig, *, decode_images: bool, mask_classes=None, on_bad_sample=None
+) -> list[CocoIndex]:
+    """Each of data.train_sources read on its own, with its own mask classes (or
+    `mask_classes` for all, e.g. "none" for stage-wise training's detector stage)."""
+    assert cfg.train_sources is not None
+    return [
+        CocoIndex(
+            json_path=source.json,
+            images_dir=source.images,
+            mask_classes=source.mask_classes if mask_classes is None else mask_classes,
+            on_bad_sample=on_bad_sample or cfg.on_bad_sample,
+            decode_images=decode_images,
+            **_index_options(cfg, "train"),
+        )
+        for source in cfg.train_sources
+    ]
 
 
 def build_index(cfg: DataConfig, *, split: str, decode_images: bool) -> CocoIndex:

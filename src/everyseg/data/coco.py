@@ -22,6 +22,8 @@ from everyseg.data.compact_masks import CompactMasks
 from everyseg.data.images import load_image, size_mismatch
 from everyseg.data.index import CocoIndex, ImageMeta, Instance
 from everyseg.data.report import format_report, report
+from everyseg.data.source_report import format_merged_summary
+from everyseg.data.sources import MergedIndex
 from everyseg.data.transforms import hflip
 from everyseg.data.validate import (
     CROWD,
@@ -80,9 +82,7 @@ class CocoInstances(torch.utils.data.Dataset):
         min_sizes: Sequence[int] | None = None,
         max_size: int | None = None,
     ):
-        if not 0.0 <= hflip_prob <= 1.0:
-            raise ValueError(f"hflip_prob must be in [0, 1], got {hflip_prob}")
-        self.index = CocoIndex(
+        index = CocoIndex(
             json_path=json_path,
             images_dir=images_dir,
             mask_classes=mask_classes,
@@ -92,12 +92,33 @@ class CocoInstances(torch.utils.data.Dataset):
             min_sizes=min_sizes,
             max_size=max_size,
         )
-        self.json_path = self.index.json_path
-        self.class_names = self.index.class_names
-        self.cat_id_to_label = self.index.cat_id_to_label
-        self.label_to_cat_id = self.index.label_to_cat_id
-        self.mask_class_names = self.index.mask_class_names
-        self.image_ids = self.index.image_ids
+        self._attach(index, train=train, hflip_prob=hflip_prob, seed=seed)
+        self.json_path = index.json_path
+        self._where = lambda image_id: f"{self.json_path}: image {image_id}"
+        self._policy = index.findings.policy
+        self.sample_weights: list[float] | None = None  # None: every image drawn equally
+
+    @classmethod
+    def from_index(
+        cls, index: MergedIndex, *, train: bool, hflip_prob: float, seed: int
+    ) -> CocoInstances:
+        """A dataset over several sources merged into one index (data.train_sources)."""
+        dataset = cls.__new__(cls)
+        dataset._attach(index, train=train, hflip_prob=hflip_prob, seed=seed)
+        dataset._where = index.where
+        dataset._policy = index.policy
+        dataset.sample_weights = index.weights
+        return dataset
+
+    def _attach(self, index, *, train: bool, hflip_prob: float, seed: int) -> None:
+        if not 0.0 <= hflip_prob <= 1.0:
+            raise ValueError(f"hflip_prob must be in [0, 1], got {hflip_prob}")
+        self.index = index
+        self.class_names = index.class_names
+        self.cat_id_to_label = index.cat_id_to_label
+        self.label_to_cat_id = index.label_to_cat_id
+        self.mask_class_names = index.mask_class_names
+        self.image_ids = index.image_ids
         self.train = train
         self.hflip_prob = hflip_prob
         self.seed = seed
@@ -116,7 +137,7 @@ class CocoInstances(torch.utils.data.Dataset):
             try:
                 image = self._load_checked(image_id)
             except DataError as err:
-                if not self.train or self.index.findings.policy == "error":
+                if not self.train or self._policy == "error":
                     raise
                 self._report_unloadable(image_id, err)
                 continue
@@ -133,18 +154,18 @@ class CocoInstances(torch.utils.data.Dataset):
         try:
             image = load_image(meta.path)
         except (OSError, DataError) as err:
-            raise DataError(f"{self.json_path}: image {image_id}: {err}") from err
+            raise DataError(f"{self._where(image_id)}: {err}") from err
         size = (image.shape[2], image.shape[1])
         if size != (meta.width, meta.height):
             # Masks are decoded at the JSON size, so a mismatch would misalign them.
             detail = size_mismatch(size=size, width=meta.width, height=meta.height)
-            raise DataError(f"{self.json_path}: image {image_id}, {meta.path}: {detail}")
+            raise DataError(f"{self._where(image_id)}, {meta.path}: {detail}")
         return image
 
     def _report_unloadable(self, image_id: int, err: DataError) -> None:
         self._unloadable[image_id] = str(err)
         message = f"{err}; skipped, the next image stands in for it"
-        if self.index.findings.policy == "warn":
+        if self._policy == "warn":
             warnings.warn(message, BadSampleWarning, stacklevel=3)
         else:
             print(f"everyseg: {message}", file=sys.stderr)
@@ -156,7 +177,10 @@ class CocoInstances(torch.utils.data.Dataset):
         return random.Random(f"{self.seed}:{aug_seed}").random() < self.hflip_prob
 
     def summary(self) -> str:
-        """Images, annotations, boxes/masks per class, and every finding by reason with ids."""
+        """Images, annotations, boxes/masks per class, and every finding by reason with ids
+        (several sources: each source's, then what merging them did)."""
+        if isinstance(self.index, MergedIndex):
+            return format_merged_summary(self.index)
         return format_report(report(self.index))
 
     def ground_truth(self) -> dict:

@@ -101,6 +101,7 @@ class CocoIndex:
         self.mask_class_names = resolve_mask_classes(mask_classes, self.class_names)
         mask_labels = {self.class_names.index(n) + 1 for n in self.mask_class_names}
         self.skipped_image_ids: set[int] = set()
+        self.coco_ids: dict[int, int] = {}  # image id -> its entry's `coco_id`, where it has one
         entries = self._read_image_entries(data["images"])
         self.num_json_images = len(data["images"])
         self.images = self._check_image_files(entries, decode=decode_images)
@@ -142,6 +143,9 @@ class CocoIndex:
                 self._flag(IMAGE_TOO_THIN, thin, image_id=image_id, file=str(meta.path))
             else:
                 entries[image_id] = meta
+                # Visual Genome's link to the same picture in COCO (data.sources merges them)
+                if (coco_id := as_int(img.get("coco_id"))) is not None:
+                    self.coco_ids[image_id] = coco_id
         self.skipped_image_ids.update(i for i in ids if i is not None and i not in entries)
         return entries
 

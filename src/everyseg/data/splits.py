@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from everyseg.config import ConfigError
+from everyseg.data.vocabulary import VOC_TO_COCO, coco_spelling
 
 # The 20 PASCAL VOC classes, spelled as their COCO category names, for the VOC / non-VOC
 # benchmark of Mask^X R-CNN and Deep-MAC.
@@ -32,7 +33,8 @@ def resolve_mask_classes(
     `spec` is one of:
       - `None` or `"all"`: every class has masks (fully supervised);
       - `"none"`: no masks at all (box-only training);
-      - `"voc"` / `"nonvoc"`: the VOC classes present in `class_names`, or their complement;
+      - `"voc"` / `"nonvoc"`: the VOC classes present in `class_names`, or their complement,
+        in COCO's spelling or VOC's (`voc_spelling_note` says which names matched);
       - `"random:K:SEED"`: K classes drawn with `random.Random(SEED)` (same on every run);
       - a path to a text file with one name per line (blank lines and `#` comments ignored);
       - a comma-separated string of names, or a list/tuple of names.
@@ -92,12 +94,24 @@ def _read_names_file(path: Path) -> list[str]:
 
 def _voc_split(keyword: str, names: list[str]) -> list[str]:
     voc = set(VOC_CLASSES)
-    if not voc.intersection(names):
+    if not any(coco_spelling(n) in voc for n in names):
         raise ConfigError(
-            f"data.mask_classes={keyword!r}: none of the 20 VOC classes (spelled as COCO names, "
-            f"e.g. 'person', 'airplane') is among the dataset's {len(names)} classes"
+            f"data.mask_classes={keyword!r}: none of the 20 VOC classes (in COCO's spelling, "
+            f"e.g. 'person', 'airplane', or VOC's, e.g. 'aeroplane') is among the dataset's "
+            f"{len(names)} classes"
         )
-    return [n for n in names if (n in voc) == (keyword == "voc")]
+    return [n for n in names if (coco_spelling(n) in voc) == (keyword == "voc")]
+
+
+def voc_spelling_note(spec, class_names: Sequence[str]) -> str | None:
+    """For a `voc` / `nonvoc` spec: which class names matched a VOC class in VOC's spelling
+    (None when every name is spelled COCO's way, or the spec is another)."""
+    if not isinstance(spec, str) or spec.strip().lower() not in ("voc", "nonvoc"):
+        return None
+    matched = [f"{n!r} as {VOC_TO_COCO[n]!r}" for n in class_names if n in VOC_TO_COCO]
+    if not matched:
+        return None
+    return f"data.mask_classes={spec.strip()}: VOC spellings matched: {', '.join(matched)}"
 
 
 def _random_split(spec: str, names: list[str]) -> list[str]:

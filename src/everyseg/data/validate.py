@@ -177,7 +177,8 @@ def read_coco_json(path: Path) -> dict:
 
 
 def read_categories(categories: list, source: Path) -> list[tuple[int, str]]:
-    """(id, name) sorted by id. Every label depends on the whole list, so errors are fatal."""
+    """(id, name) sorted by id, without a category 0 named background. Every label depends on
+    the whole list, so errors are fatal."""
     pairs: list[tuple[int, str]] = []
     for i, cat in enumerate(categories):
         cat_id = as_int(cat.get("id")) if isinstance(cat, dict) else None
@@ -185,6 +186,8 @@ def read_categories(categories: list, source: Path) -> list[tuple[int, str]]:
             raise DataError(
                 f"{source}: category #{i} needs an integer 'id' and a 'name': {cat!r:.80}"
             )
+        if cat_id == 0 and cat["name"].strip().lower() == "background":
+            continue  # some exporters list the model's background label: it is not a class
         pairs.append((cat_id, cat["name"]))
     if not pairs:
         raise DataError(f"{source}: 'categories' is empty")

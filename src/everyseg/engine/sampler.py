@@ -8,7 +8,7 @@ the number of processes either.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from torch.utils.data import Sampler
@@ -20,6 +20,11 @@ class StepBatchSampler(Sampler[list[tuple[int, int]]]):
     Epoch e visits the dataset in a permutation seeded by (seed, e); batches run across epoch
     boundaries so every batch is full. `batch_size` is the global batch; rank r of
     `world_size` gets items [r * b, (r + 1) * b) of it, b = batch_size / world_size.
+
+    `weights` (one per item, > 0; data.train_sources' weights) make item i appear floor(w_i)
+    times per epoch, plus once more with probability frac(w_i), drawn with the epoch's seed:
+    epochs then differ in length, and the stream stays a function of (seed, position) alone.
+    None, or all weights 1, is the plain permutation.
     """
 
     def __init__(
@@ -31,6 +36,7 @@ class StepBatchSampler(Sampler[list[tuple[int, int]]]):
         start_step: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        weights: Sequence[float] | None = None,
     ):
         if num_items <= 0:
             raise ValueError("the training set is empty: nothing to sample batches from")
@@ -45,20 +51,41 @@ class StepBatchSampler(Sampler[list[tuple[int, int]]]):
         self.start_step = start_step
         self.per_rank = batch_size // world_size
         self.first = rank * self.per_rank  # this rank's slice of each global batch
+        self.weights = None
+        if weights is not None and any(w != 1 for w in weights):
+            self.weights = np.asarray(weights, dtype=np.float64)
+            if self.weights.shape != (num_items,) or not (self.weights > 0).all():
+                raise ValueError(f"weights must be {num_items} positive numbers")
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.num_items)
+        rng = np.random.default_rng([self.seed, epoch])
+        if self.weights is None:
+            return rng.permutation(self.num_items)
+        whole = np.floor(self.weights)
+        repeats = (whole + (rng.random(self.num_items) < self.weights - whole)).astype(np.int64)
+        order = rng.permutation(np.repeat(np.arange(self.num_items), repeats))
+        # an epoch that drew nothing (every weight under 1) would stall the stream
+        return order if len(order) else rng.permutation(self.num_items)[:1]
+
+    def _epochs(self) -> Iterator[np.ndarray]:
+        epoch = 0
+        while True:
+            yield self._epoch_order(epoch)
+            epoch += 1
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         position = self.start_step * self.batch_size  # index into the endless image stream
-        epoch, order = -1, np.empty(0, dtype=np.int64)  # epoch -1: drawn before first use
+        epochs = self._epochs()
+        order, start = next(epochs), 0  # the epoch holding `position`, and where it starts
+        while position >= start + len(order):
+            start += len(order)
+            order = next(epochs)
         while True:
             batch = []
             for _ in range(self.batch_size):
-                if position // self.num_items != epoch:
-                    epoch = position // self.num_items
-                    order = self._epoch_order(epoch)
-                index = int(order[position % self.num_items])
+                if position == start + len(order):
+                    start, order = position, next(epochs)
+                index = int(order[position - start])
                 # the augmentation seed is a pure function of the run seed and the stream position
                 batch.append((index, self.seed * 1_000_003 + position))
                 position += 1

@@ -355,6 +355,7 @@ def _loader(
         start_step=start_step,
         rank=distributed.rank(),
         world_size=distributed.world_size(),
+        weights=dataset.sample_weights,
     )
     workers = cfg.data.num_workers
     return DataLoader(
