@@ -110,8 +110,8 @@ def build_source_indexes(
     assert cfg.train_sources is not None
     return [
         CocoIndex(
-            json_path=source.json,
-            images_dir=source.images,
+            json_path=str(source.json),  # DataConfig makes sure both are set
+            images_dir=str(source.images),
             mask_classes=source.mask_classes if mask_classes is None else mask_classes,
             on_bad_sample=on_bad_sample or cfg.on_bad_sample,
             decode_images=decode_images,

@@ -16,7 +16,8 @@ README's "Several sources" too.
   earlier source's instance of the same class in that image is dropped, unless only it has a
   mask: then it replaces that one.
 - Val images: a training image is left out when its file is a val image's file, or its
-  `coco_id` is a val image's (the val entry's `coco_id`, else its `id`).
+  `coco_id` names a val image: the COCO source's image of that id when it has one (left
+  out when its file is a val image's), else a val image whose `coco_id` (else `id`) it is.
 - Weights: an image is drawn as often as the highest weight among its sources.
 """
 
@@ -31,7 +32,7 @@ import torch
 from torchvision.ops import box_iou
 
 from everyseg.data.index import CocoIndex, ImageMeta, Instance
-from everyseg.data.validate import DataError, as_int, read_categories, read_coco_json
+from everyseg.data.validate import as_int, read_categories, read_coco_json
 from everyseg.data.vocabulary import Vocabulary, merge_vocabulary
 
 DUPLICATE_IOU = 0.5
@@ -90,8 +91,7 @@ class MergedIndex:
 
     `sources[i]` is source i's CocoIndex (its own classes and mask classes), `weights[i]` its
     sampling weight; `aliases` maps alias -> canonical class name; `val` the val set's images
-    and classes, when there is one. Raises DataError when a `coco_id` names both a training
-    image of the COCO source and a val image (the two files cannot share COCO's numbering).
+    and classes, when there is one.
     """
 
     def __init__(
@@ -167,16 +167,14 @@ class MergedIndex:
         if os.path.realpath(meta.path) in val.files:
             return True
         linked = self.sources[i].coco_ids.get(image_id)
-        if linked is None or linked not in val.coco_ids:
+        if linked is None:
             return False
-        if coco is not None and linked in self.sources[coco].images:
-            raise DataError(
-                f"{self.sources[i].json_path}: image {image_id} has coco_id {linked}, which is "
-                f"both image {linked} of the training source {self.sources[coco].json_path} and "
-                f"image {val.coco_ids[linked]} of the val set {val.json_path}: give the val "
-                "set's images ids (or coco_ids) of their own, as COCO's train and val do"
-            )
-        return True
+        # the COCO source's own image, when it has one, says what a coco_id names: a val set
+        # numbered apart from the training set (as `everyseg synth` writes) then leaves it alone
+        coco_image = self.sources[coco].images.get(linked) if coco is not None else None
+        if coco_image is not None:
+            return os.path.realpath(coco_image.path) in val.files
+        return linked in val.coco_ids
 
     def _join(self, kept: _Image, new: _Image) -> str | None:
         """Add `new`'s instances to the image `kept`; why not, if its size rules it out."""
