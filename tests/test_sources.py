@@ -299,6 +299,12 @@ def test_voc_split_accepts_voc_spellings_and_says_which_matched():
     assert voc_spelling_note("voc", ["airplane"]) is None
 
 
+def test_start_up_summary_says_which_voc_spellings_matched(coco_files):
+    coco_files.write_dataset(categories=[{"id": 1, "name": "sofa"}, {"id": 2, "name": "dog"}])
+    summary = coco_files.load(mask_classes="voc").summary()
+    assert summary.endswith("data.mask_classes=voc: VOC spellings matched: 'sofa' as 'couch'")
+
+
 def test_background_category_0_is_not_a_class(coco_files):
     categories = [{"id": 0, "name": "background"}, *COCO_CATS]
     coco_files.write_dataset(categories=categories, annotations=[ann(10), ann(11, category_id=0)])

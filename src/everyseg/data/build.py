@@ -9,6 +9,7 @@ from everyseg.data.coco import CocoInstances
 from everyseg.data.index import CocoIndex
 from everyseg.data.report import training_problem
 from everyseg.data.sources import MergedIndex, read_val_images
+from everyseg.data.splits import voc_spelling_note
 from everyseg.data.validate import DataError
 from everyseg.data.vocabulary import read_class_aliases
 
@@ -94,6 +95,10 @@ def build_merged_index(
         else None,
         policy=cfg.on_bad_sample,
     )
+    for i, (source, index) in enumerate(zip(cfg.train_sources, sources)):
+        note = voc_spelling_note(mask_classes or source.mask_classes, index.class_names)
+        if note:
+            merged.vocabulary.notes.append(f"data.train_sources[{i}]: {note}")
     if not any(merged.instances.values()):
         raise DataError(
             f"data.train_sources: no usable instance in any of the {len(sources)} sources "

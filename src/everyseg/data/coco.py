@@ -24,6 +24,7 @@ from everyseg.data.index import CocoIndex, ImageMeta, Instance
 from everyseg.data.report import format_report, report
 from everyseg.data.source_report import format_merged_summary
 from everyseg.data.sources import MergedIndex
+from everyseg.data.splits import voc_spelling_note
 from everyseg.data.transforms import hflip
 from everyseg.data.validate import (
     CROWD,
@@ -97,6 +98,7 @@ class CocoInstances(torch.utils.data.Dataset):
         self._where = lambda image_id: f"{self.json_path}: image {image_id}"
         self._policy = index.findings.policy
         self.sample_weights: list[float] | None = None  # None: every image drawn equally
+        self._spelling_note = voc_spelling_note(mask_classes, index.class_names)
 
     @classmethod
     def from_index(
@@ -108,6 +110,7 @@ class CocoInstances(torch.utils.data.Dataset):
         dataset._where = index.where
         dataset._policy = index.policy
         dataset.sample_weights = index.weights
+        dataset._spelling_note = None  # the merged summary names every match
         return dataset
 
     def _attach(self, index, *, train: bool, hflip_prob: float, seed: int) -> None:
@@ -181,7 +184,8 @@ class CocoInstances(torch.utils.data.Dataset):
         (several sources: each source's, then what merging them did)."""
         if isinstance(self.index, MergedIndex):
             return format_merged_summary(self.index)
-        return format_report(report(self.index))
+        summary = format_report(report(self.index))
+        return summary + (f"\n{self._spelling_note}" if self._spelling_note else "")
 
     def ground_truth(self) -> dict:
         """The usable images and annotations as a COCO dict, for evaluation."""
