@@ -14,6 +14,8 @@ from everyseg.config import ConfigError, DataConfig, SourceConfig, load_config
 from everyseg.data.build import build_dataset, build_merged_index
 from everyseg.data.index import CocoIndex
 from everyseg.data.splits import resolve_mask_classes, voc_spelling_note
+from everyseg.data.validate import DataError
+from everyseg.data.vocabulary import read_class_aliases
 from everyseg.engine.load import load_run
 from everyseg.engine.sampler import StepBatchSampler
 
@@ -311,3 +313,20 @@ def test_background_category_0_is_not_a_class(coco_files):
     dataset = coco_files.load()
     assert dataset.class_names == ["cat", "couch"]
     assert coco_files.found(dataset, "skipped_annotations") == {"unknown_category": [11]}
+
+
+def test_class_aliases_file_must_be_a_flat_mapping_without_chains(tmp_path):
+    chained = tmp_path / "aliases.yaml"
+    chained.write_text("kitty: cat\ncat: feline\n")
+    with pytest.raises(ConfigError, match=r"\['cat'\] are both canonical names and aliases"):
+        read_class_aliases(chained)
+    with pytest.raises(ConfigError, match="file not found"):
+        read_class_aliases(tmp_path / "missing.yaml")
+
+
+def test_box_only_source_with_mask_classes_all_names_its_key(two_sources):
+    _, coco, vg, aliases = two_sources
+    cfg = sources_config(coco, vg, aliases)
+    cfg.train_sources[1].mask_classes = "all"  # type: ignore[index]
+    with pytest.raises(DataError, match=r"set data.train_sources\[1\].mask_classes=none"):
+        build_dataset(cfg, split="train")
