@@ -213,3 +213,25 @@ def test_cli_synth_vocab_prints_the_files_and_the_commands(tmp_path, capsys):
     )
     assert main(["synth", str(tmp_path / "x"), "--coco", "4"]) == 2
     assert "--coco and --mask-classes go with --vocab" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "option"),
+    [
+        (["--vocab", "0"], "--vocab"),
+        (["--vocab", "3337"], "--vocab"),  # more classes than the families make
+        (["--vocab", "10", "--coco", "0"], "--coco"),
+        (["--vocab", "10", "--mask-classes", "x"], "--mask-classes"),
+    ],
+)
+def test_cli_refuses_bad_vocab_numbers_naming_the_option(argv, option, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["synth", str(tmp_path / "out"), *argv])
+    assert exit_info.value.code == 2
+    assert f"argument {option}" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_more_mask_classes_than_classes_is_a_clear_error(tmp_path, capsys):
+    assert main(["synth", str(tmp_path), "--vocab", "4", "--mask-classes", "5"]) == 2
+    assert "mask classes must be in [1, 4], got 5" in capsys.readouterr().err
