@@ -10,6 +10,7 @@ from pathlib import Path
 
 from everyseg.config import ConfigError, load_config, preset_names
 from everyseg.data.synthetic import MIN_SIZE
+from everyseg.data.synthetic_vocab import all_classes
 from everyseg.engine.distributed import PeerFailed
 
 # Upper bounds that no sensible run reaches, so a typo (an extra zero or three) fails at once
@@ -48,8 +49,23 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("synth", help="write seeded synthetic COCO data (shapes)")
     p.add_argument("out", type=Path)
     images = int_in(1, MAX_IMAGES)
-    p.add_argument("--train", type=images, default=1000, help="training images (default 1000)")
-    p.add_argument("--val", type=images, default=200, help="validation images (default 200)")
+    p.add_argument(
+        "--train", type=images, help="training images (default 1000; with --vocab: VG images)"
+    )
+    p.add_argument("--val", type=images, help="validation images (default 200)")
+    p.add_argument(
+        "--vocab",
+        type=int_in(1, len(all_classes())),
+        help="large-vocabulary mode: this many shape classes, written as a Visual Genome "
+        "box-only source, a COCO source with masks for a few classes and a val set with masks "
+        "for all; image counts default to what every class needs",
+    )
+    p.add_argument("--coco", type=images, help="with --vocab: COCO-source images")
+    p.add_argument(
+        "--mask-classes",
+        type=int_in(1, len(all_classes())),
+        help="with --vocab: classes in the COCO source (default vocab/40)",
+    )
     p.add_argument(
         "--size", type=int_in(MIN_SIZE, MAX_SIDE), default=128, help="image side (default 128)"
     )
@@ -163,10 +179,34 @@ def float_in(low: float, high: float):
 def _synth(args) -> None:
     from everyseg.data.synthetic import generate
 
+    if args.vocab is not None:
+        return _synth_vocab(args)
+    if args.coco is not None or args.mask_classes is not None:
+        raise ValueError("--coco and --mask-classes go with --vocab")
     paths = generate(
-        args.out, num_train=args.train, num_val=args.val, size=args.size, seed=args.seed
+        args.out,
+        num_train=args.train or 1000,
+        num_val=args.val or 200,
+        size=args.size,
+        seed=args.seed,
     )
     print(json.dumps(paths, indent=2))
+
+
+def _synth_vocab(args) -> None:
+    from everyseg.data.synthetic_vg import generate_vocab, usage
+
+    paths = generate_vocab(
+        args.out,
+        vocab=args.vocab,
+        num_vg=args.train,
+        num_coco=args.coco,
+        num_val=args.val,
+        num_mask=args.mask_classes,
+        size=args.size,
+        seed=args.seed,
+    )
+    print(usage(paths, vocab=args.vocab))
 
 
 def _train(args) -> None:
