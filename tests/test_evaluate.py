@@ -374,6 +374,29 @@ def test_default_backend_is_faster_coco_eval_with_pycocotools_numbers(monkeypatc
         assert flat[key] == value or flat[key] == pytest.approx(value, rel=0, abs=1e-9), key
 
 
+@pytest.mark.parametrize("backend", ["pycocotools", "faster_coco_eval"])
+def test_categories_scored_a_few_per_pass_give_the_same_precision(backend):
+    gt, results = _random_case(seed=2)
+    arrays = []
+    for per_pass in (1, 3, 500):
+        precision, _ = coco_results.precision_array(
+            coco_results.ground_truth_for(gt, iou_type="segm"),
+            [
+                {k: r[k] for k in ("image_id", "category_id", "score", "segmentation")}
+                for r in results
+            ],
+            iou_type="segm",
+            img_ids=[img["id"] for img in gt["images"]],
+            backend=backend,
+            categories_per_pass=per_pass,
+        )
+        arrays.append(precision)
+    assert arrays[0].shape[2] == len(gt["categories"])
+    assert (arrays[0] > 0).any()
+    np.testing.assert_array_equal(arrays[0], arrays[2])
+    np.testing.assert_array_equal(arrays[1], arrays[2])
+
+
 def test_lvis_rules_are_refused_by_pycocotools():
     dataset = coco_results.ground_truth_for(_gt(), iou_type="bbox")
     with pytest.raises(ValueError, match="federated rules need faster-coco-eval"):

@@ -29,6 +29,9 @@ from everyseg.engine import lvis_rules
 from everyseg.modeling.paste import Region, pasted_crops
 
 BACKEND = "faster_coco_eval"
+# Categories scored per evaluator pass. Both evaluators keep per (image, category) state, so a
+# 3,000-class val set in one pass costs GBs; per-category APs do not depend on the others.
+CATEGORIES_PER_PASS = 500
 IouType = Literal["bbox", "segm"]
 
 
@@ -180,6 +183,7 @@ def precision_array(
     img_ids: list[int],
     federated: bool = False,
     backend: str | None = None,
+    categories_per_pass: int = CATEGORIES_PER_PASS,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Run COCOeval on ``img_ids``; return its precision array (T, R, K, A, M) and IoU thresholds.
 
@@ -187,6 +191,7 @@ def precision_array(
     large); M is maxDets (1, 10, 100; with ``federated``, LVIS's rules, 1, 10, 300); entries
     without ground truth are -1. ``dataset`` and ``results`` are written into (RLEs, ids): pass
     fresh ones. ``backend`` defaults to BACKEND; only faster-coco-eval has LVIS's rules.
+    Categories are scored ``categories_per_pass`` at a time, which bounds memory.
     """
     backend = backend or BACKEND
     if federated:
@@ -198,11 +203,19 @@ def precision_array(
         run = {"pycocotools": _pycocotools_eval, "faster_coco_eval": _faster_coco_eval}
         evaluator = run[backend](dataset, results, iou_type=iou_type)
     evaluator.params.imgIds = img_ids
+    cat_ids = sorted(evaluator.params.catIds)
+    passes = [
+        cat_ids[i : i + categories_per_pass] for i in range(0, len(cat_ids), categories_per_pass)
+    ]
+    precisions = []
     # pycocotools prints progress; callers print the table they want.
     with contextlib.redirect_stdout(io.StringIO()):
-        evaluator.evaluate()
-        evaluator.accumulate()
-    return evaluator.eval["precision"], evaluator.params.iouThrs
+        for categories in passes or [cat_ids]:
+            evaluator.params.catIds = categories
+            evaluator.evaluate()
+            evaluator.accumulate()
+            precisions.append(evaluator.eval["precision"])  # (T, R, K of this pass, A, M)
+    return np.concatenate(precisions, axis=2), evaluator.params.iouThrs
 
 
 def _pycocotools_eval(
