@@ -167,6 +167,14 @@ def test_at_most_300_detections_per_image_count():
     assert dropped["bbox"]["per_class"]["apple"] == 0.0  # the 301st of image 1 is dropped
 
 
+def test_an_image_whose_detections_are_all_ignored_is_scored(tmp_path):
+    gt = _lvis_gt()
+    gt["images"].append(_lvis_image(4, neg=[], not_exhaustive=[]))  # nothing annotated
+    metrics = coco_metrics(gt, [*_detections(), _det(4, CAT, C1, 0.9)], seen_cat_ids={APPLE})
+    assert metrics["segm"]["per_class"]["cat"] == pytest.approx(CAT_AP)
+    assert metrics["images"] == 4
+
+
 def test_top_per_image_keeps_the_best_of_each_image_in_order():
     results = [{"image_id": i % 2, "score": s} for i, s in enumerate([0.1, 0.9, 0.5, 0.2, 0.7])]
     assert lvis_rules.top_per_image(results, limit=2) == [results[i] for i in (1, 2, 3, 4)]

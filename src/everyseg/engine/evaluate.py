@@ -87,7 +87,7 @@ def coco_metrics(
     source = "ground truth" if isinstance(gt, dict) else str(gt)
     federated = lvis_rules.is_federated(dataset, source=source)
     if federated:
-        results = lvis_rules.top_per_image(results)
+        results = lvis_rules.annotated_classes_only(dataset, lvis_rules.top_per_image(results))
     cats = sorted(dataset["categories"], key=lambda c: c["id"])
     seen = set(seen_cat_ids)
     unknown = seen - {c["id"] for c in cats}

@@ -38,6 +38,20 @@ def is_federated(dataset: dict[str, Any], *, source: str) -> bool:
     return federated
 
 
+def annotated_classes_only(
+    dataset: dict[str, Any], results: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The results whose class is present or verified absent in their image: LVIS ignores the
+    others. faster-coco-eval ignores them too, but fails on an image with nothing else (it
+    looks up the image's size for masks it has dropped), so they go before it sees them."""
+    annotated: dict[int, set[int]] = defaultdict(set)
+    for img in dataset["images"]:
+        annotated[img["id"]].update(img.get("neg_category_ids", []))
+    for ann in dataset["annotations"]:
+        annotated[ann["image_id"]].add(ann["category_id"])
+    return [r for r in results if r["category_id"] in annotated[r["image_id"]]]
+
+
 def top_per_image(
     results: list[dict[str, Any]], *, limit: int = MAX_DETS_PER_IMAGE
 ) -> list[dict[str, Any]]:
