@@ -335,6 +335,76 @@ def test_faster_coco_eval_matches_pycocotools(monkeypatch):
             assert value == other or value == pytest.approx(other, rel=0, abs=1e-6), key
 
 
+def _existing_cases() -> dict[str, tuple[dict, list[dict]]]:
+    """The ground truths and results the tests above score, by name."""
+    gt = _gt()
+    swap = {1: 2, 2: 3, 3: 1}
+    wrong = [_result(a, score=0.5) for a in gt["annotations"] if not a["iscrowd"]]
+    wrong += [
+        _result(a, score=0.9, category_id=swap[a["category_id"]]) for a in gt["annotations"][:4]
+    ]
+    crowd = next(a for a in gt["annotations"] if a["iscrowd"])
+    x, y, w, h = crowd["bbox"]
+    inside = [_result(_ann(0, 3, 2, (x + 1, y + 1, w / 2, h / 2)), score=1.0)]
+    box_only = _with_box_only(gt)
+    box_only_hit = _result({**box_only["annotations"][-1], "segmentation": None}, score=1.0)
+    no_masks = [{k: v for k, v in r.items() if k != "segmentation"} for r in _perfect(gt)]
+    return {
+        "perfect": (gt, _perfect(gt)),
+        "wrong-classes": (gt, wrong),
+        "partial": (gt, _perfect(gt)[:3]),
+        "empty": (gt, []),
+        "crowd": (gt, _perfect(gt) + inside),
+        "box-only-gt": (box_only, _perfect(gt) + [box_only_hit]),
+        "box-only-results": (gt, no_masks),
+        "random": _random_case(seed=1),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_existing_cases()))
+def test_default_backend_is_faster_coco_eval_with_pycocotools_numbers(monkeypatch, case):
+    assert coco_results.BACKEND == "faster_coco_eval"
+    gt, results = _existing_cases()[case]
+    default = coco_metrics(gt, results, seen_cat_ids=SEEN)
+    monkeypatch.setattr(coco_results, "BACKEND", "pycocotools")
+    reference = coco_metrics(gt, results, seen_cat_ids=SEEN)
+    flat, flat_reference = _flatten(default), _flatten(reference)
+    assert flat.keys() == flat_reference.keys()
+    for key, value in flat_reference.items():
+        assert flat[key] == value or flat[key] == pytest.approx(value, rel=0, abs=1e-9), key
+
+
+@pytest.mark.parametrize("backend", ["pycocotools", "faster_coco_eval"])
+def test_categories_scored_a_few_per_pass_give_the_same_precision(backend):
+    gt, results = _random_case(seed=2)
+    arrays = []
+    for per_pass in (1, 3, 500):
+        precision, _ = coco_results.precision_array(
+            coco_results.ground_truth_for(gt, iou_type="segm"),
+            [
+                {k: r[k] for k in ("image_id", "category_id", "score", "segmentation")}
+                for r in results
+            ],
+            iou_type="segm",
+            img_ids=[img["id"] for img in gt["images"]],
+            backend=backend,
+            categories_per_pass=per_pass,
+        )
+        arrays.append(precision)
+    assert arrays[0].shape[2] == len(gt["categories"])
+    assert (arrays[0] > 0).any()
+    np.testing.assert_array_equal(arrays[0], arrays[2])
+    np.testing.assert_array_equal(arrays[1], arrays[2])
+
+
+def test_lvis_rules_are_refused_by_pycocotools():
+    dataset = coco_results.ground_truth_for(_gt(), iou_type="bbox")
+    with pytest.raises(ValueError, match="federated rules need faster-coco-eval"):
+        coco_results.precision_array(
+            dataset, [], iou_type="bbox", img_ids=[1], federated=True, backend="pycocotools"
+        )
+
+
 def _flatten(tree, prefix=""):
     """Nested dicts -> {"a/b/c": leaf}."""
     if not isinstance(tree, dict):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from everyseg.data.compact_masks import Segm, compact, to_coco
 from everyseg.data.images import image_file_problem
+from everyseg.data.lvis import image_lists, read_frequencies
 from everyseg.data.segmentation import box_mask_mismatch, check_segmentation
 from everyseg.data.splits import resolve_mask_classes
 from everyseg.data.validate import (
@@ -96,6 +97,9 @@ class CocoIndex:
         data = read_coco_json(self.json_path)
         categories = read_categories(data["categories"], self.json_path)
         self.class_names: list[str] = [name for _, name in categories]
+        # LVIS fields, kept for federated evaluation (everyseg.data.lvis)
+        self.category_frequency = read_frequencies(data["categories"], self.json_path)
+        self.image_lists: dict[int, dict[str, list[int]]] = {}
         self.cat_id_to_label = {cid: i + 1 for i, (cid, _) in enumerate(categories)}
         self.label_to_cat_id = {label: cid for cid, label in self.cat_id_to_label.items()}
         self.mask_class_names = resolve_mask_classes(mask_classes, self.class_names)
@@ -146,6 +150,9 @@ class CocoIndex:
                 # Visual Genome's link to the same picture in COCO (data.sources merges them)
                 if (coco_id := as_int(img.get("coco_id"))) is not None:
                     self.coco_ids[image_id] = coco_id
+                lists, _ = image_lists(img)
+                if lists:
+                    self.image_lists[image_id] = lists
         self.skipped_image_ids.update(i for i in ids if i is not None and i not in entries)
         return entries
 
@@ -293,14 +300,20 @@ class CocoIndex:
         return {
             "images": [
                 {"id": i, "width": m.width, "height": m.height, "file_name": str(m.path)}
+                | self.image_lists.get(i, {})
                 for i, m in sorted(self.images.items())
             ],
             "annotations": annotations,
             "categories": [
-                {"id": self.label_to_cat_id[label], "name": name}
+                self._gt_category(label, name)
                 for label, name in enumerate(self.class_names, start=1)
             ],
         }
+
+    def _gt_category(self, label: int, name: str) -> dict:
+        cat_id = self.label_to_cat_id[label]
+        frequency = self.category_frequency.get(cat_id)
+        return {"id": cat_id, "name": name} | ({"frequency": frequency} if frequency else {})
 
     def class_counts(self) -> list[dict]:
         """Per class: name, category id, whether it is a mask class, boxes and masks kept."""
@@ -339,6 +352,9 @@ def _image_entry(img, images_dir: Path) -> tuple[int | None, ImageMeta | None, s
         return image_id, None, f"width/height {img.get('width')!r}/{img.get('height')!r}"
     if not isinstance(name, str) or not name:
         return image_id, None, "no 'file_name' (or LVIS 'coco_url')"
+    _, lvis_problem = image_lists(img)
+    if lvis_problem:
+        return image_id, None, lvis_problem
     return image_id, ImageMeta(images_dir / name, height, width), None
 
 

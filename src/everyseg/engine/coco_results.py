@@ -3,8 +3,8 @@
 Predictions become COCO result dicts (xywh boxes, compressed RLE masks). Ground truth is
 normalised per evaluation type; for mask evaluation, box-only annotations (partial supervision)
 become ignore regions, see :func:`ground_truth_for`. :func:`precision_array` runs COCOeval with
-faster-coco-eval when installed (same numbers as pycocotools, checked in tests; about 3x faster
-on 500 images x 20 masked detections), else with pycocotools, the reference.
+faster-coco-eval (same numbers as pycocotools, the reference, checked in tests; faster, and
+it has LVIS's federated rules), or with pycocotools on request.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import os
 from collections.abc import Iterable
 from typing import Any, Literal, cast
 
+import faster_coco_eval
 import numpy as np
 import torch
 from pycocotools import mask as mask_util
@@ -24,14 +25,13 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from everyseg.data.segmentation import usable_segmentation
+from everyseg.engine import lvis_rules
 from everyseg.modeling.paste import Region, pasted_crops
 
-try:
-    import faster_coco_eval
-except ImportError:  # optional: only speed is lost
-    faster_coco_eval = None
-
-BACKEND = "pycocotools" if faster_coco_eval is None else "faster_coco_eval"
+BACKEND = "faster_coco_eval"
+# Categories scored per evaluator pass. Both evaluators keep per (image, category) state, so a
+# 3,000-class val set in one pass costs GBs; per-category APs do not depend on the others.
+CATEGORIES_PER_PASS = 500
 IouType = Literal["bbox", "segm"]
 
 
@@ -181,22 +181,41 @@ def precision_array(
     *,
     iou_type: IouType,
     img_ids: list[int],
+    federated: bool = False,
     backend: str | None = None,
+    categories_per_pass: int = CATEGORIES_PER_PASS,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Run COCOeval on ``img_ids``; return its precision array (T, R, K, A, M) and IoU thresholds.
 
     K follows the ground truth's category ids in increasing order; A is (all, small, medium,
-    large); M is maxDets (1, 10, 100); entries without ground truth are -1. ``dataset`` and
-    ``results`` are written into (RLEs, ids): pass fresh ones. ``backend`` defaults to BACKEND.
+    large); M is maxDets (1, 10, 100; with ``federated``, LVIS's rules, 1, 10, 300); entries
+    without ground truth are -1. ``dataset`` and ``results`` are written into (RLEs, ids): pass
+    fresh ones. ``backend`` defaults to BACKEND; only faster-coco-eval has LVIS's rules.
+    Categories are scored ``categories_per_pass`` at a time, which bounds memory.
     """
-    run = {"pycocotools": _pycocotools_eval, "faster_coco_eval": _faster_coco_eval}
-    evaluator = run[backend or BACKEND](dataset, results, iou_type=iou_type)
+    backend = backend or BACKEND
+    if federated:
+        if backend != "faster_coco_eval":
+            raise ValueError(f"LVIS's federated rules need faster-coco-eval, not {backend}")
+        evaluator = _faster_coco_eval(dataset, results, iou_type=iou_type, federated=True)
+        evaluator.params.maxDets = [1, 10, lvis_rules.MAX_DETS_PER_IMAGE]
+    else:
+        run = {"pycocotools": _pycocotools_eval, "faster_coco_eval": _faster_coco_eval}
+        evaluator = run[backend](dataset, results, iou_type=iou_type)
     evaluator.params.imgIds = img_ids
+    cat_ids = sorted(evaluator.params.catIds)
+    passes = [
+        cat_ids[i : i + categories_per_pass] for i in range(0, len(cat_ids), categories_per_pass)
+    ]
+    precisions = []
     # pycocotools prints progress; callers print the table they want.
     with contextlib.redirect_stdout(io.StringIO()):
-        evaluator.evaluate()
-        evaluator.accumulate()
-    return evaluator.eval["precision"], evaluator.params.iouThrs
+        for categories in passes or [cat_ids]:
+            evaluator.params.catIds = categories
+            evaluator.evaluate()
+            evaluator.accumulate()
+            precisions.append(evaluator.eval["precision"])  # (T, R, K of this pass, A, M)
+    return np.concatenate(precisions, axis=2), evaluator.params.iouThrs
 
 
 def _pycocotools_eval(
@@ -220,14 +239,25 @@ def _indexed_coco(dataset: dict[str, Any]) -> COCO:
 
 
 def _faster_coco_eval(
-    dataset: dict[str, Any], results: list[dict[str, Any]], *, iou_type: IouType
+    dataset: dict[str, Any],
+    results: list[dict[str, Any]],
+    *,
+    iou_type: IouType,
+    federated: bool = False,
 ) -> Any:
     # Its loadRes handles an empty list; its messages go to logging unless silenced here.
     coco_gt = faster_coco_eval.COCO(dataset, print_function=_quiet)
     coco_dt = coco_gt.loadRes(results)
-    return faster_coco_eval.COCOeval_faster(
-        coco_gt, coco_dt, iouType=iou_type, print_function=_quiet
+    return _COCOevalFaster(
+        coco_gt, coco_dt, iouType=iou_type, print_function=_quiet, lvis_style=federated
     )
+
+
+class _COCOevalFaster(faster_coco_eval.COCOeval_faster):
+    def _prepare_freq_group(self) -> list[list[int]]:
+        # Its LVIS mode groups classes by frequency for its own summary, failing on a category
+        # without one; everyseg buckets classes itself (lvis_rules.class_buckets).
+        return [[] for _ in self.params.img_count_lbl]
 
 
 def _quiet(*args: Any, **kwargs: Any) -> None:

@@ -2,12 +2,14 @@
 
 "seen" classes had masks in training, "unseen" ones only boxes. All numbers are AP in percent as
 COCO tables print them; a number that has no ground truth to be measured on is ``None``.
+LVIS ground truth is scored with LVIS's federated rules, and AP is also given by class-frequency
+bucket (everyseg.engine.lvis_rules).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -15,7 +17,8 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from everyseg.engine import distributed
+from everyseg.data.lvis import FREQUENCIES
+from everyseg.engine import distributed, lvis_rules
 from everyseg.engine.coco_results import (
     IouType,
     ground_truth_for,
@@ -24,6 +27,7 @@ from everyseg.engine.coco_results import (
     to_coco_results,
 )
 from everyseg.engine.files import write_json
+from everyseg.engine.metrics_table import format_metrics_table
 from everyseg.engine.precision import autocast, outputs_to_float32
 
 __all__ = [
@@ -35,9 +39,8 @@ __all__ = [
 ]
 
 IOU_TYPES: tuple[IouType, ...] = ("segm", "bbox")
-SUBSETS = ("all", "seen", "unseen")
 # Summary numbers as (name, IoU threshold or None for the 0.50:0.95 mean, area range index);
-# all at maxDets=100, as in COCOeval.summarize().
+# all at the last maxDets (100; LVIS: 300), as in COCOeval.summarize().
 _SUMMARY = (
     ("AP", None, 0),
     ("AP50", 0.5, 0),
@@ -55,6 +58,7 @@ def coco_metrics(
     *,
     seen_cat_ids: Iterable[int],
     image_ids: Iterable[int] | None = None,
+    train_counts: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
     """COCO segm and bbox AP, split into all / seen / unseen classes and per class.
 
@@ -65,14 +69,25 @@ def coco_metrics(
         seen_cat_ids: category ids that had masks in training; every other category is unseen.
         image_ids: evaluate only these images (default: every image of ``gt``), e.g. when the
             model ran on a subset; images without predictions count as having none.
+        train_counts: class name -> training instances, to bucket classes by when ``gt`` has
+            no LVIS frequencies (see lvis_rules.class_buckets).
 
     Returns:
         The metrics.json dict: ``{"segm"|"bbox": {"all"|"seen"|"unseen": {AP, AP50, AP75, APs,
         APm, APl}, "per_class": {name: AP}}, "seen_classes", "unseen_classes", "images"}``.
         A value is ``None`` where COCO would print -1 (no ground truth in that class / subset /
         area range), e.g. a class absent from the val set.
+        With frequency buckets, each iou type adds ``"by_frequency": {"r"|"c"|"f": {AP, ...}}``
+        (and ``AP_r``, ``AP_c``, ``AP_f`` for LVIS frequencies), and the top level
+        ``"frequency_buckets"`` (by, rule, classes per bucket) and ``"class_frequency"``
+        ({name: bucket}). LVIS ground truth adds ``"lvis": {"federated": true,
+        "max_detections_per_image": 300}``.
     """
     dataset = load_ground_truth(gt)
+    source = "ground truth" if isinstance(gt, dict) else str(gt)
+    federated = lvis_rules.is_federated(dataset, source=source)
+    if federated:
+        results = lvis_rules.annotated_classes_only(dataset, lvis_rules.top_per_image(results))
     cats = sorted(dataset["categories"], key=lambda c: c["id"])
     seen = set(seen_cat_ids)
     unknown = seen - {c["id"] for c in cats}
@@ -81,6 +96,7 @@ def coco_metrics(
     img_ids = sorted({img["id"] for img in dataset["images"]} if image_ids is None else image_ids)
     # COCOeval orders categories by id; `cats` is sorted the same way, so index k matches.
     is_seen = np.array([c["id"] in seen for c in cats], dtype=bool)
+    buckets = lvis_rules.class_buckets(cats, train_counts=train_counts, source=source)
     metrics: dict[str, Any] = {}
     for iou_type in IOU_TYPES:
         precision, iou_thrs = precision_array(
@@ -88,6 +104,7 @@ def coco_metrics(
             _results_for(results, iou_type=iou_type),
             iou_type=iou_type,
             img_ids=img_ids,
+            federated=federated,
         )
         metrics[iou_type] = {
             "all": _summarize(precision, iou_thrs, np.ones_like(is_seen)),
@@ -97,10 +114,45 @@ def coco_metrics(
                 c["name"]: _mean_ap(precision[:, :, k, 0, -1]) for k, c in enumerate(cats)
             },
         }
+        if buckets is not None:
+            metrics[iou_type] |= _by_frequency(precision, iou_thrs, cats, buckets)
     metrics["seen_classes"] = [c["name"] for c in cats if c["id"] in seen]
     metrics["unseen_classes"] = [c["name"] for c in cats if c["id"] not in seen]
     metrics["images"] = len(img_ids)
+    if buckets is not None:
+        metrics["frequency_buckets"] = _bucket_summary(cats, buckets)
+        metrics["class_frequency"] = {
+            c["name"]: buckets.of_category[c["id"]] for c in cats if c["id"] in buckets.of_category
+        }
+    if federated:
+        metrics["lvis"] = {
+            "federated": True,
+            "max_detections_per_image": lvis_rules.MAX_DETS_PER_IMAGE,
+        }
     return metrics
+
+
+def _by_frequency(
+    precision: np.ndarray, iou_thrs: np.ndarray, cats: list[dict], buckets: lvis_rules.Buckets
+) -> dict[str, Any]:
+    """The summary APs of each frequency bucket; AP_r / AP_c / AP_f too for LVIS's own."""
+    of_category = [buckets.of_category.get(c["id"]) for c in cats]
+    by_frequency = {
+        bucket: _summarize(precision, iou_thrs, np.array([b == bucket for b in of_category]))
+        for bucket in FREQUENCIES
+    }
+    block: dict[str, Any] = {"by_frequency": by_frequency}
+    if buckets.by == "lvis_frequency":
+        block |= {f"AP_{bucket}": by_frequency[bucket]["AP"] for bucket in FREQUENCIES}
+    return block
+
+
+def _bucket_summary(cats: list[dict], buckets: lvis_rules.Buckets) -> dict[str, Any]:
+    counts = {bucket: 0 for bucket in FREQUENCIES}
+    for c in cats:
+        if c["id"] in buckets.of_category:
+            counts[buckets.of_category[c["id"]]] += 1
+    return {"by": buckets.by, "rule": buckets.rule, "classes": counts}
 
 
 def _results_for(results: list[dict[str, Any]], *, iou_type: str) -> list[dict[str, Any]]:
@@ -237,34 +289,6 @@ def _without_labels(output: dict[str, torch.Tensor], labels: torch.Tensor) -> di
 def _collate_pairs(batch: list[tuple[Any, Any]]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     """[(image, target), ...] -> ((images...), (targets...)); images differ in size."""
     return tuple(image for image, _ in batch), tuple(target for _, target in batch)
-
-
-def format_metrics_table(metrics: dict[str, Any]) -> str:
-    """A printable table: summary APs for all/seen/unseen x segm/bbox, then per-class AP."""
-    name_width = max([len(n) for n in metrics["segm"]["per_class"]] + [len("segm unseen")])
-    lines = [
-        f"{metrics['images']} images; {len(metrics['seen_classes'])} seen classes, "
-        f"{len(metrics['unseen_classes'])} unseen",
-        f"{'':<{name_width}} " + " ".join(f"{s:>6}" for s in STAT_NAMES),
-    ]
-    for iou_type in IOU_TYPES:
-        for subset in SUBSETS:
-            row = metrics[iou_type][subset]
-            label = f"{iou_type} {subset}"
-            lines.append(f"{label:<{name_width}} " + " ".join(_cell(row[s]) for s in STAT_NAMES))
-    lines.append("")
-    lines.append(f"{'class':<{name_width}} {'segm':>6} {'bbox':>6}  (AP; * = seen)")
-    seen = set(metrics["seen_classes"])
-    for name, segm_ap in metrics["segm"]["per_class"].items():
-        mark = "*" if name in seen else " "
-        bbox_ap = metrics["bbox"]["per_class"][name]
-        lines.append(f"{name:<{name_width}} {_cell(segm_ap)} {_cell(bbox_ap)}  {mark}".rstrip())
-    return "\n".join(lines)
-
-
-def _cell(value: float | None) -> str:
-    """One table cell: AP with one decimal as COCO prints it, '-' when not measurable."""
-    return f"{'-':>6}" if value is None else f"{value:6.1f}"
 
 
 def write_metrics(metrics: dict[str, Any], path: str | os.PathLike) -> None:
