@@ -124,3 +124,19 @@ def test_lr_schedule_warmup_step_and_cosine():
     # an unknown schedule never reaches lr_factor: it is refused when the config loads
     with pytest.raises(ValueError, match="train.schedule"):
         load_config("maskrcnn-tiny", ["train.schedule=linear"])
+
+
+def test_run_buckets_classes_by_their_training_instances(trained_run, synth_paths):
+    # the synthetic val set has no LVIS frequencies: the run's own training counts bucket it
+    counts = load_checkpoint(trained_run.last)["train_instances"]
+    train = json.loads(open(synth_paths["train_json"]).read())
+    names = {c["id"]: c["name"] for c in train["categories"]}
+    expected = {name: 0 for name in names.values()}
+    for ann in train["annotations"]:
+        expected[names[ann["category_id"]]] += not ann.get("iscrowd", 0)
+    assert counts == expected
+    metrics = json.loads(trained_run.metrics.read_text())
+    assert metrics["frequency_buckets"]["by"] == "train_instances"
+    for name, bucket in metrics["class_frequency"].items():
+        assert bucket == ("r" if counts[name] <= 10 else "c" if counts[name] <= 100 else "f")
+    assert set(metrics["segm"]["by_frequency"]) <= {"r", "c", "f"}

@@ -13,6 +13,7 @@ import os
 import random
 import sys
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 
 import torch
@@ -186,6 +187,11 @@ class CocoInstances(torch.utils.data.Dataset):
             return format_merged_summary(self.index)
         summary = format_report(report(self.index))
         return summary + (f"\n{self._spelling_note}" if self._spelling_note else "")
+
+    def instances_per_class(self) -> dict[str, int]:
+        """Class name -> usable (non-crowd) instances, with or without a mask."""
+        counts = Counter(i.label for insts in self.index.instances.values() for i in insts)
+        return {name: counts[label] for label, name in enumerate(self.class_names, start=1)}
 
     def ground_truth(self) -> dict:
         """The usable images and annotations as a COCO dict, for evaluation."""

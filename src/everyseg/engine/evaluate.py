@@ -202,6 +202,7 @@ def evaluate_model(
     num_workers: int = 0,
     precision: str = "fp32",
     progress: bool = True,
+    train_counts: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
     """Run ``model`` over ``dataset`` and return :func:`coco_metrics` of its detections.
 
@@ -219,6 +220,7 @@ def evaluate_model(
         precision: fp32 | fp16 | bf16, the autocast of the model's forward passes (see
             everyseg.engine.precision); detections are scored as float32 whatever it is.
         progress: show a tqdm bar.
+        train_counts: see :func:`coco_metrics`.
 
     Only the images in ``dataset`` are evaluated (``metrics["images"]`` counts them).
     Inside a process group (under torchrun) rank r of W runs images r, r + W, ...; rank 0
@@ -265,7 +267,13 @@ def evaluate_model(
     results = [result for _, _, coco in every for result in coco]
     image_ids = [image_id for _, image_id, _ in every]
     metrics = distributed.on_main(
-        lambda: coco_metrics(gt_json, results, seen_cat_ids=seen_cat_ids, image_ids=image_ids)
+        lambda: coco_metrics(
+            gt_json,
+            results,
+            seen_cat_ids=seen_cat_ids,
+            image_ids=image_ids,
+            train_counts=train_counts,
+        )
     )
     return distributed.broadcast(metrics)
 

@@ -70,6 +70,7 @@ def evaluate_loaded(
         device=device,
         precision=precision,
         progress=progress,
+        train_counts=record.train_instances or None,
     )
     if mapping.unscored:
         metrics["unscored_classes"] = mapping.unscored

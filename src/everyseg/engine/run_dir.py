@@ -9,7 +9,7 @@ import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +112,9 @@ class RunRecord:
     class_names: list[str]
     label_to_cat_id: dict[int, int]
     mask_classes: list[str]  # the classes that had masks in training ("seen")
+    # class name -> training instances (boxes): evaluation buckets classes by it (rare /
+    # common / frequent) when the val set has no LVIS frequencies; empty in older runs
+    train_instances: dict[str, int] = field(default_factory=dict)
 
     def to_plain(self) -> dict[str, Any]:
         """Built-in types only (a numpy integer would make the checkpoint unloadable)."""
@@ -120,6 +123,7 @@ class RunRecord:
             "class_names": [str(name) for name in self.class_names],
             "label_to_cat_id": {int(k): int(v) for k, v in self.label_to_cat_id.items()},
             "mask_classes": [str(name) for name in self.mask_classes],
+            "train_instances": {str(k): int(v) for k, v in self.train_instances.items()},
         }
 
     @classmethod
@@ -131,7 +135,10 @@ class RunRecord:
             raise ValueError(
                 f"{source}: not an everyseg checkpoint (no {', '.join(missing)} in it)"
             )
-        return cls(**{key: state[key] for key in fields})
+        return cls(
+            **{key: state[key] for key in fields},
+            train_instances=state.get("train_instances", {}),
+        )
 
     def class_differences(self, other: RunRecord) -> list[str]:
         """How `other`'s classes differ from these, in words; empty if they are the same."""

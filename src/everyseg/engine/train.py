@@ -219,6 +219,7 @@ def _build_state(cfg: Config, dataset: CocoInstances, device: torch.device) -> T
             class_names=list(dataset.class_names),
             label_to_cat_id=dict(dataset.label_to_cat_id),
             mask_classes=list(dataset.mask_class_names),
+            train_instances=dataset.instances_per_class(),
         ),
     )
 
