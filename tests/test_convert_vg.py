@@ -303,3 +303,18 @@ def test_stream_reader_bounds_an_unterminated_element(tmp_path):
     path.write_text('[1, "' + "a" * 10_000)
     with pytest.raises(DataError, match="element 1 .* or an element over 100 characters"):
         list(iter_json_array(path, chunk_chars=10, max_element_chars=100))
+
+
+def test_older_releases_id_keys_and_blank_names(vg, tmp_path):
+    """VG 1.0 wrote `id` for image_id / object_id and one `name`; blank names are skipped."""
+    image_data = [{"id": 5, "width": 30, "height": 30, "url": URL.format("VG_100K", 5)}]
+    objects = [{"id": 5, "objects": [
+        {"id": 8, "x": 1, "y": 1, "w": 9, "h": 9, "name": "Cat"},
+        {"id": 9, "x": 1, "y": 1, "w": 9, "h": 9, "names": [" ", "dog"], "synsets": [""]},
+    ]}]  # fmt: skip
+    objects_path, image_data_path = vg(objects=objects, image_data=image_data)
+    out = tmp_path / "vg.json"
+    convert_vg(objects=objects_path, image_data=image_data_path, classes=5, out=out)
+    data = json.loads(out.read_text())
+    assert [c["name"] for c in data["categories"]] == ["cat", "dog"]
+    assert [(a["image_id"], a["vg_object_id"]) for a in data["annotations"]] == [(5, 8), (5, 9)]
