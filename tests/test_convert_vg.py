@@ -278,7 +278,7 @@ def test_missing_files_and_bad_arguments_exit_2(vg, tmp_path, capsys):
 
 def test_nothing_usable_is_an_error(vg, tmp_path):
     objects, image_data = vg(objects=[{"image_id": 1, "objects": [_obj(1, 0, 0, 0, 0, ["a"])]}])
-    with pytest.raises(DataError, match="no usable object"):
+    with pytest.raises(DataError, match=r"no usable object in 1 \(degenerate box"):
         convert_vg(objects=objects, image_data=image_data, classes=3, out=tmp_path / "o.json")
 
 

@@ -101,10 +101,12 @@ def convert_vg(
     alias_map = read_aliases(aliases) if aliases is not None else None
     images = read_image_data(image_data)
     counts: Counter[str] = Counter()
-    for obj in _usable_objects(objects, images, alias_map, VgSummary(classes)):
+    first_pass = VgSummary(classes)
+    for obj in _usable_objects(objects, images, alias_map, first_pass):
         counts[obj.name] += 1
     if not counts:
-        raise DataError(f"{objects}: no usable object (every box degenerate or nameless?)")
+        why = ", ".join(f"{DROP_REASONS[key]}: {n}" for key, n in first_pass.dropped.items())
+        raise DataError(f"{objects}: no usable object in {first_pass.objects} ({why})")
     ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:classes]
     category_ids = {name: rank for rank, (name, _) in enumerate(ranked, start=1)}
     summary = VgSummary(classes, names_found=len(counts), classes=len(category_ids))
