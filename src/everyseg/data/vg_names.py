@@ -13,6 +13,7 @@ The rule (README, "Visual Genome"):
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -45,6 +46,7 @@ def _first(names: list[str]) -> str:
     return next((name for name in map(normalise, names) if name), "")
 
 
+@functools.lru_cache(maxsize=1 << 16)  # VG has ~4M objects, tens of thousands of synsets
 def _synset_lemma(synset: str) -> str:
     match = _SYNSET.fullmatch(synset)
     return normalise(match.group(1).replace("_", " ")) if match else synset
