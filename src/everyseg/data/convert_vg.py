@@ -152,11 +152,15 @@ def read_image_data(path: Path) -> dict[int, VgImage]:
 
 
 def _file_name(url: str | None, image_id: int, where: str) -> str:
-    """The url's last two path components (VG_100K_2/1.jpg), or IMAGE_ID.jpg without a url."""
-    parts = [part for part in urlsplit(url).path.split("/") if part] if url else []
-    if any(part in (".", "..") for part in parts[-2:]):
-        raise DataError(f"{where}: url {url!r} has a '.' or '..' path component")
-    return "/".join(parts[-2:]) if parts else f"{image_id}.jpg"
+    """The url's file name (.../VG_100K_2/1.jpg -> 1.jpg), or IMAGE_ID.jpg without a url.
+
+    One folder for all images, as VG's two zips are usually extracted (and `synth --vocab`
+    writes them): image ids are unique across VG_100K and VG_100K_2.
+    """
+    name = urlsplit(url).path.rsplit("/", 1)[-1] if url else ""
+    if name in (".", ".."):
+        raise DataError(f"{where}: url {url!r} does not end in a file name")
+    return name or f"{image_id}.jpg"
 
 
 def _usable_objects(
