@@ -318,3 +318,15 @@ def test_older_releases_id_keys_and_blank_names(vg, tmp_path):
     data = json.loads(out.read_text())
     assert [c["name"] for c in data["categories"]] == ["cat", "dog"]
     assert [(a["image_id"], a["vg_object_id"]) for a in data["annotations"]] == [(5, 8), (5, 9)]
+
+
+def test_non_finite_boxes_are_dropped_as_degenerate(vg, tmp_path):
+    """Python's json reads NaN / Infinity tokens: such boxes are counted, never written."""
+    nan_w, inf_x = _obj(1, 0, 0, float("nan"), 5, ["a"]), _obj(2, float("inf"), 0, 5, 5, ["a"])
+    objects, image_data = vg(
+        objects=[{"image_id": 1, "objects": [nan_w, inf_x, _obj(3, 0, 0, 5, 5, ["a"])]}]
+    )
+    out = tmp_path / "vg.json"
+    summary = convert_vg(objects=objects, image_data=image_data, classes=3, out=out)
+    assert summary.dropped["degenerate"] == 2 and summary.kept == 1
+    assert [a["vg_object_id"] for a in json.loads(out.read_text())["annotations"]] == [3]
