@@ -9,6 +9,7 @@ at least one invalid number for demo, only small image counts for synth.
 from __future__ import annotations
 
 import contextlib
+import json
 import tempfile
 
 import numpy as np
@@ -88,7 +89,11 @@ def fixtures(tmp_path_factory) -> dict[str, str]:
     (root / "empty-run").mkdir()
     (root / "bad-run/checkpoints").mkdir(parents=True)
     (root / "bad-run/checkpoints/last.pt").write_text("garbage\n")
+    vg_object = {"object_id": 1, "x": 0, "y": 0, "w": 4, "h": 4, "names": ["a"], "synsets": []}
+    (root / "vg-objects.json").write_text(json.dumps([{"image_id": 1, "objects": [vg_object]}]))
+    (root / "vg-images.json").write_text('[{"image_id": 1, "width": 8, "height": 8, "url": null}]')
     names = ["tiny.png", "broken.png", "garbage.json", "empty-run", "bad-run", "missing.png"]
+    names += ["vg-objects.json", "vg-images.json"]
     return {name: str(root / name) for name in names}
 
 
@@ -99,6 +104,7 @@ def command_lines(draw, fixtures: dict[str, str]) -> list[str]:
     verb = draw(
         st.sampled_from(
             ["synth", "train", "evaluate", "predict", "segment", "check-data", "demo", "nonsense"]
+            + ["convert"]
         )
     )
     argv = [verb]
@@ -142,6 +148,10 @@ def command_lines(draw, fixtures: dict[str, str]) -> list[str]:
             "--set": number("data.val_json=x.json"),
             "--json": st.just(None),
         }
+    elif verb == "convert":
+        argv += ["vg", "--objects", draw(path), "--image-data", draw(path)]
+        argv += ["--classes", draw(number("3")), "--out", draw(SAFE_TEXT)]
+        optional = {"--aliases": path}
     elif verb == "demo":
         # at least one invalid number, so the demo never starts
         argv += [

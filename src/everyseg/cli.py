@@ -1,4 +1,4 @@
-"""`everyseg synth | train | evaluate | predict | segment | check-data | demo`."""
+"""`everyseg synth | train | evaluate | predict | segment | check-data | convert | demo`."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ MAX_IMAGES = 1_000_000
 MAX_SIDE = 4096
 MAX_STEPS = 10_000_000
 MAX_SEED = 2**32 - 1
+MAX_CLASSES = 1_000_000
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,6 +133,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--decode", action="store_true", help="decode every image, not just headers")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_check_data)
+
+    p = sub.add_parser("convert", help="another dataset's own files -> COCO JSON")
+    formats = p.add_subparsers(dest="format", required=True)
+    p = formats.add_parser(
+        "vg", help="Visual Genome objects.json + image_data.json -> COCO JSON, boxes only"
+    )
+    p.add_argument("--objects", type=Path, required=True, help="VG's objects.json")
+    p.add_argument("--image-data", type=Path, required=True, help="VG's image_data.json")
+    p.add_argument(
+        "--classes", type=int_in(1, MAX_CLASSES), required=True, help="keep the K most frequent"
+    )
+    p.add_argument("--out", type=Path, required=True, help="the COCO JSON to write")
+    p.add_argument("--aliases", type=Path, help="YAML / JSON mapping alias -> class name")
+    p.set_defaults(func=_convert_vg)
 
     p = sub.add_parser("demo", help="synth + train baseline-tiny + evaluate + overlays")
     p.add_argument("--out", type=Path, default=Path("everyseg-demo"))
@@ -288,6 +303,19 @@ def _check_data(args) -> int:
         decode=args.decode,
         as_json=args.json,
     )
+
+
+def _convert_vg(args) -> None:
+    from everyseg.data.convert_vg import convert_vg
+
+    summary = convert_vg(
+        objects=args.objects,
+        image_data=args.image_data,
+        classes=args.classes,
+        out=args.out,
+        aliases=args.aliases,
+    )
+    print(summary.format(args.objects, args.out))
 
 
 def _demo(args) -> None:
