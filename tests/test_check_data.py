@@ -14,6 +14,7 @@ from everyseg.config import DataConfig
 from everyseg.data.build import build_dataset
 from everyseg.data.coco import CocoInstances, DataError
 from everyseg.data.images import load_image
+from everyseg.data.report import MAX_CLASS_ROWS, class_table
 from everyseg.data.validate import BadSampleWarning
 from everyseg.instances import BoxMasks, Instances
 from everyseg.predict_files import predict_files
@@ -453,3 +454,20 @@ def test_predict_reports_each_bad_file_and_processes_the_rest(coco_files, tmp_pa
     assert "truncated" in failures[0] and "No such file" in failures[-1]
     assert [p.name for p in (tmp_path / "out" / "overlays").iterdir()] == ["good.png"]
     assert capsys.readouterr().err.count("skipped ") == 5
+
+
+def test_class_table_of_a_large_vocabulary_is_truncated_and_says_so():
+    classes = [
+        {"name": f"c{i}", "category_id": i, "mask_class": i % 50 == 0, "boxes": 1000 - i}
+        | {"masks": 0}
+        for i in range(1000)
+    ]
+    lines = class_table(classes, with_ids=True)
+    shown = [line[2:].split()[0] for line in lines[1:-2]]
+    assert len(shown) == MAX_CLASS_ROWS
+    assert shown[:20] == [f"c{i}" for i in range(0, 1000, 50)]  # mask classes, most boxes first
+    assert shown[20:30] == [f"c{i}" for i in range(1, 11)]  # then the most frequent others
+    assert shown[30:] == [f"c{i}" for i in range(990, 1000)]  # and the least frequent
+    assert lines[-2].startswith("... 960 more classes") and "check-data --json" in lines[-2]
+    small = class_table(classes[:MAX_CLASS_ROWS])
+    assert len(small) == MAX_CLASS_ROWS + 2 and not any(x.startswith("...") for x in small)

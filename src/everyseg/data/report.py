@@ -78,6 +78,36 @@ def report(index: CocoIndex) -> dict:
     }
 
 
+MAX_CLASS_ROWS = 40
+
+
+def class_table(classes: list[dict], *, with_ids: bool = False) -> list[str]:
+    """Boxes and masks per class. A large vocabulary (over MAX_CLASS_ROWS classes, e.g. 3,000
+    from Visual Genome) shows its mask classes and its most and least frequent classes only,
+    and says where the full list is."""
+    rows = classes
+    if len(classes) > MAX_CLASS_ROWS:
+        by_boxes = sorted(classes, key=lambda c: (-c["boxes"], c["name"]))
+        half = MAX_CLASS_ROWS // 2
+        masked = [c for c in by_boxes if c["mask_class"]][:half]
+        rest = [c for c in by_boxes if not c["mask_class"]]
+        rows = masked + rest[: half // 2] + rest[len(rest) - half // 2 :]
+    id_head = f" {'id':>6}" if with_ids else ""
+    lines = [f"  {'class':<24}{id_head} {'boxes':>7} {'masks':>7}"]
+    for c in rows:
+        star = "*" if c["mask_class"] else " "
+        cat_id = f" {c['category_id']:>6}" if with_ids else ""
+        lines.append(f"{star} {c['name']:<24}{cat_id} {c['boxes']:>7} {c['masks']:>7}")
+    if len(rows) < len(classes):
+        lines.append(
+            f"... {len(classes) - len(rows)} more classes (shown: the most frequent mask "
+            "classes, then the most and the least frequent others); `everyseg check-data "
+            "--json` lists every class"
+        )
+    lines.append("(* = mask class)")
+    return lines
+
+
 def format_report(rep: dict) -> str:
     """The report as the start-up summary prints it: every bad sample named with its reason."""
     im, ann = rep["images"], rep["annotations"]
@@ -91,12 +121,8 @@ def format_report(rep: dict) -> str:
         f"malformed entries {im['malformed_entry']}, outside the images folder "
         f"{im['outside_images']}, too small once resized {im['unusable_size']}",
         f"mask classes: {masked} of {len(rep['classes'])}",
-        f"  {'class':<24} {'boxes':>7} {'masks':>7}",
+        *class_table(rep["classes"]),
     ]
-    for c in rep["classes"]:
-        star = "*" if c["mask_class"] else " "
-        lines.append(f"{star} {c['name']:<24} {c['boxes']:>7} {c['masks']:>7}")
-    lines.append("(* = mask class)")
     lines.append(
         f"bad samples: {rep['num_bad']} (data.on_bad_sample={rep['on_bad_sample']}: image "
         "skipped, annotation skipped, or mask dropped and box kept)"

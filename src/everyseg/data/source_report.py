@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 
-from everyseg.data.report import format_report, report
+from everyseg.data.report import class_table, format_report, report
 from everyseg.data.sources import DUPLICATE_IOU, MergedIndex
 
 
@@ -64,11 +64,7 @@ def format_merged_report(rep: dict) -> str:
         lines += [f"    {apart}" for apart in source["kept_apart"]]
     if rep["name_matches"]:
         lines += ["class names matched:", *(f"  {note}" for note in rep["name_matches"])]
-    lines.append(f"  {'class':<24} {'id':>6} {'boxes':>7} {'masks':>7}")
-    for c in rep["classes"]:
-        star, cat_id = "*" if c["mask_class"] else " ", c["category_id"]
-        lines.append(f"{star} {c['name']:<24} {cat_id:>6} {c['boxes']:>7} {c['masks']:>7}")
-    lines.append("(* = mask class)")
+    lines += class_table(rep["classes"], with_ids=True)
     return "\n".join(lines)
 
 

@@ -281,7 +281,7 @@ def usage(paths: dict[str, str], *, vocab: int) -> str:
     vg_json = str(Path(paths["vg_objects"]).with_name("vg.json"))
     sources = (
         f"[{{json: {json.dumps(paths['coco_json'])}, images: {json.dumps(paths['coco_images'])}, "
-        f"mask_classes: all}}, {{json: {json.dumps(vg_json)}, "
+        f"mask_classes: all, weight: 3}}, {{json: {json.dumps(vg_json)}, "
         f"images: {json.dumps(paths['vg_images'])}, mask_classes: none}}]"
     )
     convert = [
@@ -289,9 +289,8 @@ def usage(paths: dict[str, str], *, vocab: int) -> str:
         "--image-data", paths["vg_image_data"], "--classes", str(vocab), "--out", vg_json,
     ]  # fmt: skip
     train = [
-        "everyseg", "train", "maskx-tiny", "--out", "runs/vocab",
-        "--set", "data.train_json=", "--set", "data.train_images=",
-        "--set", "data.mask_classes=all", "--set", f"data.train_sources={sources}",
+        "everyseg", "train", "maskx-vg-tiny", "--out", "runs/vocab",
+        "--set", f"data.train_sources={sources}",
         "--set", f"data.val_json={paths['val_json']}",
         "--set", f"data.val_images={paths['val_images']}",
     ]  # fmt: skip
