@@ -110,42 +110,40 @@ class CompactMasks:
         cols_of_pixel = _nearest_sources(self.width, image_size[1])  # (w,)
         if self.flipped:  # the resized flipped mask reads the mirrored source column
             cols_of_pixel = self.width - 1 - cols_of_pixel
-        boxes_cpu, idxs_cpu = boxes.detach().cpu().float(), idxs.cpu()
-        targets = torch.zeros(len(idxs), resolution, resolution)
+        device = boxes.device
+        boxes = boxes.detach().float()
+        boxes_cpu, idxs_cpu = boxes.cpu(), idxs.cpu()
+        targets = torch.zeros(len(idxs), resolution, resolution, device=device)
         for instance in idxs_cpu.unique().tolist():
             (segm,) = self._masked([instance])
-            rows = torch.where(idxs_cpu == instance)[0]
-            targets[rows] = self._instance_targets(
-                segm,
-                boxes_cpu[rows],
-                source_rows=rows_of_pixel,
-                source_cols=cols_of_pixel,
-                resolution=resolution,
+            rows_cpu = torch.where(idxs_cpu == instance)[0]
+            resized, origin = self._resized_crop(
+                segm, boxes_cpu[rows_cpu], source_rows=rows_of_pixel, source_cols=cols_of_pixel
             )
-        return targets.to(boxes.device)
+            rows = rows_cpu.to(device)
+            index = torch.zeros(len(rows), 1, device=device)
+            rois = torch.cat([index, boxes[rows] - origin.to(device)], dim=1)  # (r, 5)
+            # torchvision's call (scale 1, adaptive sampling, aligned=False), on the boxes'
+            # device as torchvision's is: the crop is small, RoIAlign is not
+            crops = resized.to(device)[None, None]
+            targets[rows] = roi_align(crops, rois, (resolution, resolution), 1.0)[:, 0]
+        return targets
 
-    def _instance_targets(
-        self,
-        segm: Segm,
-        boxes: Tensor,
-        *,
-        source_rows: Tensor,
-        source_cols: Tensor,
-        resolution: int,
-    ) -> Tensor:
-        """(r, M, M) targets of one instance's (r, 4) boxes. source_rows (h,) / source_cols (w,):
-        the source pixel each row / column of the resized image reads."""
+    def _resized_crop(
+        self, segm: Segm, boxes: Tensor, *, source_rows: Tensor, source_cols: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """The part of the instance's resized mask that RoIAlign reads for its (r, 4) boxes,
+        as float (h', w'), and its origin (4,) x, y, x, y in the resized image's pixels.
+        source_rows (h,) / source_cols (w,): the source pixel each row / column of the resized
+        image reads."""
         x0, x1 = _read_span(boxes[:, 0], boxes[:, 2], len(source_cols))
         y0, y1 = _read_span(boxes[:, 1], boxes[:, 3], len(source_rows))
         rows, cols = source_rows[y0:y1], source_cols[x0:x1]
         top, left = int(rows.min()), int(cols.min())
         width, height = int(cols.max()) + 1 - left, int(rows.max()) + 1 - top
         source = self._crop(segm, left=left, top=top, width=width, height=height)
-        resized = source[rows - top][:, cols - left].float()  # (y1 - y0, x1 - x0) of the resized
-        offset = torch.tensor([x0, y0, x0, y0], dtype=torch.float32)
-        rois = torch.cat([torch.zeros(len(boxes), 1), boxes - offset], dim=1)  # (r, 5)
-        # torchvision's call: scale 1, adaptive sampling, aligned=False
-        return roi_align(resized[None, None], rois, (resolution, resolution), 1.0)[:, 0]
+        resized = source[rows - top][:, cols - left].float()  # (y1 - y0, x1 - x0)
+        return resized, torch.tensor([x0, y0, x0, y0], dtype=torch.float32)
 
     def _crop(self, segm: Segm, *, left: int, top: int, width: int, height: int) -> Tensor:
         """(height, width) uint8: the instance's mask as `decode` draws it at the image's size,
