@@ -49,8 +49,9 @@ def roi_mask_targets(
     """(R, M, M) targets of one image's (R, 4) boxes, each cut from instance idxs[r]'s mask.
 
     Masks come as everyseg's loader sends them, `compact_masks` (polygons and RLE at the
-    original image size, rasterised here at M x M only), or as torchvision's dense `masks`
-    (N, H, W), which the model's transform has already resized to `image_size`.
+    original image size, drawn here only where the RoIs read), or as torchvision's dense
+    `masks` (N, H, W), which the model's transform has already resized to `image_size`; both
+    give the same targets (data/compact_masks.py).
     """
     if "compact_masks" in target:
         return target["compact_masks"].crop_and_resize(
