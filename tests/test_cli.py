@@ -33,11 +33,12 @@ def test_train_writes_the_run_directory_and_metrics(trained_run):
     for name in ("config.yaml", "checkpoints/last.pt", "log.jsonl", "metrics.json"):
         assert (run / name).is_file(), name
     metrics = json.loads((run / "metrics.json").read_text())
-    assert set(metrics) == {"segm", "bbox", "seen_classes", "unseen_classes", "images"}
+    buckets = {"frequency_buckets", "class_frequency"}  # by the run's training instances
+    assert set(metrics) == {"segm", "bbox", "seen_classes", "unseen_classes", "images"} | buckets
     assert metrics["seen_classes"] == ["circle", "star", "ring"]
     assert len(metrics["unseen_classes"]) == 11 and metrics["images"] == 4
     for kind in ("segm", "bbox"):
-        assert set(metrics[kind]) == {"all", "seen", "unseen", "per_class"}
+        assert set(metrics[kind]) == {"all", "seen", "unseen", "per_class", "by_frequency"}
         for subset in ("all", "seen", "unseen"):
             assert set(metrics[kind][subset]) == METRIC_KEYS
         assert len(metrics[kind]["per_class"]) == 14

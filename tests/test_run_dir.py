@@ -110,7 +110,7 @@ def test_checkpoint_whose_weights_do_not_fit_its_config(run, tmp_path):
 def test_checkpoints_load_weights_only_and_model_pt_is_slim(run, synth_paths):
     full = torch.load(run.last, weights_only=True)
     slim = torch.load(run.model, weights_only=True)
-    record = {"config", "class_names", "label_to_cat_id", "mask_classes"}
+    record = {"config", "class_names", "label_to_cat_id", "mask_classes", "train_instances"}
     assert set(slim) == record | {"step", "model"}
     assert set(full) == set(slim) | {"optimizer", "scheduler", "scaler", "rng"}
     assert slim["step"] == full["step"] == 2
