@@ -259,7 +259,7 @@ def _predict(args) -> int:
     from everyseg.predict_files import predict_files
     from everyseg.predictor import Predictor
 
-    predictor = Predictor(
+    predictor = Predictor.from_run(
         args.run,
         checkpoint=args.checkpoint,
         score_thresh=args.score_thresh,
@@ -283,7 +283,7 @@ def _segment(args) -> None:
     for x0, y0, x1, y1 in args.box:  # before loading anything
         if not (x1 > x0 and y1 > y0):
             raise ValueError(f"--box {x0:g} {y0:g} {x1:g} {y1:g}: needs X1 > X0 and Y1 > Y0")
-    predictor = Predictor(args.run, checkpoint=args.checkpoint, precision=args.precision)
+    predictor = Predictor.from_run(args.run, checkpoint=args.checkpoint, precision=args.precision)
     instances = predictor.segment(args.image, args.box)
     args.out.mkdir(parents=True, exist_ok=True)
     for i, mask in enumerate(instances.masks):

@@ -44,7 +44,7 @@ def run_demo(out: Path, *, steps: int, num_train: int, num_val: int) -> dict:
 
 def _write_overlays(run: RunDir, images_dir: Path) -> None:
     # a short CPU run scores lower than a converged model: show its confident-ish detections
-    predictor = Predictor(run.root, score_thresh=0.3)
+    predictor = Predictor.from_run(run.root, score_thresh=0.3)
     paths = sorted(images_dir.glob("*.png"))[:NUM_OVERLAYS]
     predict_files(predictor, paths, overlays=run.overlays)
 
