@@ -203,7 +203,9 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_check_data)
 
     p = _verb(sub, "convert", "another dataset's own files -> COCO JSON")
-    formats = p.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    formats = p.add_subparsers(
+        dest="format", required=True, metavar="FORMAT", help="the source format"
+    )
     p = _verb(
         formats, "vg", "Visual Genome objects.json + image_data.json -> COCO JSON, boxes only"
     )
