@@ -138,7 +138,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", **SET_OPTION)
     p.add_argument("--out", type=Path, required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoints/last.pt")
-    p.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
+    p.add_argument("--no-eval", action="store_true", help="skip the final evaluation and overlays")
     p.set_defaults(func=_train)
 
     p = _verb(sub, "evaluate", "COCO box and mask AP: all, seen and unseen classes")

@@ -25,7 +25,7 @@ def train(
 ) -> RunDir:
     """Train `config` (a Config, a preset name or a YAML path, with `overrides` such as
     "train.lr=1e-3") into the run directory `out`, then, if it has a val set, evaluate it
-    (unless `evaluate=False`) and draw overlays of a few val images; print where everything
+    and draw overlays of a few val images (unless `evaluate=False`); print where everything
     is. Data paths are saved absolute in the run's config.yaml. Under torchrun each process
     calls this alike (`torchrun -m everyseg train ...` does)."""
     from everyseg.engine.evaluate_run import evaluate_run
@@ -44,9 +44,9 @@ def train(
         run = train_steps(cfg, out_dir=out, resume=resume, progress=progress)
         if cfg.data.val_json and evaluate:
             evaluate_run(run.root)
-        if distributed.is_main():
-            if cfg.data.val_images:
+            if distributed.is_main() and cfg.data.val_images:
                 _write_overlays(run, Path(cfg.data.val_images))
+        if distributed.is_main():
             print(outputs_summary(run))
     return run
 
