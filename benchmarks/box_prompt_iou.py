@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--images", help="images of --data")
     parser.add_argument("--max-images", type=int, default=10**9)
     args = parser.parse_args()
-    predictor = Predictor(args.run)
+    predictor = Predictor.from_run(args.run)
     data = predictor.cfg.data
     dataset = CocoInstances(
         json_path=args.data or data.val_json,

@@ -71,7 +71,7 @@ def prepare_predict(workdir: Path) -> None:
 
 
 def setup_predict(workdir: Path, size: tuple[int, int]):
-    predictor = Predictor(workdir / "run", device="cpu", score_thresh=0.0)
+    predictor = Predictor.from_run(workdir / "run", device="cpu", score_thresh=0.0)
     height, width = size
     image = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
     return predictor, image

@@ -419,6 +419,7 @@ def test_everyseg_train_on_a_set_without_masks_exits_with_the_reason(coco_files,
     argv = ["train", "maskrcnn-tiny", "--out", str(tmp_path / "run")]
     for key, value in (("json", json_path), ("images", tmp_path / "img")):
         argv += ["--set", f"data.train_{key}={value}"]
+    argv += ["--set", "data.val_json=null", "--set", "data.val_images=null"]  # checked at start
     assert main(argv) == 2
     assert "has a usable mask, so the mask loss would be 0" in capsys.readouterr().err
 

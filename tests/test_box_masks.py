@@ -152,7 +152,7 @@ def upscaled_image(synth_paths) -> np.ndarray:
 def test_predictor_pastes_only_kept_detections_never_a_full_image_float(
     trained_run, upscaled_image, monkeypatch
 ):
-    predictor = Predictor(trained_run.root, device="cpu", mask_thresh=0.5)
+    predictor = Predictor.from_run(trained_run.root, device="cpu", mask_thresh=0.5)
     tensor = image_to_tensor(upscaled_image)
     with torch.no_grad():
         (old,) = predictor.model([tensor])  # the old path: every detection pasted full-size
@@ -188,7 +188,7 @@ def test_predictor_pastes_only_kept_detections_never_a_full_image_float(
 
 
 def test_segment_masks_are_the_old_cut_pasted_masks(trained_run, upscaled_image):
-    predictor = Predictor(trained_run.root, device="cpu")
+    predictor = Predictor.from_run(trained_run.root, device="cpu")
     boxes = np.array([[4, 6, 60, 40], [-8, 50, 100, 200], [66.5, 10.2, 70.1, 13.9]], np.float32)
     instances = predictor.segment(upscaled_image, boxes)
     tensor = image_to_tensor(upscaled_image)

@@ -134,6 +134,6 @@ def test_segment_works_for_every_detector(runs, name):
 def runs(trained_run, fcos_run):
     """Predictors of the session's R-CNN and FCOS runs."""
     return {
-        name: Predictor(run.root, device="cpu")
+        name: Predictor.from_run(run.root, device="cpu")
         for name, run in [("rcnn", trained_run), ("fcos", fcos_run)]
     }

@@ -155,10 +155,11 @@ def test_predict_refuses_to_write_over_an_input(trained_run, val_images, tmp_pat
 
 def test_predictor_thresholds_are_checked_before_loading(tmp_path):
     for bad in (float("nan"), float("inf"), -0.1, 1.5, True, "0.5", None):
-        with pytest.raises(ValueError, match="score_thresh"):
-            Predictor(tmp_path / "no-run", score_thresh=bad)
-        with pytest.raises(ValueError, match="mask_thresh"):
-            Predictor(tmp_path / "no-run", mask_thresh=bad)
+        for make in (Predictor, Predictor.from_run):  # Predictor(path): deprecated
+            with pytest.raises(ValueError, match="score_thresh"):
+                make(tmp_path / "no-run", score_thresh=bad)
+            with pytest.raises(ValueError, match="mask_thresh"):
+                make(tmp_path / "no-run", mask_thresh=bad)
 
 
 def test_bad_config_key_is_a_clean_error(tmp_path, capsys):
@@ -168,7 +169,7 @@ def test_bad_config_key_is_a_clean_error(tmp_path, capsys):
 
 
 def test_predictor_accepts_path_array_and_pil(trained_run, val_images):
-    predictor = Predictor(trained_run.root, score_thresh=0.0)
+    predictor = Predictor.from_run(trained_run.root, score_thresh=0.0)
     path = val_images[0]
     array = np.asarray(Image.open(path).convert("RGB"))
     by_path, by_array, by_pil = predictor(path), predictor(array), predictor(Image.open(path))
@@ -188,7 +189,7 @@ def test_predictor_accepts_path_array_and_pil(trained_run, val_images):
 
 @pytest.mark.parametrize("scale", [1, 2])  # 2: the model resizes the image, boxes must follow
 def test_segment_masks_lie_in_their_boxes(trained_run, val_images, scale):
-    predictor = Predictor(trained_run.root)
+    predictor = Predictor.from_run(trained_run.root)
     path = val_images[0]
     image = np.asarray(Image.open(path).convert("RGB")).repeat(scale, 0).repeat(scale, 1)
     boxes = np.array([[4, 6, 30, 20], [33, 40, 63, 64]], dtype=np.float32) * scale

@@ -147,8 +147,8 @@ def test_bf16_on_cpu_trains_and_predicts_float32_close_to_fp32(train_tiny, tmp_p
     assert state["scaler"] == {}  # bf16 needs no loss scaling
     assert all(v.dtype in (torch.float32, torch.int64) for v in state["model"].values())
     image = np.asarray(np.random.default_rng(0).random((64, 64, 3)), dtype=np.float32)
-    bf16 = Predictor(run.root, device="cpu", score_thresh=0.0)  # the run's precision
-    fp32 = Predictor(run.root, device="cpu", score_thresh=0.0, precision="fp32")
+    bf16 = Predictor.from_run(run.root, device="cpu", score_thresh=0.0)  # the run's precision
+    fp32 = Predictor.from_run(run.root, device="cpu", score_thresh=0.0, precision="fp32")
     assert bf16.precision == "bf16" and fp32.precision == "fp32"
     got, want = bf16(image), fp32(image)
     for array in (got.boxes, got.scores, got.mask_probs):

@@ -60,7 +60,7 @@ ENTRY_POINTS = {
     "load_run-checkpoint-path": lambda crafted, make_config: load_run(
         ".", checkpoint=str(crafted.last)
     ),
-    "Predictor": lambda crafted, make_config: Predictor(crafted.root),
+    "Predictor": lambda crafted, make_config: Predictor.from_run(crafted.root),
     "train-resume": lambda crafted, make_config: train(
         make_config("train.steps=4"), out_dir=crafted.root, resume=True, progress=False
     ),
@@ -117,7 +117,8 @@ def test_checkpoints_load_weights_only_and_model_pt_is_slim(run, synth_paths):
     assert all(torch.equal(slim["model"][k], v) for k, v in full["model"].items())
     assert json.loads(run.index.read_text())["model.pt"]["step"] == 2
     image = next(Path(synth_paths["val_images"]).iterdir())
-    from_last, from_model = Predictor(run.root), Predictor(run.root, checkpoint="model")
+    from_last = Predictor.from_run(run.root)
+    from_model = Predictor.from_run(run.root, checkpoint="model")
     assert from_model.class_names == from_last.class_names
     assert (from_model(image).scores == from_last(image).scores).all()
     loaded = load_run(run.root, checkpoint=str(run.model))

@@ -7,8 +7,10 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
-from everyseg.config import ConfigError, load_config, preset_names
+from everyseg import __version__
+from everyseg.config import ConfigError, preset_names
 from everyseg.data.synthetic import MIN_SIZE
 from everyseg.data.synthetic_vocab import all_classes
 from everyseg.engine.distributed import PeerFailed
@@ -20,6 +22,61 @@ MAX_SIDE = 4096
 MAX_STEPS = 10_000_000
 MAX_SEED = 2**32 - 1
 MAX_CLASSES = 1_000_000
+
+
+SET_OPTION: dict[str, Any] = dict(
+    dest="overrides",
+    action="append",
+    default=[],
+    metavar="KEY=VALUE",
+    help="change a config value (YAML syntax: train.lr=1e-3, data.mask_classes=[a,b]); repeat",
+)
+CHECKPOINT_OPTION: dict[str, Any] = dict(
+    default="last",
+    help="last (default), best, model, step_NNNNNNN or a .pt path",
+)
+EXAMPLES = {
+    "everyseg": """examples:
+  everyseg demo                                    # the whole job on synthetic shapes, CPU
+  everyseg synth everyseg-synth                    # data for the -tiny presets
+  everyseg train baseline-tiny --out runs/a        # train, evaluate, draw overlays
+  everyseg evaluate runs/a                         # COCO AP: all / seen / unseen classes
+  everyseg predict runs/a img1.png img2.png --out pred
+  everyseg VERB --help                             # each verb's options and examples""",
+    "synth": """examples:
+  everyseg synth everyseg-synth                    # what the -tiny presets read
+  everyseg synth data --train 200 --val 50 --size 96 --seed 1
+  everyseg synth everyseg-vocab --vocab 1000       # maskx-vg-tiny's 1,000-class stand-in""",
+    "train": """examples:
+  everyseg train baseline-tiny --out runs/a
+  everyseg train maskx --out runs/b --set data.train_json=coco/train.json \\
+      --set data.train_images=coco/train2017 --set train.lr=1e-3
+  everyseg train my.yaml --out runs/a --resume      # continue a stopped run
+  torchrun --nproc_per_node=8 -m everyseg train maskrcnn --out runs/c""",
+    "evaluate": """examples:
+  everyseg evaluate runs/a                         # data.val_json -> runs/a/metrics.json
+  everyseg evaluate runs/a --checkpoint best --precision fp32
+  everyseg evaluate runs/a --data other.json --images other/  # -> metrics-other.json""",
+    "predict": """examples:
+  everyseg predict runs/a photo.jpg --out pred
+  everyseg predict runs/a imgs/*.png --out pred --score-thresh 0.3 --checkpoint best""",
+    "segment": """examples:
+  everyseg segment runs/a photo.jpg --box 10 20 60 90 --out seg
+  everyseg segment runs/a photo.jpg --box 10 20 60 90 --box 0 0 32 32 --out seg""",
+    "check-data": """examples:
+  everyseg check-data baseline-tiny                # a config's train and val sets
+  everyseg check-data coco/train.json --images coco/train2017 --decode
+  everyseg check-data maskx --set data.train_json=t.json --set data.train_images=t/ --json""",
+    "convert": """examples:
+  everyseg convert vg --objects objects.json --image-data image_data.json \\
+      --classes 3000 --out vg3000.json""",
+    "vg": """examples:
+  everyseg convert vg --objects objects.json --image-data image_data.json \\
+      --classes 3000 --out vg3000.json --aliases aliases.yaml""",
+    "demo": """examples:
+  everyseg demo                                    # everyseg-demo/: data and run
+  everyseg demo --out /tmp/demo --steps 200 --train 100 --val 20""",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,11 +101,14 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="everyseg",
         description="Partially supervised instance segmentation: boxes for all, masks for some.",
+        epilog=EXAMPLES["everyseg"],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"everyseg {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="VERB")
 
-    p = sub.add_parser("synth", help="write seeded synthetic COCO data (shapes)")
-    p.add_argument("out", type=Path)
+    p = _verb(sub, "synth", "write seeded synthetic COCO data (shapes)")
+    p.add_argument("out", type=Path, help="the folder to write (annotations/, train/, val/)")
     images = int_in(1, MAX_IMAGES)
     p.add_argument(
         "--train", type=images, help="training images (default 1000; with --vocab: VG images)"
@@ -70,22 +130,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--size", type=int_in(MIN_SIZE, MAX_SIDE), default=128, help="image side (default 128)"
     )
-    p.add_argument("--seed", type=int_in(0, MAX_SEED), default=0)
+    p.add_argument("--seed", type=int_in(0, MAX_SEED), default=0, help="random seed (default 0)")
     p.set_defaults(func=_synth)
 
-    p = sub.add_parser("train", help="train a model; evaluates on val at the end if set")
+    p = _verb(sub, "train", "train a model; evaluates on val and draws overlays at the end")
     p.add_argument("config", help=f"a YAML file or a preset: {', '.join(preset_names())}")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--set", **SET_OPTION)
     p.add_argument("--out", type=Path, required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoints/last.pt")
-    p.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
+    p.add_argument("--no-eval", action="store_true", help="skip the final evaluation and overlays")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("evaluate", help="COCO box and mask AP: all, seen and unseen classes")
-    p.add_argument("run", type=Path)
+    p = _verb(sub, "evaluate", "COCO box and mask AP: all, seen and unseen classes")
+    p.add_argument("run", type=Path, help="a run directory (everyseg train --out)")
     p.add_argument("--data", type=Path, help="COCO JSON to evaluate on (default: data.val_json)")
     p.add_argument("--images", type=Path, help="images of --data")
-    p.add_argument("--checkpoint", default="last", help="last, best or a .pt path")
+    p.add_argument("--checkpoint", **CHECKPOINT_OPTION)
     p.add_argument(
         "--precision",
         choices=["fp32", "fp16", "bf16"],
@@ -93,12 +153,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_evaluate)
 
-    p = sub.add_parser("predict", help="COCO results JSON (RLE) and overlays for images")
-    p.add_argument("run", type=Path)
-    p.add_argument("images", nargs="+", type=Path)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--score-thresh", type=float_in(0.0, 1.0), default=0.5)
-    p.add_argument("--checkpoint", default="last")
+    p = _verb(sub, "predict", "COCO results JSON (RLE) and overlays for images")
+    p.add_argument("run", type=Path, help="a run directory (everyseg train --out)")
+    p.add_argument("images", nargs="+", type=Path, help="image files")
+    p.add_argument("--out", type=Path, required=True, help="writes results.json and overlays/")
+    p.add_argument(
+        "--score-thresh",
+        type=float_in(0.0, 1.0),
+        default=0.5,
+        help="keep detections scoring at least this (default 0.5)",
+    )
+    p.add_argument("--checkpoint", **CHECKPOINT_OPTION)
     p.add_argument(
         "--precision",
         choices=["fp32", "fp16", "bf16"],
@@ -106,9 +171,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_predict)
 
-    p = sub.add_parser("segment", help="one mask per given box, any class: PNGs, overlay, RLE")
-    p.add_argument("run", type=Path)
-    p.add_argument("image", type=Path)
+    p = _verb(sub, "segment", "one mask per given box, any class: PNGs, overlay, RLE")
+    p.add_argument("run", type=Path, help="a run directory (everyseg train --out)")
+    p.add_argument("image", type=Path, help="an image file")
     p.add_argument(
         "--box",
         nargs=4,
@@ -116,9 +181,12 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         required=True,
         metavar=("X0", "Y0", "X1", "Y1"),
+        help="a box in image pixels, corners; repeat for more boxes",
     )
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--checkpoint", default="last")
+    p.add_argument(
+        "--out", type=Path, required=True, help="writes mask_N.png, overlay.png, masks.json"
+    )
+    p.add_argument("--checkpoint", **CHECKPOINT_OPTION)
     p.add_argument(
         "--precision",
         choices=["fp32", "fp16", "bf16"],
@@ -126,18 +194,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_segment)
 
-    p = sub.add_parser("check-data", help="scan a dataset; exit 1 if anything is invalid")
+    p = _verb(sub, "check-data", "scan a dataset; exit 1 if anything is invalid")
     p.add_argument("source", help="a COCO JSON file, or a config whose train and val sets to check")
     p.add_argument("--images", help="the image folder of a JSON file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--set", **SET_OPTION)
     p.add_argument("--decode", action="store_true", help="decode every image, not just headers")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_check_data)
 
-    p = sub.add_parser("convert", help="another dataset's own files -> COCO JSON")
-    formats = p.add_subparsers(dest="format", required=True)
-    p = formats.add_parser(
-        "vg", help="Visual Genome objects.json + image_data.json -> COCO JSON, boxes only"
+    p = _verb(sub, "convert", "another dataset's own files -> COCO JSON")
+    formats = p.add_subparsers(
+        dest="format", required=True, metavar="FORMAT", help="the source format"
+    )
+    p = _verb(
+        formats, "vg", "Visual Genome objects.json + image_data.json -> COCO JSON, boxes only"
     )
     p.add_argument("--objects", type=Path, required=True, help="VG's objects.json")
     p.add_argument("--image-data", type=Path, required=True, help="VG's image_data.json")
@@ -148,8 +218,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--aliases", type=Path, help="YAML / JSON mapping alias -> class name")
     p.set_defaults(func=_convert_vg)
 
-    p = sub.add_parser("demo", help="synth + train baseline-tiny + evaluate + overlays")
-    p.add_argument("--out", type=Path, default=Path("everyseg-demo"))
+    p = _verb(sub, "demo", "synth + train baseline-tiny + evaluate + overlays")
+    p.add_argument("--out", type=Path, default=Path("everyseg-demo"), help="default everyseg-demo")
     p.add_argument(
         "--steps", type=int_in(1, MAX_STEPS), default=1000, help="training steps (default 1000)"
     )
@@ -157,6 +227,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--val", type=images, default=100, help="synthetic validation images")
     p.set_defaults(func=_demo)
     return parser
+
+
+def _verb(sub, name: str, summary: str) -> argparse.ArgumentParser:
+    """A verb's parser: `summary` in the verb list, EXAMPLES[name] under its --help."""
+    return sub.add_parser(
+        name,
+        help=summary,
+        description=summary,
+        epilog=EXAMPLES[name],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def int_in(low: int, high: int):
@@ -225,17 +306,15 @@ def _synth_vocab(args) -> None:
 
 
 def _train(args) -> None:
-    from everyseg.engine.distributed import process_group
-    from everyseg.engine.evaluate_run import evaluate_run
-    from everyseg.engine.load import resolve_device
-    from everyseg.engine.train import train
+    from everyseg.train_run import train
 
-    cfg = load_config(args.config, args.overrides)
-    # under torchrun: one process per device, joined for training and the evaluation after
-    with process_group(resolve_device(cfg.train.device)):
-        run = train(cfg, out_dir=args.out, resume=args.resume)
-        if cfg.data.val_json and not args.no_eval:
-            evaluate_run(run.root)
+    train(
+        args.config,
+        out=args.out,
+        overrides=args.overrides,
+        resume=args.resume,
+        evaluate=not args.no_eval,
+    )
 
 
 def _evaluate(args) -> None:
@@ -259,7 +338,7 @@ def _predict(args) -> int:
     from everyseg.predict_files import predict_files
     from everyseg.predictor import Predictor
 
-    predictor = Predictor(
+    predictor = Predictor.from_run(
         args.run,
         checkpoint=args.checkpoint,
         score_thresh=args.score_thresh,
@@ -283,7 +362,7 @@ def _segment(args) -> None:
     for x0, y0, x1, y1 in args.box:  # before loading anything
         if not (x1 > x0 and y1 > y0):
             raise ValueError(f"--box {x0:g} {y0:g} {x1:g} {y1:g}: needs X1 > X0 and Y1 > Y0")
-    predictor = Predictor(args.run, checkpoint=args.checkpoint, precision=args.precision)
+    predictor = Predictor.from_run(args.run, checkpoint=args.checkpoint, precision=args.precision)
     instances = predictor.segment(args.image, args.box)
     args.out.mkdir(parents=True, exist_ok=True)
     for i, mask in enumerate(instances.masks):

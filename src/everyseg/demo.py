@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from everyseg.config import load_config
+from everyseg.config_paths import with_absolute_paths
 from everyseg.data.synthetic import generate
 from everyseg.engine.evaluate_run import evaluate_run
 from everyseg.engine.run_dir import RunDir
@@ -26,7 +27,7 @@ def run_demo(out: Path, *, steps: int, num_train: int, num_val: int) -> dict:
     overrides = [f"data.{key}={value}" for key, value in paths.items()]
     # the preset's schedule at a length that keeps the whole demo within 10 CPU minutes
     overrides.append(f"train.steps={steps}")
-    cfg = load_config(DEMO_PRESET, overrides)
+    cfg = with_absolute_paths(load_config(DEMO_PRESET, overrides))
     run = RunDir(out / "run")
     train(cfg, out_dir=run.root, resume=run.last.is_file())
     metrics = evaluate_run(run.root)
@@ -44,7 +45,7 @@ def run_demo(out: Path, *, steps: int, num_train: int, num_val: int) -> dict:
 
 def _write_overlays(run: RunDir, images_dir: Path) -> None:
     # a short CPU run scores lower than a converged model: show its confident-ish detections
-    predictor = Predictor(run.root, score_thresh=0.3)
+    predictor = Predictor.from_run(run.root, score_thresh=0.3)
     paths = sorted(images_dir.glob("*.png"))[:NUM_OVERLAYS]
     predict_files(predictor, paths, overlays=run.overlays)
 

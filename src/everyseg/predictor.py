@@ -1,17 +1,21 @@
-"""Predictor: a trained run directory in, instances out. Paths, numpy arrays or PIL images."""
+"""Predictor: a model (in memory or a trained run's) in, instances out. Paths, numpy arrays,
+PIL images or torch tensors, one at a time or in batches."""
 
 from __future__ import annotations
 
 import math
 import numbers
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
+from typing import overload
 
 import numpy as np
 import torch
 from PIL import Image
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-from everyseg.data.images import load_image
+from everyseg.config import Config
 from everyseg.engine.coco_results import to_coco_results
 from everyseg.engine.load import load_run
 from everyseg.engine.precision import (
@@ -20,32 +24,12 @@ from everyseg.engine.precision import (
     inference_precision,
     outputs_to_float32,
 )
+from everyseg.image_input import ImageLike, as_batch, image_to_tensor
 from everyseg.instances import BoxMasks, Instances
+from everyseg.modeling.box_prompts import ImageFeatures, encode_images
+from everyseg.modeling.detector import Detector
 
-__all__ = ["Instances", "Predictor", "draw_overlay", "image_to_tensor"]
-
-ImageLike = str | Path | np.ndarray | Image.Image
-
-
-def image_to_tensor(image: ImageLike) -> torch.Tensor:
-    """Path, (H, W[, C]) numpy array (uint8 or float in [0, 1]) or PIL image -> (3, H, W) float."""
-    if isinstance(image, (str, Path)):
-        return load_image(Path(image))
-    if isinstance(image, Image.Image):
-        return _from_array(np.asarray(image.convert("RGB")))
-    if isinstance(image, np.ndarray):
-        return _from_array(image)
-    raise TypeError(f"expected a path, numpy array or PIL image, got {type(image).__name__}")
-
-
-def _from_array(array: np.ndarray) -> torch.Tensor:
-    if array.ndim == 2:
-        array = np.repeat(array[:, :, None], 3, axis=2)
-    if array.ndim != 3 or array.shape[2] not in (3, 4):
-        raise ValueError(f"expected an (H, W), (H, W, 3) or (H, W, 4) array, got {array.shape}")
-    rgb = array[:, :, :3]
-    scaled = rgb.astype(np.float32) / 255.0 if rgb.dtype == np.uint8 else rgb.astype(np.float32)
-    return torch.from_numpy(np.ascontiguousarray(scaled)).permute(2, 0, 1)
+__all__ = ["ImageLike", "Instances", "Predictor", "draw_overlay", "image_to_tensor"]
 
 
 def check_fraction(value, *, name: str) -> float:
@@ -58,15 +42,70 @@ def check_fraction(value, *, name: str) -> float:
 
 
 class Predictor:
-    """`Predictor(run_dir)(image)` -> Instances scoring at least `score_thresh`.
+    """`Predictor(model)(image)` -> Instances scoring at least `score_thresh`; a batch (a list
+    of images, or a 4-D array or tensor) -> a list of Instances, run as one batch.
 
-    `precision` (fp32 | fp16 | bf16) is the autocast the model runs in; None (the default)
-    is the run's train.amp where the device runs it, else fp32 (everyseg.engine.precision).
-    Boxes, scores and masks come out as float32 whatever it is.
+    `model` is an everyseg detector in memory (it is put in eval mode); `class_names` (K
+    names, default "class_1".."class_K") name its labels 1..K and `label_to_cat_id` maps them
+    to COCO category ids (default: the label). `Predictor.from_run(run_dir)` loads a trained
+    run with its classes. `precision` (fp32 | fp16 | bf16) is the autocast the model runs in;
+    None (the default) is fp32, or for a run its train.amp where the device runs it
+    (everyseg.engine.precision). Boxes, scores and masks come out as float32 whatever it is.
+
+    `set_image(image)` runs the backbone once; `segment(boxes=...)` then prompts it again
+    and again without recomputing it (SAM's way).
     """
 
     def __init__(
         self,
+        model: Detector | str | Path,  # a path: deprecated, see from_run
+        *,
+        class_names: Sequence[str] | None = None,
+        label_to_cat_id: dict[int, int] | None = None,
+        mask_classes: Sequence[str] = (),
+        score_thresh: float = 0.5,
+        mask_thresh: float = 0.5,
+        precision: InferencePrecision | None = None,
+        **run_options,
+    ) -> None:
+        self.score_thresh = check_fraction(score_thresh, name="score_thresh")
+        self.mask_thresh = check_fraction(mask_thresh, name="mask_thresh")
+        if isinstance(model, (str, Path)):
+            warnings.warn(
+                "Predictor(run_dir) is deprecated: use Predictor.from_run(run_dir)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            loaded = Predictor.from_run(
+                model,
+                score_thresh=score_thresh,
+                mask_thresh=mask_thresh,
+                precision=precision,
+                **run_options,
+            )
+            self.__dict__.update(loaded.__dict__)
+            return
+        if run_options:
+            raise TypeError(f"{', '.join(run_options)}: only Predictor.from_run takes these")
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        num_classes = _foreground_classes(model)
+        names = [f"class_{k}" for k in range(1, num_classes + 1)]
+        self.class_names: list[str] = list(names if class_names is None else class_names)
+        if len(self.class_names) != num_classes:
+            raise ValueError(
+                f"class_names: the model has {num_classes} classes, got {len(self.class_names)}"
+            )
+        identity = {k: k for k in range(1, num_classes + 1)}
+        self.label_to_cat_id: dict[int, int] = dict(label_to_cat_id or identity)
+        self.mask_classes: list[str] = list(mask_classes)
+        self.precision = inference_precision(precision, trained="off", device=self.device)
+        self.cfg: Config | None = None  # a run's config, set by from_run
+        self._image: ImageFeatures | None = None
+
+    @classmethod
+    def from_run(
+        cls,
         run_dir,
         *,
         checkpoint: str = "last",
@@ -74,37 +113,66 @@ class Predictor:
         score_thresh: float = 0.5,
         mask_thresh: float = 0.5,
         precision: InferencePrecision | None = None,
-    ) -> None:
-        self.score_thresh = check_fraction(score_thresh, name="score_thresh")
-        self.mask_thresh = check_fraction(mask_thresh, name="mask_thresh")
+    ) -> Predictor:
+        """The Predictor of `run_dir`'s checkpoint `checkpoint` ("last", "best", "model",
+        "step_XXXXXXX" or a .pt path) on `device`, with the run's classes."""
+        check_fraction(score_thresh, name="score_thresh")  # before the run loads
+        check_fraction(mask_thresh, name="mask_thresh")
         run = load_run(run_dir, checkpoint=checkpoint, device=device)
-        self.model, self.cfg = run.model, run.config
-        self.class_names: list[str] = run.record.class_names
-        self.label_to_cat_id: dict[int, int] = run.record.label_to_cat_id
-        self.mask_classes: list[str] = run.record.mask_classes
-        self.device = next(self.model.parameters()).device
-        self.precision = inference_precision(
-            precision, trained=self.cfg.train.amp, device=self.device
+        device_of_model = next(run.model.parameters()).device
+        predictor = cls(
+            run.model,
+            class_names=run.record.class_names,
+            label_to_cat_id=run.record.label_to_cat_id,
+            mask_classes=run.record.mask_classes,
+            score_thresh=score_thresh,
+            mask_thresh=mask_thresh,
+            precision=inference_precision(
+                precision, trained=run.config.train.amp, device=device_of_model
+            ),
         )
+        predictor.cfg = run.config
+        return predictor
+
+    @overload
+    def __call__(self, images: ImageLike) -> Instances: ...
+
+    @overload
+    def __call__(self, images: list[ImageLike] | tuple[ImageLike, ...]) -> list[Instances]: ...
 
     @torch.inference_mode()
-    def __call__(self, image: ImageLike) -> Instances:
-        tensor = image_to_tensor(image)
-        output = self.predict_raw(tensor)
-        # filter before pasting: only kept detections' masks ever reach image size
-        keep = output["scores"] >= self.score_thresh
-        return self._instances(
-            (tensor.shape[1], tensor.shape[2]),
-            output["boxes"][keep],
-            output["scores"][keep],
-            output["labels"][keep],
-            output["box_masks"][keep],
-        )
+    def __call__(self, images):
+        batch, is_batch = as_batch(images)
+        tensors = [image_to_tensor(image) for image in batch]
+        results = []
+        for tensor, output in zip(tensors, self._detect(tensors), strict=True):
+            # filter before pasting: only kept detections' masks ever reach image size
+            keep = output["scores"] >= self.score_thresh
+            kept = (output[key][keep] for key in ("boxes", "scores", "labels", "box_masks"))
+            results.append(self._instances((tensor.shape[1], tensor.shape[2]), *kept))
+        return results if is_batch else results[0]
 
     @torch.inference_mode()
-    def segment(self, image: ImageLike, boxes, *, labels=None) -> Instances:
+    def set_image(self, image: ImageLike) -> None:
+        """Run `image` through the model's transform and backbone once, for `segment(boxes=...)`
+        calls without an image to prompt; the features stay until the next set_image or
+        reset_image."""
+        tensor = image_to_tensor(image).to(self.device)
+        with autocast(self.device, self.precision):
+            self._image = encode_images(
+                transform=self.model.transform, backbone=self.model.backbone, images=[tensor]
+            )
+
+    def reset_image(self) -> None:
+        """Drop set_image's features (they hold the backbone's feature maps)."""
+        self._image = None
+
+    @torch.inference_mode()
+    def segment(self, image: ImageLike | None = None, boxes=None, *, labels=None) -> Instances:
         """One mask per given (N, 4) xyxy box in image pixels, whatever its class (Deep-MAC).
 
+        Without `image`, the boxes prompt the image of the last `set_image`, whose features
+        are reused: the same masks as `segment(that_image, boxes)`, without the backbone.
         Boxes must be finite with X1 > X0 and Y1 > Y0; parts outside the image are clipped
         off (a box entirely outside it is an error). The class of each box is `labels` (N
         integers in 1..K) when given, else the detector's most likely foreground class on it
@@ -112,20 +180,27 @@ class Predictor:
         class's channel, a class-agnostic one ignores it. Scores are that class's score.
         Bad boxes or labels raise ValueError.
         """
-        tensor = image_to_tensor(image).to(self.device)
+        if boxes is None:
+            raise ValueError("segment needs boxes: segment(image, boxes) or segment(boxes=...)")
+        if image is not None:
+            prompted: list[torch.Tensor] | ImageFeatures = [image_to_tensor(image).to(self.device)]
+        elif self._image is not None:
+            prompted = self._image
+        else:
+            raise ValueError("segment without an image needs set_image(image) first")
         boxes = _as_tensor(boxes, np.float32, "boxes")
         if boxes.ndim == 1 and boxes.numel() == 4:
             boxes = boxes[None]  # a single box
         if labels is not None:
             labels = [_as_tensor(labels, None, "labels").reshape(-1)]
         with autocast(self.device, self.precision):
-            outputs = self.model.masks_for_boxes([tensor], [boxes], labels, paste=False)
+            outputs = self.model.masks_for_boxes(prompted, [boxes], labels, paste=False)
         (output,) = outputs_to_float32(outputs)
-        size = (tensor.shape[1], tensor.shape[2])
+        size = prompted.sizes[0] if isinstance(prompted, ImageFeatures) else prompted[0].shape[1:]
         # torchvision's paste pads the box by a pixel or two, so cut to the box: a prompt
         # bounds its mask
         return self._instances(
-            size,
+            (int(size[0]), int(size[1])),
             output["boxes"],
             output["scores"],
             output["labels"],
@@ -151,9 +226,13 @@ class Predictor:
     def predict_raw(self, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         """(3, H, W) float image -> the model's detections, masks left in their boxes
         ("box_masks" (N, 1, M, M), see the detector's `detect`), as float32."""
+        return self._detect([tensor])[0]
+
+    def _detect(self, tensors: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """(3, H_i, W_i) float images -> predict_raw's detections of each, one forward."""
         with autocast(self.device, self.precision):
-            outputs = self.model.detect([tensor.to(self.device)])
-        return outputs_to_float32(outputs)[0]
+            outputs = self.model.detect([tensor.to(self.device) for tensor in tensors])
+        return outputs_to_float32(outputs)
 
     def coco_results(self, instances: Instances, *, image_id: int) -> list[dict]:
         """COCO results entries (bbox xywh, RLE segmentation) for one image's instances."""
@@ -168,6 +247,14 @@ class Predictor:
         for result, rle in zip(results, instances.rle(), strict=True):
             result["segmentation"] = rle
         return results
+
+
+def _foreground_classes(model: Detector) -> int:
+    """K, the classes an R-CNN's box classifier or FCOS's classification head scores besides
+    the background."""
+    if hasattr(model, "roi_heads"):
+        return model.roi_heads.box_predictor.cls_score.out_features - 1
+    return model.head.classification_head.num_classes - 1
 
 
 def _as_tensor(values, dtype, name: str) -> torch.Tensor:

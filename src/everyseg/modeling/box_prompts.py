@@ -5,6 +5,7 @@ back to the image's. Each detector supplies only how it classes and segments the
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +20,31 @@ from everyseg.modeling.paste import unpasted
 SegmentBoxes = Callable[
     [ImageList, dict[str, Tensor], list[Tensor], list[Tensor] | None], list[dict[str, Tensor]]
 ]
+
+
+@dataclass
+class ImageFeatures:
+    """Images run once through a detector's transform and backbone, for any number of box
+    prompts after (SAM's set_image): `masks_for_boxes` takes it in place of the images."""
+
+    images: ImageList  # the transformed (resized, normalised, padded) batch
+    features: dict[str, Tensor]  # {level: (B, C, H_l, W_l)}
+    sizes: list[tuple[int, int]]  # each image's (H, W) before the transform
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+
+def encode_images(
+    *, transform: nn.Module, backbone: nn.Module, images: Sequence[Tensor]
+) -> ImageFeatures:
+    """(3, H, W) float images -> their ImageFeatures."""
+    transformed, _ = transform(list(images))
+    return ImageFeatures(
+        images=transformed,
+        features=backbone(transformed.tensors),
+        sizes=[(image.shape[-2], image.shape[-1]) for image in images],
+    )
 
 
 def check_box_prompts(
@@ -67,7 +93,7 @@ def masks_for_box_prompts(
     *,
     transform: nn.Module,
     backbone: nn.Module,
-    images: Sequence[Tensor],
+    images: Sequence[Tensor] | ImageFeatures,
     boxes: Sequence[Tensor],
     labels: Sequence[Tensor] | None,
     num_classes: int,
@@ -76,20 +102,22 @@ def masks_for_box_prompts(
 ) -> list[dict[str, Tensor]]:
     """Per image: (3, H, W) image, (N_i, 4) boxes in its pixels, optional (N_i,) labels ->
     {"boxes" (clipped to the image), "labels", "scores", "masks" (N_i, 1, H, W)}, or with
-    `paste=False` "box_masks" (N_i, 1, M, M) in the boxes instead of "masks"."""
+    `paste=False` "box_masks" (N_i, 1, M, M) in the boxes instead of "masks". `images` may be
+    their ImageFeatures (encode_images), which the backbone then does not recompute."""
     if len(boxes) != len(images) or (labels is not None and len(labels) != len(images)):
         raise ValueError("give one boxes tensor (and one labels tensor) per image")
-    sizes = [(image.shape[-2], image.shape[-1]) for image in images]
+    if not isinstance(images, ImageFeatures):
+        images = encode_images(transform=transform, backbone=backbone, images=images)
+    sizes, transformed, features = images.sizes, images.images, images.features
+    device = transformed.tensors.device
     given_labels = [None] * len(images) if labels is None else labels
     checked = [
         check_box_prompts(b, lab, image_size=s, num_classes=num_classes)
         for b, lab, s in zip(boxes, given_labels, sizes)
     ]
-    boxes = [b.to(images[0].device) for b, _ in checked]
+    boxes = [b.to(device) for b, _ in checked]
     if labels is not None:  # then check_box_prompts returned every image's labels
-        labels = [lab.to(images[0].device) for _, lab in checked if lab is not None]
-    transformed, _ = transform(list(images))
-    features = backbone(transformed.tensors)  # {level: (B, C, H_l, W_l)}
+        labels = [lab.to(device) for _, lab in checked if lab is not None]
     rois = [resize_boxes(b, s, t) for b, s, t in zip(boxes, sizes, transformed.image_sizes)]
     detections = segment(transformed, features, rois, labels)
     if not paste:

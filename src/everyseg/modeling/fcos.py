@@ -20,7 +20,7 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from everyseg.config import ConfigError, ModelConfig
 from everyseg.modeling.backbone import FPN_LEVELS
-from everyseg.modeling.box_prompts import masks_for_box_prompts
+from everyseg.modeling.box_prompts import ImageFeatures, masks_for_box_prompts
 from everyseg.modeling.mask_branch import gt_mask_crops, mask_probabilities, mask_training_loss
 from everyseg.modeling.mask_heads import MaskHead, build_mask_head, build_mask_predictor
 from everyseg.modeling.paste import unpasted
@@ -106,7 +106,7 @@ class FCOSWithMasks(FCOS):
 
     def masks_for_boxes(
         self,
-        images: list[Tensor],
+        images: list[Tensor] | ImageFeatures,
         boxes: list[Tensor],
         labels: list[Tensor] | None = None,
         *,
@@ -120,7 +120,8 @@ class FCOSWithMasks(FCOS):
         "scores" are FCOS's score of the box's class there, sqrt(class x centerness) as in
         its detections. Returns per image "boxes", "labels", "scores", "masks" (N_i, 1, H, W),
         or with `paste=False` "box_masks" (N_i, 1, M, M) in the boxes instead, as `detect`'s.
-        Raises ValueError for bad boxes or labels (box_prompts.check_box_prompts).
+        `images` may be box_prompts.encode_images' ImageFeatures of them, computed once for
+        many calls. Raises ValueError for bad boxes or labels (box_prompts.check_box_prompts).
         """
         if self.training:
             raise RuntimeError("masks_for_boxes predicts: call model.eval() first")

@@ -16,7 +16,7 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from everyseg.config import ModelConfig
 from everyseg.modeling.backbone import FPN_LEVELS
-from everyseg.modeling.box_prompts import masks_for_box_prompts
+from everyseg.modeling.box_prompts import ImageFeatures, masks_for_box_prompts
 from everyseg.modeling.mask_heads import build_mask_head, build_mask_predictor
 from everyseg.modeling.paste import unpasted
 from everyseg.modeling.roi_heads import PartialMaskRoIHeads
@@ -44,7 +44,7 @@ class RCNN(GeneralizedRCNN):
 
     def masks_for_boxes(
         self,
-        images: list[Tensor],
+        images: list[Tensor] | ImageFeatures,
         boxes: list[Tensor],
         labels: list[Tensor] | None = None,
         *,
@@ -58,7 +58,8 @@ class RCNN(GeneralizedRCNN):
         "labels", "scores" (the classifier's probability of that class) and "masks"
         (N_i, 1, H, W): for a detection's box and label, the masks eval-mode forward gives;
         with `paste=False`, "box_masks" (N_i, 1, M, M) in the boxes instead, as `detect`'s.
-        Raises ValueError for bad boxes or labels (box_prompts.check_box_prompts).
+        `images` may be box_prompts.encode_images' ImageFeatures of them, computed once for
+        many calls. Raises ValueError for bad boxes or labels (box_prompts.check_box_prompts).
         """
         if self.training:
             raise RuntimeError("masks_for_boxes predicts: call model.eval() first")

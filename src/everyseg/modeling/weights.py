@@ -8,6 +8,10 @@ import torch
 from torchvision.models import WeightsEnum
 
 
+class WeightsUnavailable(OSError):
+    """torchvision's weights could not be downloaded or read from its cache (offline)."""
+
+
 def load_state_dict(
     source: str, *, builtin_name: str, builtin: WeightsEnum, config_key: str
 ) -> dict[str, torch.Tensor]:
@@ -19,9 +23,10 @@ def load_state_dict(
         try:
             return builtin.get_state_dict(progress=True)
         except Exception as err:  # noqa: BLE001 - every download failure gets the same advice
-            raise RuntimeError(
-                f"{config_key}={builtin_name}: could not load torchvision's weights ({err}); go "
-                f"online once to cache them, or set {config_key} to a local .pth"
+            raise WeightsUnavailable(
+                f"{config_key}={builtin_name}: could not load torchvision's weights ({err}); "
+                f"set {config_key} to a local .pth (--set {config_key}=PATH), or to null to "
+                "start from random weights, or go online once to cache them"
             ) from err
     path = Path(source)
     if not path.is_file():

@@ -1,0 +1,72 @@
+"""`everyseg.train(config, out=...)`: what `everyseg train` does, callable from Python."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from everyseg.config import Config, load_config
+from everyseg.config_paths import check_data_exists, with_absolute_paths
+from everyseg.engine import distributed
+from everyseg.engine.run_dir import RunDir
+
+NUM_OVERLAYS = 8
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def train(
+    config: Config | str | Path,
+    *,
+    out: str | Path,
+    overrides: Sequence[str] = (),
+    resume: bool = False,
+    evaluate: bool = True,
+    progress: bool = True,
+) -> RunDir:
+    """Train `config` (a Config, a preset name or a YAML path, with `overrides` such as
+    "train.lr=1e-3") into the run directory `out`, then, if it has a val set, evaluate it
+    and draw overlays of a few val images (unless `evaluate=False`); print where everything
+    is. Data paths are saved absolute in the run's config.yaml. Under torchrun each process
+    calls this alike (`torchrun -m everyseg train ...` does)."""
+    from everyseg.engine.evaluate_run import evaluate_run
+    from everyseg.engine.load import resolve_device
+    from everyseg.engine.train import train as train_steps
+
+    if isinstance(config, Config):
+        if overrides:
+            raise ValueError("overrides go with a preset name or YAML path; set a Config's fields")
+        cfg = config
+    else:
+        cfg = load_config(config, overrides)
+    check_data_exists(cfg)
+    cfg = with_absolute_paths(cfg)
+    with distributed.process_group(resolve_device(cfg.train.device)):
+        run = train_steps(cfg, out_dir=out, resume=resume, progress=progress)
+        if cfg.data.val_json and evaluate:
+            evaluate_run(run.root)
+            if distributed.is_main() and cfg.data.val_images:
+                _write_overlays(run, Path(cfg.data.val_images))
+        if distributed.is_main():
+            print(outputs_summary(run))
+    return run
+
+
+def _write_overlays(run: RunDir, images: Path) -> None:
+    from everyseg.predict_files import predict_files
+    from everyseg.predictor import Predictor
+
+    paths = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    # a short run scores lower than a converged model: show its confident-ish detections
+    predictor = Predictor.from_run(run.root, score_thresh=0.3)
+    predict_files(predictor, paths[:NUM_OVERLAYS], overlays=run.overlays)
+
+
+def outputs_summary(run: RunDir) -> str:
+    """Where a finished run's outputs are, and what to run next."""
+    names = ["config.yaml", "log.jsonl", "metrics.json", "checkpoints/last.pt", "overlays/"]
+    present = [name for name in names if (run.root / name.rstrip("/")).exists()]
+    root = run.root.resolve()
+    return (
+        f"run directory: {root}\n  {', '.join(present)}\n"
+        f"next: everyseg evaluate {root}  |  everyseg predict {root} IMAGE... --out DIR"
+    )
