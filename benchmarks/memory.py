@@ -13,8 +13,15 @@ figure that matters is peak - base, the memory the work itself added.
   maskrcnn-tiny at that size (a small network, so that what the masks cost shows). "before"
   decodes every polygon into an (N, H, W) mask (the old loader); "after" is the loader's
   CompactMasks (polygons rasterised at the RoIs' M x M only).
+- load (a ~25 MB COCO JSON: 4000 images, 48,000 annotations, polygons and RLE): building the
+  training set (`build_dataset`): peak and retained RSS over the base (imports and config),
+  then the private memory (USS, and PSS) of 2 DataLoader workers, right after they start and
+  after one epoch, each time after a garbage collection: copy-on-write pages of the parent's
+  objects the workers touched (a bare worker, with no data set, holds ~90 MB here).
+  "before" runs the loader of git revision LOAD_BEFORE (extracted to a temporary folder,
+  `--before-rev` to change it), "after" the working tree's.
 
-    python benchmarks/memory.py [--cases predict train] [--size WxH (overrides each case's)]
+    python benchmarks/memory.py [--cases predict train load] [--size WxH (overrides each case's)]
 
 CASES maps a case name to (prepare, setup, {variant: work}, default size); add a case there.
 The last line prints every case's figures.
@@ -24,20 +31,26 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import io
 import json
+import os
+import random
 import resource
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pycocotools.mask as mask_utils
 import torch
+from PIL import Image
 
 from everyseg.config import load_config
+from everyseg.data.build import build_dataset
 from everyseg.data.compact_masks import CompactMasks, compact
 from everyseg.data.segmentation import to_rle
 from everyseg.data.synthetic import generate
@@ -49,6 +62,9 @@ from everyseg.predictor import Predictor, image_to_tensor
 TARGET_MB = 300
 DETECTIONS = 100
 INSTANCES = 100
+LOAD_IMAGES, LOAD_ANNOTATIONS_PER_IMAGE, LOAD_CLASSES = 4000, 12, 80
+LOAD_WORKERS = 2
+LOAD_BEFORE = "541eb36"  # main before the loader stored instances as columns
 
 
 def rss_peak_mb() -> float:
@@ -159,6 +175,116 @@ def train_after(model, image, target, polygons) -> str:
     return f"the sample's masks {mask_bytes / 1e6:.2f} MB"
 
 
+# --- load -------------------------------------------------------------------------------------
+
+
+def prepare_load(workdir: Path) -> None:
+    """A COCO JSON of LOAD_IMAGES images (one PNG, hard-linked) with polygon and RLE masks."""
+    json_path = workdir / "load/train.json"
+    if json_path.is_file():
+        return
+    images = workdir / "load/images"
+    images.mkdir(parents=True)
+    (width, height), rng = (640, 480), np.random.default_rng(0)
+    png = images / "1.png"
+    Image.fromarray(np.full((height, width, 3), 90, dtype=np.uint8)).save(png)
+    entries, annotations = [], []
+    for image_id in range(1, LOAD_IMAGES + 1):
+        if image_id > 1:
+            os.link(png, images / f"{image_id}.png")
+        entries.append({"id": image_id, "file_name": f"{image_id}.png", "width": width,
+                        "height": height})  # fmt: skip
+        for _ in range(LOAD_ANNOTATIONS_PER_IMAGE):
+            annotations.append(_load_annotation(rng, len(annotations) + 1, image_id, width, height))
+    categories = [{"id": i, "name": f"class {i}"} for i in range(1, LOAD_CLASSES + 1)]
+    data = {"images": entries, "annotations": annotations, "categories": categories}
+    json_path.write_text(json.dumps(data, separators=(",", ":")))
+
+
+def _load_annotation(rng, ann_id: int, image_id: int, width: int, height: int) -> dict:
+    """A star-shaped object: 3 in 4 as a polygon, 1 in 4 as a compressed RLE (COCO's split)."""
+    radius = rng.uniform(10, 60)
+    cx, cy = rng.uniform(radius, width - radius), rng.uniform(radius, height - radius)
+    angles = np.linspace(0, 2 * np.pi, int(rng.integers(12, 40)), endpoint=False)
+    r = radius * rng.uniform(0.5, 1.0, angles.size)
+    xs, ys = cx + r * np.cos(angles), cy + r * np.sin(angles)
+    polygon = np.stack([xs, ys], 1).ravel().round(2).tolist()
+    segm: list | dict = [polygon]
+    if rng.random() < 0.25:
+        rle = to_rle(segm, height=height, width=width)
+        segm = {"size": [height, width], "counts": rle["counts"].decode("ascii")}
+    box = [round(float(xs.min()), 2), round(float(ys.min()), 2)]
+    box += [round(float(xs.max()) - box[0], 2), round(float(ys.max()) - box[1], 2)]
+    return {"id": ann_id, "image_id": image_id, "category_id": int(rng.integers(1, LOAD_CLASSES)),
+            "bbox": box, "area": box[2] * box[3], "iscrowd": 0, "segmentation": segm}  # fmt: skip
+
+
+def setup_load(workdir: Path, size: tuple[int, int]):
+    root = workdir / "load"
+    sets = [f"data.train_json={root / 'train.json'}", f"data.train_images={root / 'images'}"]
+    return (load_config("maskrcnn-tiny", sets).data,)
+
+
+def status_mb(key: str) -> float:
+    """VmRSS (now) or VmHWM (peak) of this process, in MB; unlike ru_maxrss, VmHWM is not
+    inherited from the parent that started this process, and clear_refs resets it."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024
+
+
+class _WorkerProbe(torch.utils.data.Dataset):
+    """The dataset's samples, and at key -1 the worker's USS / PSS after a garbage collection."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: int):
+        if key >= 0:
+            return len(self.dataset[(key, key)][1]["labels"])
+        gc.collect()  # as a long run's own collections would: they touch every tracked object
+        with open("/proc/self/smaps_rollup") as f:
+            fields = {line.split(":")[0]: int(line.split()[1]) for line in f if "kB" in line}
+        uss = fields["Private_Clean"] + fields["Private_Dirty"]
+        return {"uss_mb": uss / 1024, "pss_mb": fields["Pss"] / 1024}
+
+
+def _sum_mb(workers: list[dict]) -> str:
+    uss, pss = (sum(w[key] for w in workers) for key in ("uss_mb", "pss_mb"))
+    return f"{uss:.0f} / {pss:.0f} MB"
+
+
+def load_work(data_cfg) -> dict:
+    """Builds the train set (the measured peak), then iterates it with DataLoader workers."""
+    gc.collect()
+    base = status_mb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    started = time.perf_counter()
+    dataset = build_dataset(data_cfg, split="train")
+    seconds = time.perf_counter() - started
+    peak = status_mb("VmHWM")
+    gc.collect()
+    retained = status_mb("VmRSS") - base
+    keys = list(range(len(dataset)))
+    random.Random(0).shuffle(keys)
+    loader = torch.utils.data.DataLoader(
+        _WorkerProbe(dataset),
+        # batches go round-robin: one probe per worker at the start and at the end
+        sampler=[-1] * LOAD_WORKERS + keys + [-1] * LOAD_WORKERS,
+        batch_size=None,
+        num_workers=LOAD_WORKERS,
+    )
+    samples = list(loader)
+    started, done = samples[:LOAD_WORKERS], samples[-LOAD_WORKERS:]
+    what = f"{len(dataset)} images in {seconds:.1f} s; retained {retained:.0f} MB; "
+    what += f"{LOAD_WORKERS} workers' USS / PSS at start {_sum_mb(started)}"
+    what += f", after an epoch {_sum_mb(done)}"
+    return {"base_mb": base, "peak_mb": peak, "what": what}
+
+
 # name -> (prepare(workdir) in the parent, setup(workdir, size) -> args, {variant: work(*args)},
 # default size W x H)
 CASES: dict[str, tuple[Callable, Callable, dict[str, Callable], str]] = {
@@ -174,6 +300,7 @@ CASES: dict[str, tuple[Callable, Callable, dict[str, Callable], str]] = {
         {"before": train_before, "after": train_after},
         "1333x800",
     ),
+    "load": (prepare_load, setup_load, {"before": load_work, "after": load_work}, "640x480"),
 }
 
 
@@ -183,15 +310,33 @@ def child(case: str, variant: str, workdir: Path, size: tuple[int, int]) -> dict
     args = setup(workdir, size)
     base = rss_peak_mb()
     what = variants[variant](*args)
+    if isinstance(what, dict):  # the work measured its own base and peak
+        return what
     return {"base_mb": base, "peak_mb": rss_peak_mb(), "what": what}
 
 
-def measure(case: str, variant: str, workdir: Path, size: str) -> dict:
+def measure(case: str, variant: str, workdir: Path, size: str, before_rev: str) -> dict:
     argv = [sys.executable, __file__, "--child", f"{case}:{variant}", "--workdir", str(workdir)]
-    done = subprocess.run([*argv, "--size", size], capture_output=True, text=True)
+    env = dict(os.environ)
+    if (case, variant) == ("load", "before"):
+        env["PYTHONPATH"] = str(_extract_src(before_rev, workdir))
+    done = subprocess.run([*argv, "--size", size], capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"{case} {variant} failed:\n{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _extract_src(rev: str, workdir: Path) -> Path:
+    """`src/` of git revision `rev` of this repository, extracted under `workdir`."""
+    out = workdir / f"src-{rev}"
+    if not out.is_dir():
+        out.mkdir()
+        repo = Path(__file__).resolve().parent.parent
+        archive = subprocess.run(
+            ["git", "-C", str(repo), "archive", rev, "src"], capture_output=True, check=True
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(out)], input=archive, check=True)
+    return out / "src"
 
 
 def main() -> None:
@@ -199,6 +344,7 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--size", help="image W x H (default: each case's own)")
     parser.add_argument("--workdir", type=Path, help="keep the prepared runs here")
+    parser.add_argument("--before-rev", default=LOAD_BEFORE, help="the load case's 'before'")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -216,7 +362,7 @@ def main() -> None:
                 prepare(workdir)
             added = {}
             for variant in variants:
-                figures = measure(case, variant, workdir, size)
+                figures = measure(case, variant, workdir, size, args.before_rev)
                 added[variant] = figures["peak_mb"] - figures["base_mb"]
                 print(
                     f"{case} {variant}: base (model + inputs) {figures['base_mb']:.0f} MB, "

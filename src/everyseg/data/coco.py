@@ -19,9 +19,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from everyseg.data.columns import Instance
 from everyseg.data.compact_masks import CompactMasks
 from everyseg.data.images import load_image, size_mismatch
-from everyseg.data.index import CocoIndex, ImageMeta, Instance
+from everyseg.data.index import CocoIndex, ImageMeta
 from everyseg.data.report import format_report, report
 from everyseg.data.source_report import format_merged_summary
 from everyseg.data.sources import MergedIndex
@@ -190,7 +191,10 @@ class CocoInstances(torch.utils.data.Dataset):
 
     def instances_per_class(self) -> dict[str, int]:
         """Class name -> usable (non-crowd) instances, with or without a mask."""
-        counts = Counter(i.label for insts in self.index.instances.values() for i in insts)
+        if isinstance(self.index, CocoIndex):  # its labels column: no Instance built
+            counts = Counter(self.index.instances.labels.tolist())
+        else:
+            counts = Counter(i.label for insts in self.index.instances.values() for i in insts)
         return {name: counts[label] for label, name in enumerate(self.class_names, start=1)}
 
     def ground_truth(self) -> dict:

@@ -8,14 +8,18 @@ and every finding is kept, by reason, for the summary (`everyseg.data.report.rep
 from __future__ import annotations
 
 import os
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from everyseg.data.compact_masks import Segm, compact, to_coco
+import numpy as np
+
+from everyseg.data.columns import NO_SEGM, GroundTruthTable, InstanceTable, SegmColumns
+from everyseg.data.compact_masks import compact
 from everyseg.data.images import image_file_problem
+from everyseg.data.json_stream import read_coco_streamed
 from everyseg.data.lvis import image_lists, read_frequencies
 from everyseg.data.segmentation import box_mask_mismatch, check_segmentation
 from everyseg.data.splits import resolve_mask_classes
@@ -43,7 +47,6 @@ from everyseg.data.validate import (
     check_box,
     is_number,
     read_categories,
-    read_coco_json,
     resize_problem,
 )
 
@@ -53,14 +56,6 @@ class ImageMeta:
     path: Path
     height: int
     width: int
-
-
-@dataclass(frozen=True, slots=True)
-class Instance:
-    ann_id: int
-    label: int
-    box: tuple[float, float, float, float]  # xyxy, clipped to the image
-    segm: Segm | None  # compact polygons or RLE (data.compact_masks); None: box-only
 
 
 class CocoIndex:
@@ -74,6 +69,9 @@ class CocoIndex:
     An image's `file_name` must lead inside `images_dir` (no absolute paths, `..` or symlinks
     out) unless `allow_outside_images`. With `min_sizes` and `max_size` (the model's resize),
     an image whose shorter side would shrink under MIN_RESIZED_SIDE px is a bad image.
+
+    The file's 'annotations' are read one at a time (data.json_stream), and what is kept is
+    stored as columns (data.columns): `instances` maps an image id to its `Instance`s.
     """
 
     def __init__(
@@ -94,7 +92,7 @@ class CocoIndex:
         self.decoded_images = decode_images
         self._resize = None if min_sizes is None or max_size is None else (min_sizes, max_size)
         self.findings = Findings(source=self.json_path, policy=on_bad_sample)
-        data = read_coco_json(self.json_path)
+        data, annotations, self.num_json_annotations = read_coco_streamed(self.json_path)
         categories = read_categories(data["categories"], self.json_path)
         self.class_names: list[str] = [name for _, name in categories]
         # LVIS fields, kept for federated evaluation (everyseg.data.lvis)
@@ -108,19 +106,20 @@ class CocoIndex:
         self.coco_ids: dict[int, int] = {}  # image id -> its entry's `coco_id`, where it has one
         entries = self._read_image_entries(data["images"])
         self.num_json_images = len(data["images"])
+        del data  # the entries as Python objects: only what was kept stays
         self.images = self._check_image_files(entries, decode=decode_images)
         self.image_ids = sorted(self.images)
-        self.instances: dict[int, list[Instance]] = defaultdict(list)
-        # every kept annotation (crowd ones too) as sanitised COCO, for evaluation; its
-        # segmentation compact until ground_truth() writes it out
-        self.gt_annotations: list[dict] = []
-        self.num_json_annotations = len(data["annotations"])
+        self._segms = SegmColumns()
+        self.instances = InstanceTable(self._segms)
+        # every kept annotation (crowd ones too) as sanitised COCO, for evaluation
+        self._ground_truth = GroundTruthTable(self._segms)
         seen: set[int] = set()
-        for position, ann in enumerate(data["annotations"]):
+        for position, ann in enumerate(annotations):
             self._add_annotation(ann, position=position, seen=seen, mask_labels=mask_labels)
-        self.instances = dict(self.instances)
+        for table in (self._segms, self.instances, self._ground_truth):
+            table.freeze()
         for image_id in self.image_ids:
-            if not self.instances.get(image_id):
+            if image_id not in self.instances:
                 self.findings.add(Finding(NO_ANNOTATIONS, image_id=image_id))
         if not self.image_ids:
             raise DataError(f"{self.json_path}: no usable images ({self._why_empty()})")
@@ -193,7 +192,7 @@ class CocoIndex:
             self._flag(reason, f"bbox {ann.get('bbox')!r}", **where)
         if box is None:
             return
-        segm: Segm | None = None
+        segm = NO_SEGM
         if label in mask_labels:
             usable, found = check_segmentation(
                 ann.get("segmentation"), width=image.width, height=image.height
@@ -208,14 +207,13 @@ class CocoIndex:
                 self._flag(BOX_MASK_MISMATCH, mismatch, **where)
                 return
             if usable is not None:
-                # arrays and bytes instead of the JSON's lists: half the memory, and no
-                # refcount per number for DataLoader workers to write (and so copy)
-                segm = compact(usable, height=image.height, width=image.width)
+                compacted = compact(usable, height=image.height, width=image.width)
+                segm = self._segms.append(compacted)
         if crowd:
             self._flag(CROWD, **where)
         else:
-            self.instances[where["image_id"]].append(Instance(where["ann_id"], label, box, segm))
-        self.gt_annotations.append(self._gt_entry(ann, where, segm=segm, crowd=crowd))
+            self.instances.add(**where, label=label, box=box, segm=segm)
+        self._add_ground_truth(ann, where, segm=segm, crowd=crowd)
 
     def _resolve(self, ann, *, position: int, seen: set[int]) -> tuple | None:
         """(where, image, label, crowd flag) if the annotation's ids resolve, else None."""
@@ -259,24 +257,22 @@ class CocoIndex:
             return None
         return self.images[image_id]
 
-    def _gt_entry(self, ann: dict, where: dict, *, segm, crowd) -> dict:
+    def _add_ground_truth(self, ann: dict, where: dict, *, segm: int, crowd) -> None:
         # the JSON's own box and area, not the clipped box: AP stays comparable with COCO's tools
         x, y, w, h = (float(v) for v in ann["bbox"])
         area = ann.get("area", w * h)  # COCOeval needs an area; the box's is the usual stand-in
         if not is_number(area) or area < 0:
             self._flag(BAD_AREA, f"area {area!r}", **where)
             area = w * h
-        entry = {
-            "id": where["ann_id"],
-            "image_id": where["image_id"],
-            "category_id": as_int(ann["category_id"]),
-            "bbox": [x, y, w, h],
-            "area": float(area),
-            "iscrowd": int(crowd),
-        }
-        if segm is not None:
-            entry["segmentation"] = segm
-        return entry
+        self._ground_truth.add(
+            ann_id=where["ann_id"],
+            image_id=where["image_id"],
+            category_id=as_int(ann["category_id"]),
+            bbox=(x, y, w, h),
+            area=float(area),
+            crowd=int(crowd),
+            segm=segm,
+        )
 
     def _why_empty(self) -> str:
         if not self.num_json_images:
@@ -290,20 +286,14 @@ class CocoIndex:
     def ground_truth(self) -> dict:
         """The usable part as a COCO dict for evaluation: crowd annotations included, and
         segmentations of the mask classes (build with mask_classes="all" to score every mask)."""
-        annotations = []
-        for ann in self.gt_annotations:
-            if "segmentation" in ann:
-                image = self.images[ann["image_id"]]
-                segm = to_coco(ann["segmentation"], height=image.height, width=image.width)
-                ann = dict(ann, segmentation=segm)
-            annotations.append(ann)
+        sizes = {i: (m.height, m.width) for i, m in self.images.items()}
         return {
             "images": [
                 {"id": i, "width": m.width, "height": m.height, "file_name": str(m.path)}
                 | self.image_lists.get(i, {})
                 for i, m in sorted(self.images.items())
             ],
-            "annotations": annotations,
+            "annotations": self._ground_truth.annotations(sizes),
             "categories": [
                 self._gt_category(label, name)
                 for label, name in enumerate(self.class_names, start=1)
@@ -317,20 +307,17 @@ class CocoIndex:
 
     def class_counts(self) -> list[dict]:
         """Per class: name, category id, whether it is a mask class, boxes and masks kept."""
-        boxes: Counter[int] = Counter()
-        masks: Counter[int] = Counter()
-        for instances in self.instances.values():
-            for inst in instances:
-                boxes[inst.label] += 1
-                masks[inst.label] += inst.segm is not None
+        labels, num_labels = self.instances.labels, len(self.class_names) + 1
+        boxes = np.bincount(labels, minlength=num_labels)  # (K + 1,) by label
+        masks = np.bincount(labels[self.instances.has_mask], minlength=num_labels)
         mask_classes = set(self.mask_class_names)
         return [
             {
                 "name": name,
                 "category_id": self.label_to_cat_id[label],
                 "mask_class": name in mask_classes,
-                "boxes": boxes[label],
-                "masks": masks[label],
+                "boxes": int(boxes[label]),
+                "masks": int(masks[label]),
             }
             for label, name in enumerate(self.class_names, start=1)
         ]

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from everyseg.data.index import CocoIndex
 from everyseg.data.validate import (
     ANNOTATION,
@@ -161,17 +163,17 @@ def _image_line(item: dict) -> str:
 def training_problem(index: CocoIndex) -> str | None:
     """Why this set cannot train what it is meant to, or None: it has no instance at all,
     or mask classes without a single usable mask (the mask loss would be 0 all run)."""
-    instances = [inst for found in index.instances.values() for inst in found]
-    if not instances:
+    labels = index.instances.labels  # (N,) every kept instance's, a column: no Instance built
+    if not len(labels):
         skipped = _reason_counts(index.findings.by_reason((ANNOTATION,)))
         return (
             f"{index.json_path}: no usable instance in {index.num_json_annotations} "
             f"annotations ({skipped or 'none given'}); nothing to train on"
         )
-    if not index.mask_class_names or any(inst.segm is not None for inst in instances):
+    if not index.mask_class_names or index.instances.has_mask.any():
         return None
-    mask_labels = {index.class_names.index(n) + 1 for n in index.mask_class_names}
-    num = sum(inst.label in mask_labels for inst in instances)
+    mask_labels = [index.class_names.index(n) + 1 for n in index.mask_class_names]
+    num = int(np.isin(labels, mask_labels).sum())
     dropped = index.findings.by_reason((MASK,))
     box_only = [f for f in index.findings.items if f.reason is NO_SEGMENTATION]
     if box_only:

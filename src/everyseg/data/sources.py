@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 from torchvision.ops import box_iou
 
-from everyseg.data.index import CocoIndex, ImageMeta, Instance
+from everyseg.data.columns import Instance
+from everyseg.data.index import CocoIndex, ImageMeta
 from everyseg.data.validate import as_int, read_categories, read_coco_json
 from everyseg.data.vocabulary import Vocabulary, merge_vocabulary
 

@@ -1,0 +1,201 @@
+"""A JSON file's kept annotations as columns: a few numpy arrays instead of Python objects.
+
+A COCO file's annotations as Python objects (dicts, lists of floats, one object per number)
+take ~8x the file's size, and each DataLoader worker copies the pages of every object it
+touches: reading one raises its refcount, and the garbage collector writes to every tracked
+object it visits. Numpy arrays hold their numbers in buffers that nothing writes to, so
+forked workers share them. Rows are appended while the file is read, then frozen:
+`SegmColumns` holds the segmentations (`compact_masks.Segm`), `InstanceTable` the training
+instances, grouped by image, `GroundTruthTable` what evaluation scores.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from everyseg.data.compact_masks import Segm, to_coco
+
+NO_SEGM = -1  # segmentation index of a box-only row
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    ann_id: int
+    label: int
+    box: tuple[float, float, float, float]  # xyxy, clipped to the image
+    segm: Segm | None  # compact polygons or RLE (data.compact_masks); None: box-only
+
+
+def _frozen(values, dtype) -> np.ndarray:
+    """`values` as a read-only numpy array; an array.array's buffer is taken over, not copied
+    (no second copy at the peak; it is never resized again)."""
+    if isinstance(values, array):
+        out = np.frombuffer(values, dtype=dtype) if len(values) else np.zeros(0, dtype)
+    else:
+        out = np.asarray(values, dtype=dtype)
+    out.flags.writeable = False
+    return out
+
+
+def _builders(**typecodes: str) -> dict[str, array]:
+    return {name: array(code) for name, code in typecodes.items()}
+
+
+class SegmColumns:
+    """Segmentations in flat arrays: every polygon's coordinates in one float64 array, every
+    RLE's counts in one bytes object. `append` gives each its index; `get` gives it back."""
+
+    def __init__(self) -> None:
+        # coords: x0, y0, x1, y1, ... of every polygon, one after another; polygon_ends: where
+        # polygon j ends in coords; segmentation i is polygons [starts[i], ends[i]), or the
+        # bytes [starts[i], ends[i]) of rle if is_rle[i]
+        self._new = _builders(coords="d", polygon_ends="q", starts="q", ends="q", is_rle="b")
+        self._new_rle = bytearray()
+        self._columns: dict[str, np.ndarray] = {}
+        self._rle = b""
+
+    def append(self, segm: Segm) -> int:
+        new = self._new
+        if isinstance(segm, bytes):
+            new["starts"].append(len(self._new_rle))
+            self._new_rle += segm
+            new["ends"].append(len(self._new_rle))
+        else:
+            new["starts"].append(len(new["polygon_ends"]))
+            for polygon in segm:
+                new["coords"].extend(polygon)
+                new["polygon_ends"].append(len(new["coords"]))
+            new["ends"].append(len(new["polygon_ends"]))
+        new["is_rle"].append(isinstance(segm, bytes))
+        return len(new["ends"]) - 1
+
+    def freeze(self) -> None:
+        """No more appends: the rows become read-only numpy arrays (and bytes)."""
+        dtypes = {"coords": np.float64, "is_rle": np.bool_}
+        self._columns = {k: _frozen(v, dtypes.get(k, np.int64)) for k, v in self._new.items()}
+        ends = self._columns["polygon_ends"]
+        self._columns["polygon_starts"] = _frozen(np.concatenate([[0], ends[:-1]]), np.int64)
+        self._rle, self._new_rle, self._new = bytes(self._new_rle), bytearray(), {}
+
+    def get(self, index: int) -> Segm:
+        """Polygons as read-only views of the coordinates, or an RLE's counts as bytes."""
+        c = self._columns
+        start, end = int(c["starts"][index]), int(c["ends"][index])
+        if c["is_rle"][index]:
+            return self._rle[start:end]
+        bounds = zip(c["polygon_starts"][start:end], c["polygon_ends"][start:end])
+        return tuple(c["coords"][int(a) : int(b)] for a, b in bounds)
+
+
+class InstanceTable(Mapping[int, list[Instance]]):
+    """image id -> its kept instances, in file order; only images that have some are keys.
+
+    Rows are added with `add`, then `freeze` groups them by image. An `Instance` is built
+    when its image is looked up, so a worker's lookups write to no shared object.
+    """
+
+    def __init__(self, segms: SegmColumns) -> None:
+        self._segms = segms
+        self._new = _builders(image_ids="q", ann_ids="q", labels="q", boxes="d", segms="q")
+        self._c: dict[str, np.ndarray] = {}
+
+    def add(self, *, image_id: int, ann_id: int, label: int, box, segm: int) -> None:
+        """One instance; `box` xyxy, `segm` its index in the SegmColumns (NO_SEGM: none)."""
+        new = self._new
+        new["image_ids"].append(image_id)
+        new["ann_ids"].append(ann_id)
+        new["labels"].append(label)
+        new["boxes"].extend(box)
+        new["segms"].append(segm)
+
+    def freeze(self) -> None:
+        image_ids = _frozen(self._new.pop("image_ids"), np.int64)
+        order = np.argsort(image_ids, kind="stable")  # grouped by image, file order within
+        c = {k: _frozen(v, np.float64 if k == "boxes" else np.int64) for k, v in self._new.items()}
+        c["boxes"] = c["boxes"].reshape(-1, 4)
+        c = {k: _frozen(v[order], v.dtype) for k, v in c.items()}
+        # (I,) sorted image ids, their first row, and their rows' count
+        ids, first, counts = np.unique(image_ids, return_index=True, return_counts=True)
+        c["ids"], c["counts"] = ids, counts
+        c["starts"] = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        c["appearance"] = ids[np.argsort(first, kind="stable")]  # iteration order
+        self._c, self._new = c, {}
+
+    @property
+    def labels(self) -> np.ndarray:
+        """(N,) int64 every instance's label."""
+        return self._c["labels"]
+
+    @property
+    def has_mask(self) -> np.ndarray:
+        """(N,) bool whether each instance has a segmentation."""
+        return self._c["segms"] != NO_SEGM
+
+    def __getitem__(self, image_id: int) -> list[Instance]:
+        ids = self._c["ids"]
+        at = int(np.searchsorted(ids, image_id))
+        if at == len(ids) or ids[at] != image_id:
+            raise KeyError(image_id)
+        start = int(self._c["starts"][at])
+        return [self._instance(row) for row in range(start, start + int(self._c["counts"][at]))]
+
+    def _instance(self, row: int) -> Instance:
+        x0, y0, x1, y1 = (float(v) for v in self._c["boxes"][row])
+        segm = int(self._c["segms"][row])
+        return Instance(
+            int(self._c["ann_ids"][row]),
+            int(self._c["labels"][row]),
+            (x0, y0, x1, y1),
+            None if segm == NO_SEGM else self._segms.get(segm),
+        )
+
+    def __iter__(self) -> Iterator[int]:
+        return (int(image_id) for image_id in self._c["appearance"])
+
+    def __len__(self) -> int:
+        return len(self._c["ids"])
+
+
+class GroundTruthTable:
+    """Every kept annotation (crowd ones too) as evaluation reads it: COCO's own box and area
+    (not the clipped box, so AP stays comparable with COCO's tools), in file order."""
+
+    def __init__(self, segms: SegmColumns) -> None:
+        self._segms = segms
+        # ints: id, image_id, category_id, iscrowd, segmentation index; floats: x, y, w, h, area
+        self._new = _builders(ints="q", floats="d")
+        self._ints = np.zeros((0, 5), dtype=np.int64)
+        self._floats = np.zeros((0, 5), dtype=np.float64)
+
+    def add(self, *, ann_id, image_id, category_id, bbox, area, crowd, segm: int) -> None:
+        self._new["ints"].extend((ann_id, image_id, category_id, crowd, segm))
+        self._new["floats"].extend((*bbox, area))
+
+    def freeze(self) -> None:
+        self._ints = _frozen(self._new["ints"], np.int64).reshape(-1, 5)
+        self._floats = _frozen(self._new["floats"], np.float64).reshape(-1, 5)
+        self._new = {}
+
+    def annotations(self, sizes: Mapping[int, tuple[int, int]]) -> list[dict]:
+        """COCO annotation dicts; `sizes` maps image id -> (height, width) for the masks."""
+        annotations = []
+        for ints, floats in zip(self._ints.tolist(), self._floats.tolist()):
+            ann_id, image_id, category_id, crowd, segm = ints
+            x, y, w, h, area = floats
+            entry = {
+                "id": ann_id,
+                "image_id": image_id,
+                "category_id": category_id,
+                "bbox": [x, y, w, h],
+                "area": area,
+                "iscrowd": crowd,
+            }
+            if segm != NO_SEGM:
+                height, width = sizes[image_id]
+                entry["segmentation"] = to_coco(self._segms.get(segm), height=height, width=width)
+            annotations.append(entry)
+        return annotations
