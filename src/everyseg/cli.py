@@ -1,4 +1,5 @@
-"""`everyseg synth | train | evaluate | predict | segment | check-data | convert | demo`."""
+"""`everyseg synth | train | evaluate | predict | segment | check-data | convert | export |
+demo`."""
 
 from __future__ import annotations
 
@@ -147,6 +148,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="the COCO JSON to write")
     p.add_argument("--aliases", type=Path, help="YAML / JSON mapping alias -> class name")
     p.set_defaults(func=_convert_vg)
+
+    p = sub.add_parser(
+        "export",
+        help="the trained detector with masks as one ONNX or TorchScript file",
+        description="Write RUN's detector (NMS and mask paste inside) as one file. Input: one "
+        "(3, H, W) float32 RGB image in [0, 1], any size. Outputs: boxes (N, 4) xyxy, labels "
+        "(N,) int64, scores (N,), masks (N, 1, H, W) foreground probabilities in the full image "
+        "(threshold at 0.5). Example: everyseg export runs/demo --format onnx --out demo.onnx",
+    )
+    p.add_argument("run", type=Path)
+    p.add_argument("--format", dest="fmt", choices=["onnx", "torchscript"], required=True)
+    p.add_argument("--out", type=Path, required=True, help="the file to write")
+    p.add_argument("--checkpoint", default="last", help="last, best or a .pt path")
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("demo", help="synth + train baseline-tiny + evaluate + overlays")
     p.add_argument("--out", type=Path, default=Path("everyseg-demo"))
@@ -316,6 +331,13 @@ def _convert_vg(args) -> None:
         aliases=args.aliases,
     )
     print(summary.format(args.objects, args.out))
+
+
+def _export(args) -> None:
+    from everyseg.engine.export import export_run
+
+    out = export_run(args.run, fmt=args.fmt, out=args.out, checkpoint=args.checkpoint)
+    print(f"{args.run} ({args.checkpoint}) -> {out} ({args.fmt})")
 
 
 def _demo(args) -> None:

@@ -1,0 +1,119 @@
+"""A trained run's detector, masks included, as one ONNX or TorchScript file.
+
+The exported graph reads one (3, H, W) float32 RGB image in [0, 1] of any size and returns
+the eval forward's detections in that image's pixels, NMS and the mask paste inside:
+  boxes (N, 4) float32 xyxy, labels (N,) int64 in 1..K, scores (N,) float32,
+  masks (N, 1, H, W) float32 foreground probabilities (threshold at 0.5 for binary masks).
+
+Both formats are traced: torchvision's detection code takes its tracing branches (image
+sizes, the mask paste loop) there, so the file keeps the image size and the number of
+detections dynamic. ONNX uses torch's TorchScript-based exporter (`dynamo=False`): the
+default torch.export-based one stops at torchvision's batched NMS, whose branch on the number
+of boxes is data-dependent. tests/test_export.py runs both files against PyTorch.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+from torch import Tensor, nn
+
+from everyseg.engine.files import atomic_write_bytes
+from everyseg.engine.load import load_run
+from everyseg.modeling.detector import Detector
+
+ONNX_OPSET = 17
+OUTPUT_NAMES = ["boxes", "labels", "scores", "masks"]
+
+
+class SingleImageDetector(nn.Module):
+    """A detector in eval mode as a function of one image: (3, H, W) -> boxes, labels,
+    scores, masks (the module docstring's shapes); tracing needs tensors in and out."""
+
+    def __init__(self, detector: Detector) -> None:
+        super().__init__()
+        self.detector = detector
+        # the ONNX exporter puts the module back in the mode it found it in, recursively
+        self.eval()
+
+    def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        detections = self.detector([image])[0]
+        return tuple(detections[name] for name in OUTPUT_NAMES)  # type: ignore[return-value]
+
+
+def _onnx_bytes(module: SingleImageDetector, example: Tensor) -> bytes:
+    buffer = io.BytesIO()
+    torch.onnx.export(
+        module,
+        (example,),
+        buffer,
+        dynamo=False,
+        opset_version=ONNX_OPSET,
+        input_names=["image"],
+        output_names=OUTPUT_NAMES,
+        dynamic_axes={
+            "image": {1: "height", 2: "width"},
+            "boxes": {0: "detections"},
+            "labels": {0: "detections"},
+            "scores": {0: "detections"},
+            "masks": {0: "detections", 2: "height", 3: "width"},
+        },
+    )
+    return buffer.getvalue()
+
+
+def _torchscript_bytes(module: SingleImageDetector, example: Tensor) -> bytes:
+    # the check re-runs the trace and compares outputs; tests/test_export.py does that on
+    # other image sizes and detection counts, which is what matters
+    traced = torch.jit.trace(module, (example,), check_trace=False)
+    buffer = io.BytesIO()
+    torch.jit.save(traced, buffer)
+    return buffer.getvalue()
+
+
+# --format -> the exporter writing that file's bytes
+EXPORTERS: dict[str, Callable[[SingleImageDetector, Tensor], bytes]] = {
+    "onnx": _onnx_bytes,
+    "torchscript": _torchscript_bytes,
+}
+
+
+def export_model(detector: Detector, *, fmt: str, out: Path, image_size: tuple[int, int]) -> Path:
+    """Write `detector` (on the CPU) as a `fmt` file at `out`, atomically; `out`.
+
+    It is traced on a fixed pseudo-random (3, *image_size) image; the file takes any size.
+    """
+    if fmt not in EXPORTERS:
+        raise ValueError(f"export format {fmt!r}: choose one of {', '.join(EXPORTERS)}")
+    example = torch.rand(3, *image_size, generator=torch.Generator().manual_seed(0))
+    module = SingleImageDetector(detector)
+    with torch.no_grad(), warnings.catch_warnings():
+        # the tracer warns about every Python number it records; torchvision's tracing
+        # branches keep those that matter dynamic (tests/test_export.py checks it)
+        warnings.simplefilter("ignore")
+        data = EXPORTERS[fmt](module, example)
+
+    def write(f: BinaryIO) -> None:
+        f.write(data)
+
+    atomic_write_bytes(out, write)
+    return out
+
+
+def export_run(run_dir: Path, *, fmt: str, out: Path, checkpoint: str = "last") -> Path:
+    """Export `run_dir`'s checkpoint `checkpoint` (see load_run) as a `fmt` file at `out`."""
+    if fmt not in EXPORTERS:  # before loading anything
+        raise ValueError(f"export format {fmt!r}: choose one of {', '.join(EXPORTERS)}")
+    out = Path(out)
+    if out.is_dir():
+        raise IsADirectoryError(f"--out {out} is a folder; give the path of the file to write")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise NotADirectoryError(f"--out {out}: {out.parent} is a file, not a folder")
+    loaded = load_run(run_dir, checkpoint=checkpoint, device="cpu")
+    side = loaded.config.data.test_min_size
+    return export_model(loaded.model, fmt=fmt, out=out, image_size=(side, side))

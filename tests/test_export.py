@@ -1,0 +1,127 @@
+"""`everyseg export`: the ONNX file (run in onnxruntime) and the TorchScript file give
+PyTorch's boxes, labels, scores and full-image masks on images of other sizes than the one
+traced, with any number of detections, none included.
+
+Tolerances (float32; the differences seen are ~1e-5 px and ~1e-6): ONNX boxes 1e-3 px,
+scores 1e-5, mask probabilities 1e-4; TorchScript (the same kernels) 1e-5 everywhere;
+labels equal.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from everyseg.cli import main
+from everyseg.engine.export import export_model
+from everyseg.engine.load import load_run
+
+ort = pytest.importorskip("onnxruntime")
+# torch 2.14 deprecates TorchScript, which is what a "torchscript" export is for
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+
+NAMES = ("boxes", "labels", "scores", "masks")
+ONNX_ATOL = {"boxes": 1e-3, "labels": 0, "scores": 1e-5, "masks": 1e-4}
+TORCHSCRIPT_ATOL = {"boxes": 1e-5, "labels": 0, "scores": 1e-5, "masks": 1e-5}
+
+
+@pytest.fixture(scope="module")
+def images(synth_paths) -> list[torch.Tensor]:
+    """(3, H, W) images of three sizes: a 64 px val image, it resized to 48 x 80, noise 90 x 60."""
+    path = sorted(Path(synth_paths["val_images"]).iterdir())[0]
+    picture = Image.open(path).convert("RGB")
+    as_tensor = [
+        torch.from_numpy(np.asarray(p, dtype=np.float32) / 255).permute(2, 0, 1)
+        for p in (picture, picture.resize((80, 48)))
+    ]
+    noise = torch.rand(3, 90, 60, generator=torch.Generator().manual_seed(1))
+    return [*as_tensor, noise]
+
+
+def onnx_runner(path: Path):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return lambda image: [torch.from_numpy(o) for o in session.run(None, {"image": image.numpy()})]
+
+
+def torchscript_runner(path: Path):
+    module = torch.jit.load(str(path))
+    return lambda image: list(module(image))
+
+
+RUNNERS = {"onnx": (onnx_runner, ONNX_ATOL), "torchscript": (torchscript_runner, TORCHSCRIPT_ATOL)}
+
+
+def assert_same_detections(model, run_file, images, atol) -> list[int]:
+    """The exported file's outputs equal `model`'s on every image; the detection counts."""
+    counts = []
+    for image in images:
+        with torch.no_grad():
+            expected = model([image])[0]
+        got = dict(zip(NAMES, run_file(image)))
+        height, width = image.shape[-2:]
+        assert got["masks"].shape == (len(expected["boxes"]), 1, height, width)
+        assert got["labels"].dtype == torch.int64
+        for name in NAMES:
+            torch.testing.assert_close(got[name], expected[name], atol=atol[name], rtol=0)
+        counts.append(len(expected["boxes"]))
+    return counts
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_exported_run_gives_pytorchs_detections(trained_run, images, tmp_path, fmt, capsys):
+    out = tmp_path / "sub" / f"model.{fmt}"
+    assert main(["export", str(trained_run.root), "--format", fmt, "--out", str(out)]) == 0
+    assert str(out) in capsys.readouterr().out
+    model = load_run(trained_run.root, device="cpu").model
+    make_runner, atol = RUNNERS[fmt]
+    counts = assert_same_detections(model, make_runner(out), images, atol)
+    assert min(counts) > 0
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_exported_detection_count_follows_the_image(trained_run, images, tmp_path, fmt):
+    """A score threshold just above one image's best score leaves it no detection and the
+    others different numbers: nothing about N is fixed by the image the export traced."""
+    model = load_run(trained_run.root, device="cpu").model
+    with torch.no_grad():
+        scores = [model([image])[0]["scores"] for image in images]
+    lowest_best = min(float(s.max()) for s in scores)
+    above = torch.cat(scores)[torch.cat(scores) > lowest_best].min()
+    # midway in the gap, so float rounding in the file cannot move a score across it
+    assert above - lowest_best > 1e-4
+    model.roi_heads.score_thresh = (lowest_best + float(above)) / 2  # kept: scores above it
+    out = export_model(model, fmt=fmt, out=tmp_path / f"m.{fmt}", image_size=(64, 64))
+    make_runner, atol = RUNNERS[fmt]
+    counts = assert_same_detections(model, make_runner(out), images, atol)
+    assert 0 in counts and len(set(counts)) >= 2, counts
+
+
+def test_fcos_run_exports_to_onnx(fcos_run, images, tmp_path):
+    out = tmp_path / "fcos.onnx"
+    assert main(["export", str(fcos_run.root), "--format", "onnx", "--out", str(out)]) == 0
+    model = load_run(fcos_run.root, device="cpu").model
+    assert_same_detections(model, onnx_runner(out), images, ONNX_ATOL)
+
+
+def test_export_refuses_bad_input_plainly(trained_run, tmp_path, capsys):
+    run = str(trained_run.root)
+    assert main(["export", str(tmp_path), "--format", "onnx", "--out", str(tmp_path / "m")]) == 2
+    assert f"everyseg export: error: no checkpoint at {tmp_path}" in capsys.readouterr().err
+
+    assert main(["export", run, "--format", "onnx", "--out", str(tmp_path)]) == 2
+    assert f"--out {tmp_path} is a folder" in capsys.readouterr().err
+
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    assert main(["export", run, "--format", "onnx", "--out", str(a_file / "m.onnx")]) == 2
+    assert f"{a_file} is a file, not a folder" in capsys.readouterr().err
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", run, "--format", "tflite", "--out", str(tmp_path / "m")])
+    assert exit_.value.code == 2
+    assert "argument --format: invalid choice: 'tflite'" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
