@@ -15,6 +15,7 @@ of boxes is data-dependent. tests/test_export.py runs both files against PyTorch
 from __future__ import annotations
 
 import io
+import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -42,29 +43,31 @@ class SingleImageDetector(nn.Module):
         self.eval()
 
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        detections = self.detector([image])[0]
-        return tuple(detections[name] for name in OUTPUT_NAMES)  # type: ignore[return-value]
+        found = self.detector([image])[0]
+        return found["boxes"], found["labels"], found["scores"], found["masks"]
 
 
 def _onnx_bytes(module: SingleImageDetector, example: Tensor) -> bytes:
-    buffer = io.BytesIO()
-    torch.onnx.export(
-        module,
-        (example,),
-        buffer,
-        dynamo=False,
-        opset_version=ONNX_OPSET,
-        input_names=["image"],
-        output_names=OUTPUT_NAMES,
-        dynamic_axes={
-            "image": {1: "height", 2: "width"},
-            "boxes": {0: "detections"},
-            "labels": {0: "detections"},
-            "scores": {0: "detections"},
-            "masks": {0: "detections", 2: "height", 3: "width"},
-        },
-    )
-    return buffer.getvalue()
+    detections = {0: "detections"}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        torch.onnx.export(
+            module,
+            (example,),
+            path,
+            dynamo=False,
+            opset_version=ONNX_OPSET,
+            input_names=["image"],
+            output_names=OUTPUT_NAMES,
+            dynamic_axes={
+                "image": {1: "height", 2: "width"},
+                "boxes": detections,
+                "labels": detections,
+                "scores": detections,
+                "masks": {**detections, 2: "height", 3: "width"},
+            },
+        )
+        return path.read_bytes()
 
 
 def _torchscript_bytes(module: SingleImageDetector, example: Tensor) -> bytes:
