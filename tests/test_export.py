@@ -9,6 +9,8 @@ labels equal.
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +19,11 @@ import torch
 from PIL import Image
 
 from everyseg.cli import main
-from everyseg.engine.export import export_model
+from everyseg.engine.export import CLASS_NAMES_FILE, CLASS_NAMES_KEY, export_model
 from everyseg.engine.load import load_run
 
 ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
 # torch 2.14 deprecates TorchScript, which is what a "torchscript" export is for
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 
@@ -52,6 +55,18 @@ def torchscript_runner(path: Path):
     return lambda image: list(module(image))
 
 
+def onnx_class_names(path: Path) -> list[str]:
+    props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    return json.loads(props[CLASS_NAMES_KEY])
+
+
+def torchscript_class_names(path: Path) -> list[str]:
+    files = {CLASS_NAMES_FILE: ""}
+    torch.jit.load(str(path), _extra_files=files)
+    return json.loads(files[CLASS_NAMES_FILE])
+
+
+CLASS_NAMES_READERS = {"onnx": onnx_class_names, "torchscript": torchscript_class_names}
 RUNNERS = {"onnx": (onnx_runner, ONNX_ATOL), "torchscript": (torchscript_runner, TORCHSCRIPT_ATOL)}
 
 
@@ -80,6 +95,7 @@ def test_exported_run_gives_pytorchs_detections(trained_run, images, tmp_path, f
     make_runner, atol = RUNNERS[fmt]
     counts = assert_same_detections(model, make_runner(out), images, atol)
     assert min(counts) > 0
+    assert CLASS_NAMES_READERS[fmt](out) == load_run(trained_run.root).record.class_names
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
@@ -94,7 +110,9 @@ def test_exported_detection_count_follows_the_image(trained_run, images, tmp_pat
     # midway in the gap, so float rounding in the file cannot move a score across it
     assert above - lowest_best > 1e-4
     model.roi_heads.score_thresh = (lowest_best + float(above)) / 2  # kept: scores above it
-    out = export_model(model, fmt=fmt, out=tmp_path / f"m.{fmt}", image_size=(64, 64))
+    out = export_model(
+        model, fmt=fmt, out=tmp_path / f"m.{fmt}", image_size=(64, 64), class_names=["a"] * 14
+    )
     make_runner, atol = RUNNERS[fmt]
     counts = assert_same_detections(model, make_runner(out), images, atol)
     assert 0 in counts and len(set(counts)) >= 2, counts
@@ -125,3 +143,11 @@ def test_export_refuses_bad_input_plainly(trained_run, tmp_path, capsys):
     assert exit_.value.code == 2
     assert "argument --format: invalid choice: 'tflite'" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_onnx_export_without_onnx_says_what_to_install(trained_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx raises ImportError
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(trained_run.root), "--format", "onnx", "--out", str(out)]) == 2
+    assert 'needs the onnx package: pip install "everyseg[export]"' in capsys.readouterr().err
+    assert not out.exists()

@@ -15,9 +15,10 @@ of boxes is data-dependent. tests/test_export.py runs both files against PyTorch
 from __future__ import annotations
 
 import io
+import json
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -29,6 +30,10 @@ from everyseg.engine.load import load_run
 from everyseg.modeling.detector import Detector
 
 ONNX_OPSET = 17
+# the run's class names as a JSON list, label k's at k - 1: an ONNX metadata property and
+# a TorchScript extra file (torch.jit.load(path, _extra_files={CLASS_NAMES_FILE: ""}))
+CLASS_NAMES_KEY = "class_names"
+CLASS_NAMES_FILE = "class_names.json"
 OUTPUT_NAMES = ["boxes", "labels", "scores", "masks"]
 
 
@@ -47,7 +52,9 @@ class SingleImageDetector(nn.Module):
         return found["boxes"], found["labels"], found["scores"], found["masks"]
 
 
-def _onnx_bytes(module: SingleImageDetector, example: Tensor) -> bytes:
+def _onnx_bytes(module: SingleImageDetector, example: Tensor, class_names: list[str]) -> bytes:
+    import onnx  # the export extra's; export_run checked it is there
+
     detections = {0: "detections"}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
@@ -67,29 +74,41 @@ def _onnx_bytes(module: SingleImageDetector, example: Tensor) -> bytes:
                 "masks": {**detections, 2: "height", 3: "width"},
             },
         )
-        return path.read_bytes()
+        model = onnx.load(path)
+    onnx.helper.set_model_props(model, {CLASS_NAMES_KEY: json.dumps(class_names)})
+    return model.SerializeToString()
 
 
-def _torchscript_bytes(module: SingleImageDetector, example: Tensor) -> bytes:
+def _torchscript_bytes(
+    module: SingleImageDetector, example: Tensor, class_names: list[str]
+) -> bytes:
     # the check re-runs the trace and compares outputs; tests/test_export.py does that on
     # other image sizes and detection counts, which is what matters
     traced = torch.jit.trace(module, (example,), check_trace=False)
     buffer = io.BytesIO()
-    torch.jit.save(traced, buffer)
+    torch.jit.save(traced, buffer, _extra_files={CLASS_NAMES_FILE: json.dumps(class_names)})
     return buffer.getvalue()
 
 
 # --format -> the exporter writing that file's bytes
-EXPORTERS: dict[str, Callable[[SingleImageDetector, Tensor], bytes]] = {
+EXPORTERS: dict[str, Callable[[SingleImageDetector, Tensor, list[str]], bytes]] = {
     "onnx": _onnx_bytes,
     "torchscript": _torchscript_bytes,
 }
 
 
-def export_model(detector: Detector, *, fmt: str, out: Path, image_size: tuple[int, int]) -> Path:
+def export_model(
+    detector: Detector,
+    *,
+    fmt: str,
+    out: Path,
+    image_size: tuple[int, int],
+    class_names: Sequence[str],
+) -> Path:
     """Write `detector` (on the CPU) as a `fmt` file at `out`, atomically; `out`.
 
     It is traced on a fixed pseudo-random (3, *image_size) image; the file takes any size.
+    `class_names` (K, label k's at k - 1) go into the file: see CLASS_NAMES_KEY.
     """
     if fmt not in EXPORTERS:
         raise ValueError(f"export format {fmt!r}: choose one of {', '.join(EXPORTERS)}")
@@ -99,7 +118,7 @@ def export_model(detector: Detector, *, fmt: str, out: Path, image_size: tuple[i
         # the tracer warns about every Python number it records; torchvision's tracing
         # branches keep those that matter dynamic (tests/test_export.py checks it)
         warnings.simplefilter("ignore")
-        data = EXPORTERS[fmt](module, example)
+        data = EXPORTERS[fmt](module, example, list(class_names))
 
     def write(f: BinaryIO) -> None:
         f.write(data)
@@ -112,6 +131,8 @@ def export_run(run_dir: Path, *, fmt: str, out: Path, checkpoint: str = "last") 
     """Export `run_dir`'s checkpoint `checkpoint` (see load_run) as a `fmt` file at `out`."""
     if fmt not in EXPORTERS:  # before loading anything
         raise ValueError(f"export format {fmt!r}: choose one of {', '.join(EXPORTERS)}")
+    if fmt == "onnx":
+        _require_onnx()
     out = Path(out)
     if out.is_dir():
         raise IsADirectoryError(f"--out {out} is a folder; give the path of the file to write")
@@ -119,4 +140,19 @@ def export_run(run_dir: Path, *, fmt: str, out: Path, checkpoint: str = "last") 
         raise NotADirectoryError(f"--out {out}: {out.parent} is a file, not a folder")
     loaded = load_run(run_dir, checkpoint=checkpoint, device="cpu")
     side = loaded.config.data.test_min_size
-    return export_model(loaded.model, fmt=fmt, out=out, image_size=(side, side))
+    return export_model(
+        loaded.model,
+        fmt=fmt,
+        out=out,
+        image_size=(side, side),
+        class_names=loaded.record.class_names,
+    )
+
+
+def _require_onnx() -> None:
+    try:
+        import onnx  # noqa: F401  (torch's exporter needs it, and so does the metadata)
+    except ImportError:
+        raise ValueError(
+            'export --format onnx needs the onnx package: pip install "everyseg[export]"'
+        ) from None
