@@ -19,7 +19,12 @@ import torch
 from PIL import Image
 
 from everyseg.cli import main
-from everyseg.engine.export import CLASS_NAMES_FILE, CLASS_NAMES_KEY, export_model
+from everyseg.engine.export import (
+    CLASS_NAMES_FILE,
+    CLASS_NAMES_KEY,
+    example_image,
+    export_model,
+)
 from everyseg.engine.load import load_run
 
 ort = pytest.importorskip("onnxruntime")
@@ -34,12 +39,14 @@ TORCHSCRIPT_ATOL = {"boxes": 1e-5, "labels": 0, "scores": 1e-5, "masks": 1e-5}
 
 @pytest.fixture(scope="module")
 def images(synth_paths) -> list[torch.Tensor]:
-    """(3, H, W) images of three sizes: a 64 px val image, it resized to 48 x 80, noise 90 x 60."""
-    path = sorted(Path(synth_paths["val_images"]).iterdir())[0]
-    picture = Image.open(path).convert("RGB")
+    """(3, H, W) images of four sizes: the 64 px val images, the first resized to 48 x 80 and
+    to 100 x 70, noise 90 x 60."""
+    paths = sorted(Path(synth_paths["val_images"]).iterdir())
+    pictures = [Image.open(path).convert("RGB") for path in paths]
+    resized = [pictures[0].resize((80, 48)), pictures[0].resize((70, 100))]
     as_tensor = [
         torch.from_numpy(np.asarray(p, dtype=np.float32) / 255).permute(2, 0, 1)
-        for p in (picture, picture.resize((80, 48)))
+        for p in [*pictures, *resized]
     ]
     noise = torch.rand(3, 90, 60, generator=torch.Generator().manual_seed(1))
     return [*as_tensor, noise]
@@ -98,24 +105,34 @@ def test_exported_run_gives_pytorchs_detections(trained_run, images, tmp_path, f
     assert CLASS_NAMES_READERS[fmt](out) == load_run(trained_run.root).record.class_names
 
 
+def threshold_with_varied_counts(scores: list[torch.Tensor]) -> float:
+    """A threshold leaving the first image no detection and the others at least two different
+    nonzero counts, midway in a gap between scores (float rounding in the file cannot move a
+    score across it)."""
+    ordered = torch.cat(scores).unique()  # ascending
+    for low, high in zip(ordered[:-1].tolist(), ordered[1:].tolist()):
+        threshold = (low + high) / 2
+        counts = [int((s > threshold).sum()) for s in scores]
+        if high - low > 1e-4 and counts[0] == 0 and len(set(counts[1:]) - {0}) >= 2:
+            return threshold
+    raise AssertionError(f"no such threshold for these scores: {scores}")
+
+
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_exported_detection_count_follows_the_image(trained_run, images, tmp_path, fmt):
-    """A score threshold just above one image's best score leaves it no detection and the
-    others different numbers: nothing about N is fixed by the image the export traced."""
+    """A score threshold just above the traced image's best score: the trace itself sees no
+    detection, yet the file gives the other images theirs, each its own number."""
     model = load_run(trained_run.root, device="cpu").model
+    example = example_image((64, 64))
     with torch.no_grad():
-        scores = [model([image])[0]["scores"] for image in images]
-    lowest_best = min(float(s.max()) for s in scores)
-    above = torch.cat(scores)[torch.cat(scores) > lowest_best].min()
-    # midway in the gap, so float rounding in the file cannot move a score across it
-    assert above - lowest_best > 1e-4
-    model.roi_heads.score_thresh = (lowest_best + float(above)) / 2  # kept: scores above it
+        scores = [model([image])[0]["scores"] for image in [example, *images]]
+    model.roi_heads.score_thresh = threshold_with_varied_counts(scores)  # kept: scores above
     out = export_model(
         model, fmt=fmt, out=tmp_path / f"m.{fmt}", image_size=(64, 64), class_names=["a"] * 14
     )
     make_runner, atol = RUNNERS[fmt]
-    counts = assert_same_detections(model, make_runner(out), images, atol)
-    assert 0 in counts and len(set(counts)) >= 2, counts
+    counts = assert_same_detections(model, make_runner(out), [example, *images], atol)
+    assert counts[0] == 0 and len(set(counts[1:]) - {0}) >= 2, counts
 
 
 def test_fcos_run_exports_to_onnx(fcos_run, images, tmp_path):

@@ -97,6 +97,12 @@ EXPORTERS: dict[str, Callable[[SingleImageDetector, Tensor, list[str]], bytes]] 
 }
 
 
+def example_image(size: tuple[int, int]) -> Tensor:
+    """The (3, H, W) image exports trace: plain grey. What it detects, even nothing, does not
+    shape the file (torchvision scripts the branches that depend on it)."""
+    return torch.full((3, *size), 0.5)
+
+
 def export_model(
     detector: Detector,
     *,
@@ -107,12 +113,12 @@ def export_model(
 ) -> Path:
     """Write `detector` (on the CPU) as a `fmt` file at `out`, atomically; `out`.
 
-    It is traced on a fixed pseudo-random (3, *image_size) image; the file takes any size.
+    It is traced on example_image(image_size); the file takes any size.
     `class_names` (K, label k's at k - 1) go into the file: see CLASS_NAMES_KEY.
     """
     if fmt not in EXPORTERS:
         raise ValueError(f"export format {fmt!r}: choose one of {', '.join(EXPORTERS)}")
-    example = torch.rand(3, *image_size, generator=torch.Generator().manual_seed(0))
+    example = example_image(image_size)
     module = SingleImageDetector(detector)
     with torch.no_grad(), warnings.catch_warnings():
         # the tracer warns about every Python number it records; torchvision's tracing
