@@ -1,4 +1,5 @@
-"""`everyseg synth | train | evaluate | predict | segment | check-data | convert | demo`."""
+"""`everyseg synth | train | evaluate | predict | segment | check-data | convert | export |
+demo`."""
 
 from __future__ import annotations
 
@@ -73,6 +74,9 @@ EXAMPLES = {
     "vg": """examples:
   everyseg convert vg --objects objects.json --image-data image_data.json \\
       --classes 3000 --out vg3000.json --aliases aliases.yaml""",
+    "export": """examples:
+  everyseg export runs/a --format onnx --out a.onnx        # NMS and mask paste inside
+  everyseg export runs/a --format torchscript --out a.pt --checkpoint best""",
     "demo": """examples:
   everyseg demo                                    # everyseg-demo/: data and run
   everyseg demo --out /tmp/demo --steps 200 --train 100 --val 20""",
@@ -217,6 +221,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="the COCO JSON to write")
     p.add_argument("--aliases", type=Path, help="YAML / JSON mapping alias -> class name")
     p.set_defaults(func=_convert_vg)
+
+    p = _verb(
+        sub,
+        "export",
+        "the trained detector with masks as one ONNX or TorchScript file: one (3, H, W) image "
+        "in; boxes, labels, scores and full-image mask probabilities (N, 1, H, W) out",
+    )
+    p.add_argument("run", type=Path, help="a run directory (everyseg train --out)")
+    p.add_argument(
+        "--format",
+        dest="fmt",
+        choices=["onnx", "torchscript"],
+        required=True,
+        help="onnx (pip install everyseg[export]; run with onnxruntime) or torchscript",
+    )
+    p.add_argument("--out", type=Path, required=True, help="the file to write")
+    p.add_argument("--checkpoint", **CHECKPOINT_OPTION)
+    p.set_defaults(func=_export)
 
     p = _verb(sub, "demo", "synth + train baseline-tiny + evaluate + overlays")
     p.add_argument("--out", type=Path, default=Path("everyseg-demo"), help="default everyseg-demo")
@@ -395,6 +417,13 @@ def _convert_vg(args) -> None:
         aliases=args.aliases,
     )
     print(summary.format(args.objects, args.out))
+
+
+def _export(args) -> None:
+    from everyseg.engine.export import export_run
+
+    out = export_run(args.run, fmt=args.fmt, out=args.out, checkpoint=args.checkpoint)
+    print(f"{args.run} ({args.checkpoint}) -> {out} ({args.fmt})")
 
 
 def _demo(args) -> None:

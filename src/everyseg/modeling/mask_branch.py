@@ -73,6 +73,8 @@ def mask_probabilities(
     probabilities in each box (a class-agnostic head ignores the labels)."""
     roi_features = roi_pool(features, boxes, image_shapes)  # (N, C, S, S)
     probs = head.predict(roi_features, torch.cat(labels))  # (N, 1, M, M)
+    if len(boxes) == 1:  # a traced export sees one image of any number of boxes
+        return [probs]
     return list(probs.split([len(b) for b in boxes]))
 
 
