@@ -38,7 +38,14 @@ def test_train_writes_the_run_directory_and_metrics(trained_run):
     assert metrics["seen_classes"] == ["circle", "star", "ring"]
     assert len(metrics["unseen_classes"]) == 11 and metrics["images"] == 4
     for kind in ("segm", "bbox"):
-        assert set(metrics[kind]) == {"all", "seen", "unseen", "per_class", "by_frequency"}
+        assert set(metrics[kind]) == {
+            "all",
+            "seen",
+            "unseen",
+            "per_class",
+            "by_frequency",
+            "pr_curve",
+        }
         for subset in ("all", "seen", "unseen"):
             assert set(metrics[kind][subset]) == METRIC_KEYS
         assert len(metrics[kind]["per_class"]) == 14

@@ -156,11 +156,32 @@ def test_wrong_classes_lower_ap_and_all_matches_pycocotools_summary():
             assert (ours is None and stat == -1) or ours == pytest.approx(stat * 100, abs=1e-9)
 
 
+def test_pr_curve_averages_to_ap50_per_subset():
+    gt = _gt()
+    swap = {1: 2, 2: 3, 3: 1}
+    results = [_result(a, score=0.5) for a in gt["annotations"] if not a["iscrowd"]]
+    results += [
+        _result(a, score=0.9, category_id=swap[a["category_id"]]) for a in gt["annotations"][:4]
+    ]
+    metrics = coco_metrics(gt, results, seen_cat_ids=SEEN)
+    for iou_type in ("segm", "bbox"):
+        curve = metrics[iou_type]["pr_curve"]
+        assert curve["iou"] == 0.5 and curve["recall"] == [i / 100 for i in range(101)]
+        for subset in ("all", "seen", "unseen"):
+            assert len(curve[subset]) == 101 and all(0 <= p <= 1 for p in curve[subset])
+            ap50 = metrics[iou_type][subset]["AP50"]
+            assert 0 < ap50 < 100
+            assert np.mean(curve[subset]) * 100 == pytest.approx(ap50, abs=0.01)
+    perfect = coco_metrics(gt, _perfect(gt), seen_cat_ids={4})  # seen: only "absent"
+    assert perfect["segm"]["pr_curve"]["all"] == [1.0] * 101
+    assert perfect["segm"]["pr_curve"]["seen"] is None  # no ground truth to measure on
+
+
 def test_schema_keys_and_json(tmp_path):
     metrics = coco_metrics(_gt(), _perfect(_gt())[:3], seen_cat_ids=SEEN)
     assert set(metrics) == {"segm", "bbox", "seen_classes", "unseen_classes", "images"}
     for iou_type in ("segm", "bbox"):
-        assert set(metrics[iou_type]) == {"all", "seen", "unseen", "per_class"}
+        assert set(metrics[iou_type]) == {"all", "seen", "unseen", "per_class", "pr_curve"}
         for subset in ("all", "seen", "unseen"):
             assert set(metrics[iou_type][subset]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
         assert set(metrics[iou_type]["per_class"]) == set(NAMES.values())
@@ -460,7 +481,7 @@ def test_evaluate_model_runs_tiny_maskrcnn(monkeypatch):
     )
     assert model.training  # mode restored
     assert metrics["images"] == 2
-    assert set(metrics["segm"]) == {"all", "seen", "unseen", "per_class"}
+    assert set(metrics["segm"]) == {"all", "seen", "unseen", "per_class", "pr_curve"}
     json.dumps(metrics, allow_nan=False)
     assert seen_results  # the untrained model still detects something at score > 0.05
     assert {r["image_id"] for r in seen_results} <= {1, 3}

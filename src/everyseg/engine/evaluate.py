@@ -50,6 +50,8 @@ _SUMMARY = (
     ("APl", None, 3),
 )
 STAT_NAMES = tuple(name for name, _, _ in _SUMMARY)
+PR_CURVE_IOU = 0.5
+RECALL_POINTS = np.linspace(0.0, 1.0, 101)  # COCOeval's recall thresholds (params.recThrs)
 
 
 def coco_metrics(
@@ -74,7 +76,8 @@ def coco_metrics(
 
     Returns:
         The metrics.json dict: ``{"segm"|"bbox": {"all"|"seen"|"unseen": {AP, AP50, AP75, APs,
-        APm, APl}, "per_class": {name: AP}}, "seen_classes", "unseen_classes", "images"}``.
+        APm, APl}, "per_class": {name: AP}, "pr_curve": {iou, recall, all, seen, unseen}},
+        "seen_classes", "unseen_classes", "images"}`` (``pr_curve``: see :func:`_pr_curve`).
         A value is ``None`` where COCO would print -1 (no ground truth in that class / subset /
         area range), e.g. a class absent from the val set.
         With frequency buckets, each iou type adds ``"by_frequency": {"r"|"c"|"f": {AP, ...}}``
@@ -113,6 +116,7 @@ def coco_metrics(
             "per_class": {
                 c["name"]: _mean_ap(precision[:, :, k, 0, -1]) for k, c in enumerate(cats)
             },
+            "pr_curve": _pr_curve(precision, iou_thrs, is_seen),
         }
         if buckets is not None:
             metrics[iou_type] |= _by_frequency(precision, iou_thrs, cats, buckets)
@@ -181,6 +185,22 @@ def _summarize(
             p = p[np.isclose(iou_thrs, iou)]
         summary[name] = _mean_ap(p)
     return summary
+
+
+def _pr_curve(precision: np.ndarray, iou_thrs: np.ndarray, is_seen: np.ndarray) -> dict[str, Any]:
+    """The precision-recall curve at IoU 0.5 of all / seen / unseen classes: at each of
+    COCO's 101 recall points, the precision (0..1) averaged over the classes with ground truth,
+    or None where a subset has none. Their mean over recall points is that subset's AP50."""
+    at_half = precision[np.isclose(iou_thrs, PR_CURVE_IOU)][0, :, :, 0, -1]  # (R, K)
+    curve: dict[str, Any] = {"iou": PR_CURVE_IOU, "recall": RECALL_POINTS.round(2).tolist()}
+    for subset, cat_mask in (
+        ("all", np.ones_like(is_seen)),
+        ("seen", is_seen),
+        ("unseen", ~is_seen),
+    ):
+        p = at_half[:, cat_mask & (at_half > -1).any(axis=0)]  # (R, classes with ground truth)
+        curve[subset] = p.mean(axis=1).round(4).tolist() if p.shape[1] else None
+    return curve
 
 
 def _mean_ap(precision: np.ndarray) -> float | None:
