@@ -1,5 +1,5 @@
 """`everyseg synth | train | evaluate | predict | segment | check-data | convert | export |
-demo`."""
+report | demo`."""
 
 from __future__ import annotations
 
@@ -77,6 +77,9 @@ EXAMPLES = {
     "export": """examples:
   everyseg export runs/a --format onnx --out a.onnx        # NMS and mask paste inside
   everyseg export runs/a --format torchscript --out a.pt --checkpoint best""",
+    "report": """examples:
+  everyseg report runs/a --out a.html              # curves, per-class AP, PR, gallery
+  everyseg report runs/a runs/b runs/c --out compare.html --gallery 2""",
     "demo": """examples:
   everyseg demo                                    # everyseg-demo/: data and run
   everyseg demo --out /tmp/demo --steps 200 --train 100 --val 20""",
@@ -239,6 +242,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="the file to write")
     p.add_argument("--checkpoint", **CHECKPOINT_OPTION)
     p.set_defaults(func=_export)
+
+    p = _verb(
+        sub,
+        "report",
+        "one self-contained HTML page on runs: loss and lr curves, per-class mask AP (seen / "
+        "unseen), precision-recall curves, ground truth beside predictions, a metrics table",
+    )
+    p.add_argument("runs", nargs="+", type=Path, help="run directories (everyseg train --out)")
+    p.add_argument("--out", type=Path, required=True, help="the HTML file to write")
+    p.add_argument(
+        "--gallery",
+        type=int_in(0, 100),
+        default=4,
+        help="val images per run predicted for the gallery (default 4; 0: no gallery)",
+    )
+    p.add_argument("--checkpoint", **CHECKPOINT_OPTION)
+    p.set_defaults(func=_report)
 
     p = _verb(sub, "demo", "synth + train baseline-tiny + evaluate + overlays")
     p.add_argument("--out", type=Path, default=Path("everyseg-demo"), help="default everyseg-demo")
@@ -424,6 +444,15 @@ def _export(args) -> None:
 
     out = export_run(args.run, fmt=args.fmt, out=args.out, checkpoint=args.checkpoint)
     print(f"{args.run} ({args.checkpoint}) -> {out} ({args.fmt})")
+
+
+def _report(args) -> None:
+    from everyseg.report import write_report
+
+    out = write_report(
+        args.runs, out=args.out, gallery_images=args.gallery, checkpoint=args.checkpoint
+    )
+    print(f"{len(args.runs)} run(s) -> {out}")
 
 
 def _demo(args) -> None:
