@@ -87,18 +87,18 @@ def per_class_ap(metrics: dict[str, Any]) -> Figure:
             (f"bottom {BARS_PER_PANEL}", scored[-BARS_PER_PANEL:]),
         ]
     rows = max(len(bars) for _, bars in panels)
-    fig = Figure(figsize=(WIDTH, 1.0 + 0.24 * rows))
+    fig = Figure(figsize=(WIDTH, 1.3 + 0.24 * rows), layout="constrained")
     for ax, (title, bars) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
         names = [name for _, name in bars][::-1]  # best at the top
-        ax.barh(
+        drawn = ax.barh(
             names,
             [ap for ap, _ in bars][::-1],
             color=[SEEN if name in seen else UNSEEN for name in names],
         )
+        ax.bar_label(drawn, fmt="%.1f", fontsize="x-small", padding=2)
         ax.set(title=title, xlabel="mask AP (%)", xlim=(0, 100))
         ax.tick_params(axis="y", labelsize="small")
-    _seen_unseen_legend(fig.axes[0])
-    fig.tight_layout()
+    _seen_unseen_legend(fig)
     return fig
 
 
@@ -113,8 +113,12 @@ def class_distribution(metrics: dict[str, Any]) -> Figure:
     spread = axes[-1]
     for label, color, keep in (("seen", SEEN, True), ("unseen", UNSEEN, False)):
         values = [ap for name, ap in per_class.items() if ap is not None and (name in seen) == keep]
-        spread.hist(values, bins=20, range=(0, 100), alpha=0.6, color=color, label=label)
-    spread.set(title="classes by mask AP", xlabel="mask AP (%)", ylabel="classes")
+        if values:  # density of nothing is 0 / 0
+            name = f"{label} ({len(values)} classes)"
+            spread.hist(
+                values, bins=20, range=(0, 100), density=True, alpha=0.6, color=color, label=name
+            )
+    spread.set(title="spread of per-class mask AP", xlabel="mask AP (%)", ylabel="density")
     spread.legend(fontsize="small")
     if buckets:
         counts = metrics.get("frequency_buckets", {}).get("classes", {})
@@ -143,13 +147,15 @@ def pr_curves(metrics: dict[str, Any]) -> Figure:
     return fig
 
 
-def _seen_unseen_legend(ax) -> None:
+def _seen_unseen_legend(fig: Figure) -> None:
+    """Above the panels, where no bar can hide it."""
     from matplotlib.patches import Patch
 
-    ax.legend(
+    fig.legend(
         handles=[Patch(color=SEEN, label="seen"), Patch(color=UNSEEN, label="unseen")],
         fontsize="small",
-        loc="lower right",
+        loc="outside upper center",
+        ncols=2,
     )
 
 
