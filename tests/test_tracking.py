@@ -44,8 +44,8 @@ def test_training_writes_losses_lr_eval_ap_and_overlays(train_tiny, tmp_path):
         "data.mask_classes=[circle, star, ring]",
         "train.tensorboard=on",
     )
-    assert list(run.root.glob("events.out.tfevents.*")), "no event file beside log.jsonl"
-    events = _events(run.root)
+    assert list(run.tensorboard.glob("events.out.tfevents.*")), "no event file in tensorboard/"
+    events = _events(run.tensorboard)
     records = _train_records(run)
     for key in ("loss", "loss_mask", "loss_classifier"):
         logged = _scalars(events, f"train/{key}")
@@ -71,7 +71,7 @@ def test_log_records_wall_time_and_peak_memory(train_tiny, tmp_path):
     assert times == sorted(times) and times[0] > 0
     assert all(r["max_rss_mb"] > 50 for r in records)  # torch alone takes more
     assert "max_cuda_mb" not in records[0]  # a CPU run
-    assert not list(run.root.glob("events.out.tfevents.*"))
+    assert not list(run.tensorboard.glob("events.out.tfevents.*"))
 
 
 def test_resume_appends_without_logging_a_step_twice(make_config, tmp_path):
@@ -84,7 +84,7 @@ def test_resume_appends_without_logging_a_step_twice(make_config, tmp_path):
     train(make_config("train.steps=6", *sets), out_dir=run.root, resume=True, progress=False)
     records = _train_records(run)
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
-    logged = _scalars(_events(run.root), "train/loss")
+    logged = _scalars(_events(run.tensorboard), "train/loss")
     assert logged == pytest.approx({r["step"]: r["loss"] for r in records}, rel=1e-6)
     times = [r["time"] for r in records]
     assert times == sorted(times) and times[2] > first_times[2]  # the clock went on
@@ -100,7 +100,7 @@ def test_tensorboard_on_without_the_package_names_the_extra(make_config, tmp_pat
     with pytest.raises(ConfigError, match=r"train\.tensorboard=on .*everyseg\[tensorboard\]"):
         train(make_config("train.steps=1", "train.tensorboard=on"), out_dir=tmp_path / "on")
     run = train(make_config("train.steps=1"), out_dir=tmp_path / "auto", progress=False)
-    assert run.log.is_file() and not list(run.root.glob("events.out.tfevents.*"))
+    assert run.log.is_file() and not list(run.tensorboard.glob("events.out.tfevents.*"))
 
 
 @pytest.mark.parametrize(("text", "value"), [("on", "on"), ("off", "off"), ("auto", "auto")])

@@ -71,7 +71,7 @@ def _track_final_evaluation(run: RunDir, cfg: Config, metrics: dict) -> None:
     steps, every = cfg.train.steps, cfg.train.eval_every
     if every and steps % every == 0:
         return
-    tracker = Tracker.open(run.root, cfg, start_step=0)
+    tracker = Tracker.open(run.tensorboard, cfg, start_step=0)
     if tracker.writer is not None:
         predictor = Predictor.from_run(run.root)
         tracker.evaluation(steps, metrics, model=predictor.model, class_names=predictor.class_names)
@@ -80,7 +80,14 @@ def _track_final_evaluation(run: RunDir, cfg: Config, metrics: dict) -> None:
 
 def outputs_summary(run: RunDir) -> str:
     """Where a finished run's outputs are, and what to run next."""
-    names = ["config.yaml", "log.jsonl", "metrics.json", "checkpoints/last.pt", "overlays/"]
+    names = [
+        "config.yaml",
+        "log.jsonl",
+        "metrics.json",
+        "checkpoints/last.pt",
+        "overlays/",
+        "tensorboard/",  # with the tensorboard package (train.tensorboard)
+    ]
     present = [name for name in names if (run.root / name.rstrip("/")).exists()]
     root = run.root.resolve()
     return (

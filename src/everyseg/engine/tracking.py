@@ -1,5 +1,5 @@
-"""Experiment tracking: TensorBoard event files beside log.jsonl, and the wall time and peak
-memory each log.jsonl record carries.
+"""Experiment tracking: TensorBoard event files in the run directory's tensorboard/, beside
+log.jsonl, and the wall time and peak memory each log.jsonl record carries.
 
 TensorBoard is optional (`pip install everyseg[tensorboard]`); train.tensorboard says whether
 to write (auto: when the package is installed). Only rank 0 writes. A resumed run reopens the
@@ -71,13 +71,14 @@ class Tracker:
         self.overlay_images = list(overlay_images)
 
     @classmethod
-    def open(cls, root: Path, cfg: Config, *, start_step: int) -> Tracker:
-        """The tracker of the run directory `root`, whose training starts at `start_step`."""
+    def open(cls, folder: Path, cfg: Config, *, start_step: int) -> Tracker:
+        """The tracker writing into `folder` (a run's tensorboard/) for training that starts
+        at `start_step`."""
         if not wants_tensorboard(cfg.train.tensorboard):
             return cls(None)
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(root), purge_step=start_step + 1 if start_step else None)
+        writer = SummaryWriter(str(folder), purge_step=start_step + 1 if start_step else None)
         return cls(writer, overlay_images=_first_images(cfg.data.val_images))
 
     def scalars(self, record: dict) -> None:

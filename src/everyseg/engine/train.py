@@ -250,7 +250,9 @@ def _take_steps(run: RunDir, state: TrainingState, cfg: Config, dataset, device,
     main = distributed.is_main()
     with ExitStack() as files, bar:
         log = files.enter_context(run.log.open("a")) if main else None
-        tracker = Tracker.open(run.root, cfg, start_step=state.step) if main else Tracker(None)
+        tracker = (
+            Tracker.open(run.tensorboard, cfg, start_step=state.step) if main else Tracker(None)
+        )
         files.callback(tracker.close)
         tic = time.perf_counter()
         # log.jsonl's `time`: seconds of training, a resumed run's clock going on from its log
