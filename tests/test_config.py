@@ -97,6 +97,7 @@ CHOICE_KEYS = {
     "train.stage",
     "model.mask_head.train_rois",
     "train.amp",
+    "train.tensorboard",
 }
 
 

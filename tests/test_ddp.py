@@ -1,6 +1,7 @@
 """Training under torchrun: 2 CPU processes (gloo) match one process with the same global
 batch, resume after a kill as if never interrupted, and only rank 0 writes the run."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -136,6 +137,8 @@ def test_two_processes_match_one_with_the_same_global_batch(make_config, tmp_pat
     for a, b in zip(*(map(json.loads, r.log.read_text().splitlines()) for r in (one, two))):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
     assert sorted(p.name for p in two.root.iterdir()) == sorted(p.name for p in one.root.iterdir())
+    if importlib.util.find_spec("tensorboard") is not None:  # train.tensorboard=auto
+        assert len(list(two.tensorboard.iterdir())) == 1  # rank 0's event file alone
     assert sorted(p.name for p in two.checkpoints.iterdir()) == [
         "index.json",
         "last.pt",

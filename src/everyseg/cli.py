@@ -23,6 +23,7 @@ MAX_SIDE = 4096
 MAX_STEPS = 10_000_000
 MAX_SEED = 2**32 - 1
 MAX_CLASSES = 1_000_000
+MAX_BATCH = 1024
 
 
 SET_OPTION: dict[str, Any] = dict(
@@ -60,7 +61,9 @@ EXAMPLES = {
   everyseg evaluate runs/a --data other.json --images other/  # -> metrics-other.json""",
     "predict": """examples:
   everyseg predict runs/a photo.jpg --out pred
-  everyseg predict runs/a imgs/*.png --out pred --score-thresh 0.3 --checkpoint best""",
+  everyseg predict runs/a imgs/*.png --out pred --score-thresh 0.3 --checkpoint best
+  everyseg predict runs/a photos/ 'more/**/*.jpg' --out pred --batch-size 8
+  everyseg predict runs/a coco/val2017 --data coco/val.json --out pred  # COCO image ids""",
     "segment": """examples:
   everyseg segment runs/a photo.jpg --box 10 20 60 90 --out seg
   everyseg segment runs/a photo.jpg --box 10 20 60 90 --box 0 0 32 32 --out seg""",
@@ -162,8 +165,26 @@ def _parser() -> argparse.ArgumentParser:
 
     p = _verb(sub, "predict", "COCO results JSON (RLE) and overlays for images")
     p.add_argument("run", type=Path, help="a run directory (everyseg train --out)")
-    p.add_argument("images", nargs="+", type=Path, help="image files")
+    p.add_argument(
+        "images",
+        nargs="+",
+        help="image files, folders (their image files at any depth) or quoted glob patterns "
+        "('imgs/**/*.jpg')",
+    )
     p.add_argument("--out", type=Path, required=True, help="writes results.json and overlays/")
+    p.add_argument(
+        "--batch-size",
+        type=int_in(1, MAX_BATCH),
+        default=1,
+        help="images per forward pass (default 1); a bad file in a batch fails alone",
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        metavar="JSON",
+        help="a COCO data set: results take the image ids of its images (matched by "
+        "file_name); files it does not list get overlays only",
+    )
     p.add_argument(
         "--score-thresh",
         type=float_in(0.0, 1.0),
@@ -378,8 +399,11 @@ def _evaluate(args) -> None:
 
 def _predict(args) -> int:
     from everyseg.predict_files import predict_files
+    from everyseg.predict_inputs import data_set_ids, image_files
     from everyseg.predictor import Predictor
 
+    paths = image_files(args.images)  # before the model loads: a wrong argument fails fast
+    image_ids = None if args.data is None else data_set_ids(args.data, paths)
     predictor = Predictor.from_run(
         args.run,
         checkpoint=args.checkpoint,
@@ -388,11 +412,30 @@ def _predict(args) -> int:
     )
     results = args.out / "results.json"
     failures = predict_files(
-        predictor, args.images, overlays=args.out / "overlays", results=results
+        predictor,
+        paths,
+        overlays=args.out / "overlays",
+        results=results,
+        batch_size=args.batch_size,
+        image_ids=image_ids,
     )
-    done = len(args.images) - len(failures)
-    print(f"{done} of {len(args.images)} images -> {results}, {args.out / 'overlays'}")
+    print(
+        f"{len(paths) - len(failures)} of {len(paths)} images -> {results}, {args.out / 'overlays'}"
+    )
+    if image_ids is not None:
+        unknown = [path for path, image_id in zip(paths, image_ids) if image_id is None]
+        _note_files_not_in_data(args.data, unknown, of=len(paths))
     return 1 if failures else 0
+
+
+def _note_files_not_in_data(data: Path, unknown: list[Path], *, of: int, shown: int = 5) -> None:
+    if unknown:
+        names = ", ".join(map(str, unknown[:shown])) + (", ..." if len(unknown) > shown else "")
+        print(
+            f"note: {len(unknown)} of {of} files are not images of {data} (no file_name "
+            f"matches): {names}; results.json has no entries for them (overlays only)",
+            file=sys.stderr,
+        )
 
 
 def _segment(args) -> None:

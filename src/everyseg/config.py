@@ -256,6 +256,9 @@ class TrainConfig:
     checkpoint_every: PositiveInt = 5000
     keep_every: NonNegativeInt = 0  # also keep checkpoints/step_XXXXXXX.pt every N steps (0: never)
     log_every: PositiveInt = 20
+    # TensorBoard event files in the run directory (losses, lr, eval AP, overlays): auto = when
+    # the tensorboard package is installed (pip install everyseg[tensorboard]), on = required
+    tensorboard: Literal["auto", "on", "off"] = "auto"
     eval_every: NonNegativeInt = (
         0  # evaluate on val every N steps and keep checkpoints/best.pt (0: never)
     )

@@ -123,6 +123,8 @@ def check_value(value: Any, hint: Any, key: str) -> Any:
         choices = typing.get_args(hint)
         if value is False and "off" in choices:  # YAML 1.1 reads an unquoted off as false
             return "off"
+        if value is True and "on" in choices:  # and an unquoted on as true
+            return "on"
         if isinstance(value, str) and value in choices:
             return value
         raise ConfigError(f"{key}: expected {_one_of(choices)}, got {value!r}")

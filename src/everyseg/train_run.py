@@ -43,7 +43,9 @@ def train(
     with distributed.process_group(resolve_device(cfg.train.device)):
         run = train_steps(cfg, out_dir=out, resume=resume, progress=progress)
         if cfg.data.val_json and evaluate:
-            evaluate_run(run.root)
+            metrics = evaluate_run(run.root)
+            if distributed.is_main():
+                _track_final_evaluation(run, cfg, metrics)
             if distributed.is_main() and cfg.data.val_images:
                 _write_overlays(run, Path(cfg.data.val_images))
         if distributed.is_main():
@@ -61,9 +63,31 @@ def _write_overlays(run: RunDir, images: Path) -> None:
     predict_files(predictor, paths[:NUM_OVERLAYS], overlays=run.overlays)
 
 
+def _track_final_evaluation(run: RunDir, cfg: Config, metrics: dict) -> None:
+    """The final evaluation in TensorBoard too, unless train.eval_every put it there."""
+    from everyseg.engine.tracking import Tracker
+    from everyseg.predictor import Predictor
+
+    steps, every = cfg.train.steps, cfg.train.eval_every
+    if every and steps % every == 0:
+        return
+    tracker = Tracker.open(run.tensorboard, cfg, start_step=0)
+    if tracker.writer is not None:
+        predictor = Predictor.from_run(run.root)
+        tracker.evaluation(steps, metrics, model=predictor.model, class_names=predictor.class_names)
+    tracker.close()
+
+
 def outputs_summary(run: RunDir) -> str:
     """Where a finished run's outputs are, and what to run next."""
-    names = ["config.yaml", "log.jsonl", "metrics.json", "checkpoints/last.pt", "overlays/"]
+    names = [
+        "config.yaml",
+        "log.jsonl",
+        "metrics.json",
+        "checkpoints/last.pt",
+        "overlays/",
+        "tensorboard/",  # with the tensorboard package (train.tensorboard)
+    ]
     present = [name for name in names if (run.root / name.rstrip("/")).exists()]
     root = run.root.resolve()
     return (

@@ -60,6 +60,11 @@ class RunDir:
         return self.root / "overlays"
 
     @property
+    def tensorboard(self) -> Path:
+        """TensorBoard event files (engine.tracking): `tensorboard --logdir` this or a parent."""
+        return self.root / "tensorboard"
+
+    @property
     def index(self) -> Path:
         """Which step each checkpoint holds (see checkpoint.save_checkpoint)."""
         return self.checkpoints / "index.json"

@@ -33,6 +33,7 @@ from everyseg.engine.precision import autocast, check_training_precision
 from everyseg.engine.rng import capture_rng, restore_rng, seed_everything
 from everyseg.engine.run_dir import RunDir, RunRecord, trim_log
 from everyseg.engine.sampler import StepBatchSampler
+from everyseg.engine.tracking import Tracker, logged_seconds, peak_memory, wants_tensorboard
 from everyseg.modeling.detector import build_model
 
 
@@ -173,6 +174,7 @@ def _check_train_config(cfg: Config, device: torch.device) -> None:
     check_stage(cfg)
     tc, world = cfg.train, distributed.world_size()
     check_training_precision(tc.amp, device)
+    wants_tensorboard(tc.tensorboard)  # train.tensorboard=on without the package fails now
     if tc.batch_size % world:
         raise ConfigError(
             f"train.batch_size {tc.batch_size} is the global batch, split evenly over "
@@ -245,9 +247,16 @@ def _take_steps(run: RunDir, state: TrainingState, cfg: Config, dataset, device,
         desc="train",
         dynamic_ncols=True,
     )
+    main = distributed.is_main()
     with ExitStack() as files, bar:
-        log = files.enter_context(run.log.open("a")) if distributed.is_main() else None
+        log = files.enter_context(run.log.open("a")) if main else None
+        tracker = (
+            Tracker.open(run.tensorboard, cfg, start_step=state.step) if main else Tracker(None)
+        )
+        files.callback(tracker.close)
         tic = time.perf_counter()
+        # log.jsonl's `time`: seconds of training, a resumed run's clock going on from its log
+        start = tic - (logged_seconds(run.log) if main else 0.0)
         for images, targets in loader:
             if state.step >= tc.steps:
                 break
@@ -271,14 +280,17 @@ def _take_steps(run: RunDir, state: TrainingState, cfg: Config, dataset, device,
                 tqdm.write(f"step {state.step}: {values['skipped']}; update skipped")
             if state.step % tc.log_every == 0 or state.step == tc.steps or "skipped" in values:
                 record = {"step": state.step, "lr": state.optimizer.param_groups[0]["lr"]}
-                record.update(values, seconds_per_step=(time.perf_counter() - tic) / tc.log_every)
+                now = time.perf_counter()
+                record.update(values, seconds_per_step=(now - tic) / tc.log_every)
+                record.update(time=round(now - start, 3), **peak_memory(device))
                 line = json.dumps(record)
                 distributed.on_main(lambda: _append_line(log, line))  # noqa: B023 (called now)
+                tracker.scalars(record)
                 tic = time.perf_counter()
                 # checked when logging too, so that with skipped steps, every step after an
                 # update that diverged, a long run does not go on until its next checkpoint
                 state.check_weights()
-            _save_and_evaluate_when_due(run, state, cfg, device)
+            _save_and_evaluate_when_due(run, state, cfg, device, tracker)
 
 
 def _parallel(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -300,7 +312,9 @@ def _append_line(log, line: str) -> None:
     log.flush()
 
 
-def _save_and_evaluate_when_due(run: RunDir, state: TrainingState, cfg: Config, device) -> None:
+def _save_and_evaluate_when_due(
+    run: RunDir, state: TrainingState, cfg: Config, device, tracker: Tracker
+) -> None:
     step, tc = state.step, cfg.train
     last = step % tc.checkpoint_every == 0 or step == tc.steps
     keep = bool(tc.keep_every) and step % tc.keep_every == 0
@@ -309,7 +323,7 @@ def _save_and_evaluate_when_due(run: RunDir, state: TrainingState, cfg: Config, 
         rngs = distributed.gather(capture_rng())  # each rank's random streams, for a resume
         distributed.on_main(lambda: _save(run, state, rngs, last=last, keep=keep))
     if tc.eval_every and step % tc.eval_every == 0 and cfg.data.val_json:
-        _evaluate_and_keep_best(run, state, cfg, device)
+        _evaluate_and_keep_best(run, state, cfg, device, tracker)
 
 
 def _save(run: RunDir, state: TrainingState, rngs: list, *, last: bool, keep: bool) -> None:
@@ -372,10 +386,14 @@ def _loader(
     )
 
 
-def _evaluate_and_keep_best(run: RunDir, state: TrainingState, cfg: Config, device) -> None:
+def _evaluate_and_keep_best(
+    run: RunDir, state: TrainingState, cfg: Config, device, tracker: Tracker
+) -> None:
     rng = capture_rng()  # evaluation must not change what the next training step sees
     # every rank evaluates its share of the val set; all get the metrics
     metrics = evaluate_loaded(state.model, cfg, state.record, device=device, progress=False)
+    classes = state.record.class_names
+    tracker.evaluation(state.step, metrics, model=state.model.eval(), class_names=classes)
     restore_rng(rng)
     state.model.train()
     ap = metrics["segm"]["all"]["AP"] or 0.0
