@@ -223,7 +223,7 @@ def test_ranks_share_the_prompts_and_rank_0_scores_them_all(monkeypatch):
     monkeypatch.setattr(distributed, "rank", lambda: 1)
     model = _BoxFiller()
     _evaluate_stub(model, dataset, gt)  # rank 1: the second image alone
-    assert model.calls == [(1, [[2]])]
+    assert model.calls == [(1, [[3]])]  # its box of category 2 is the model's label 3
     (rank_1,) = shares
     monkeypatch.setattr(distributed, "rank", lambda: 0)
     monkeypatch.setattr(distributed, "gather", lambda mine: [mine, rank_1])
