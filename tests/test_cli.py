@@ -34,7 +34,9 @@ def test_train_writes_the_run_directory_and_metrics(trained_run):
         assert (run / name).is_file(), name
     metrics = json.loads((run / "metrics.json").read_text())
     buckets = {"frequency_buckets", "class_frequency"}  # by the run's training instances
-    assert set(metrics) == {"segm", "bbox", "seen_classes", "unseen_classes", "images"} | buckets
+    gt_boxes = {"gt_boxes"}  # mask quality on ground-truth boxes (tests/test_gt_boxes.py)
+    keys = {"segm", "bbox", "seen_classes", "unseen_classes", "images"} | buckets | gt_boxes
+    assert set(metrics) == keys
     assert metrics["seen_classes"] == ["circle", "star", "ring"]
     assert len(metrics["unseen_classes"]) == 11 and metrics["images"] == 4
     for kind in ("segm", "bbox"):

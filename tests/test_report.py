@@ -49,6 +49,7 @@ def test_page_is_self_contained_with_every_part(two_runs):
         image = Image.open(io.BytesIO(base64.b64decode(source.split(",", 1)[1])))
         assert image.format == "PNG" and min(image.size) > 100
     assert f"<th>{run}</th><th>{bare}</th>" in text  # the side-by-side table's columns
+    assert "<th>gt-box mask AP unseen</th>" in text
     assert "<th>mask AP unseen</th>" in text and "<th>steps trained</th><td>2</td>" in text
     assert "metrics.json is missing: run `everyseg evaluate" in text
     assert text.count("<h3>Ground truth and predictions</h3>") == 2

@@ -17,8 +17,15 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from everyseg.data.lvis import FREQUENCIES
 from everyseg.engine import distributed, lvis_rules
+from everyseg.engine.ap_summary import (
+    STAT_NAMES,
+    bucket_summary,
+    by_frequency_block,
+    mean_ap,
+    pr_curve,
+    summarize,
+)
 from everyseg.engine.coco_results import (
     IouType,
     ground_truth_for,
@@ -27,31 +34,21 @@ from everyseg.engine.coco_results import (
     to_coco_results,
 )
 from everyseg.engine.files import write_json
+from everyseg.engine.gt_boxes import PROTOCOL, gt_box_results, mask_ious
 from everyseg.engine.metrics_table import format_metrics_table
 from everyseg.engine.precision import autocast, outputs_to_float32
 
 __all__ = [
+    "STAT_NAMES",
     "coco_metrics",
     "evaluate_model",
+    "gt_box_metrics",
     "format_metrics_table",
     "to_coco_results",
     "write_metrics",
 ]
 
 IOU_TYPES: tuple[IouType, ...] = ("segm", "bbox")
-# Summary numbers as (name, IoU threshold or None for the 0.50:0.95 mean, area range index);
-# all at the last maxDets (100; LVIS: 300), as in COCOeval.summarize().
-_SUMMARY = (
-    ("AP", None, 0),
-    ("AP50", 0.5, 0),
-    ("AP75", 0.75, 0),
-    ("APs", None, 1),
-    ("APm", None, 2),
-    ("APl", None, 3),
-)
-STAT_NAMES = tuple(name for name, _, _ in _SUMMARY)
-PR_CURVE_IOU = 0.5
-RECALL_POINTS = np.linspace(0.0, 1.0, 101)  # COCOeval's recall thresholds (params.recThrs)
 
 
 def coco_metrics(
@@ -61,6 +58,7 @@ def coco_metrics(
     seen_cat_ids: Iterable[int],
     image_ids: Iterable[int] | None = None,
     train_counts: Mapping[str, int] | None = None,
+    iou_types: Iterable[IouType] = IOU_TYPES,
 ) -> dict[str, Any]:
     """COCO segm and bbox AP, split into all / seen / unseen classes and per class.
 
@@ -73,11 +71,12 @@ def coco_metrics(
             model ran on a subset; images without predictions count as having none.
         train_counts: class name -> training instances, to bucket classes by when ``gt`` has
             no LVIS frequencies (see lvis_rules.class_buckets).
+        iou_types: what to score, of "segm" and "bbox".
 
     Returns:
         The metrics.json dict: ``{"segm"|"bbox": {"all"|"seen"|"unseen": {AP, AP50, AP75, APs,
         APm, APl}, "per_class": {name: AP}, "pr_curve": {iou, recall, all, seen, unseen}},
-        "seen_classes", "unseen_classes", "images"}`` (``pr_curve``: see :func:`_pr_curve`).
+        "seen_classes", "unseen_classes", "images"}`` (``pr_curve``: see ap_summary.pr_curve).
         A value is ``None`` where COCO would print -1 (no ground truth in that class / subset /
         area range), e.g. a class absent from the val set.
         With frequency buckets, each iou type adds ``"by_frequency": {"r"|"c"|"f": {AP, ...}}``
@@ -101,7 +100,7 @@ def coco_metrics(
     is_seen = np.array([c["id"] in seen for c in cats], dtype=bool)
     buckets = lvis_rules.class_buckets(cats, train_counts=train_counts, source=source)
     metrics: dict[str, Any] = {}
-    for iou_type in IOU_TYPES:
+    for iou_type in iou_types:
         precision, iou_thrs = precision_array(
             ground_truth_for(dataset, iou_type=iou_type),
             _results_for(results, iou_type=iou_type),
@@ -110,21 +109,21 @@ def coco_metrics(
             federated=federated,
         )
         metrics[iou_type] = {
-            "all": _summarize(precision, iou_thrs, np.ones_like(is_seen)),
-            "seen": _summarize(precision, iou_thrs, is_seen),
-            "unseen": _summarize(precision, iou_thrs, ~is_seen),
+            "all": summarize(precision, iou_thrs, np.ones_like(is_seen)),
+            "seen": summarize(precision, iou_thrs, is_seen),
+            "unseen": summarize(precision, iou_thrs, ~is_seen),
             "per_class": {
-                c["name"]: _mean_ap(precision[:, :, k, 0, -1]) for k, c in enumerate(cats)
+                c["name"]: mean_ap(precision[:, :, k, 0, -1]) for k, c in enumerate(cats)
             },
-            "pr_curve": _pr_curve(precision, iou_thrs, is_seen),
+            "pr_curve": pr_curve(precision, iou_thrs, is_seen),
         }
         if buckets is not None:
-            metrics[iou_type] |= _by_frequency(precision, iou_thrs, cats, buckets)
+            metrics[iou_type] |= by_frequency_block(precision, iou_thrs, cats, buckets)
     metrics["seen_classes"] = [c["name"] for c in cats if c["id"] in seen]
     metrics["unseen_classes"] = [c["name"] for c in cats if c["id"] not in seen]
     metrics["images"] = len(img_ids)
     if buckets is not None:
-        metrics["frequency_buckets"] = _bucket_summary(cats, buckets)
+        metrics["frequency_buckets"] = bucket_summary(cats, buckets)
         metrics["class_frequency"] = {
             c["name"]: buckets.of_category[c["id"]] for c in cats if c["id"] in buckets.of_category
         }
@@ -134,29 +133,6 @@ def coco_metrics(
             "max_detections_per_image": lvis_rules.MAX_DETS_PER_IMAGE,
         }
     return metrics
-
-
-def _by_frequency(
-    precision: np.ndarray, iou_thrs: np.ndarray, cats: list[dict], buckets: lvis_rules.Buckets
-) -> dict[str, Any]:
-    """The summary APs of each frequency bucket; AP_r / AP_c / AP_f too for LVIS's own."""
-    of_category = [buckets.of_category.get(c["id"]) for c in cats]
-    by_frequency = {
-        bucket: _summarize(precision, iou_thrs, np.array([b == bucket for b in of_category]))
-        for bucket in FREQUENCIES
-    }
-    block: dict[str, Any] = {"by_frequency": by_frequency}
-    if buckets.by == "lvis_frequency":
-        block |= {f"AP_{bucket}": by_frequency[bucket]["AP"] for bucket in FREQUENCIES}
-    return block
-
-
-def _bucket_summary(cats: list[dict], buckets: lvis_rules.Buckets) -> dict[str, Any]:
-    counts = {bucket: 0 for bucket in FREQUENCIES}
-    for c in cats:
-        if c["id"] in buckets.of_category:
-            counts[buckets.of_category[c["id"]]] += 1
-    return {"by": buckets.by, "rule": buckets.rule, "classes": counts}
 
 
 def _results_for(results: list[dict[str, Any]], *, iou_type: str) -> list[dict[str, Any]]:
@@ -169,44 +145,6 @@ def _results_for(results: list[dict[str, Any]], *, iou_type: str) -> list[dict[s
     key = "segmentation" if iou_type == "segm" else "bbox"
     fields = ("image_id", "category_id", "score", key)
     return [{f: r[f] for f in fields} for r in results if key in r]
-
-
-def _summarize(
-    precision: np.ndarray, iou_thrs: np.ndarray, cat_mask: np.ndarray
-) -> dict[str, float | None]:
-    """The six COCO summary APs over the categories selected by ``cat_mask`` (K,) bool.
-
-    Same arithmetic as COCOeval.summarize(): mean of the precision entries > -1.
-    """
-    summary = {}
-    for name, iou, area in _SUMMARY:
-        p = precision[:, :, cat_mask, area, -1]
-        if iou is not None:
-            p = p[np.isclose(iou_thrs, iou)]
-        summary[name] = _mean_ap(p)
-    return summary
-
-
-def _pr_curve(precision: np.ndarray, iou_thrs: np.ndarray, is_seen: np.ndarray) -> dict[str, Any]:
-    """The precision-recall curve at IoU 0.5 of all / seen / unseen classes: at each of
-    COCO's 101 recall points, the precision (0..1) averaged over the classes with ground truth,
-    or None where a subset has none. Their mean over recall points is that subset's AP50."""
-    at_half = precision[np.isclose(iou_thrs, PR_CURVE_IOU)][0, :, :, 0, -1]  # (R, K)
-    curve: dict[str, Any] = {"iou": PR_CURVE_IOU, "recall": RECALL_POINTS.round(2).tolist()}
-    for subset, cat_mask in (
-        ("all", np.ones_like(is_seen)),
-        ("seen", is_seen),
-        ("unseen", ~is_seen),
-    ):
-        p = at_half[:, cat_mask & (at_half > -1).any(axis=0)]  # (R, classes with ground truth)
-        curve[subset] = p.mean(axis=1).round(4).tolist() if p.shape[1] else None
-    return curve
-
-
-def _mean_ap(precision: np.ndarray) -> float | None:
-    """Mean of the valid (> -1) precision entries in percent, or None if there are none."""
-    valid = precision[precision > -1]
-    return float(valid.mean() * 100) if valid.size else None
 
 
 def evaluate_model(
@@ -223,6 +161,7 @@ def evaluate_model(
     precision: str = "fp32",
     progress: bool = True,
     train_counts: Mapping[str, int] | None = None,
+    target_label_to_cat_id: Mapping[int, int] | None = None,
 ) -> dict[str, Any]:
     """Run ``model`` over ``dataset`` and return :func:`coco_metrics` of its detections.
 
@@ -241,11 +180,23 @@ def evaluate_model(
             everyseg.engine.precision); detections are scored as float32 whatever it is.
         progress: show a tqdm bar.
         train_counts: see :func:`coco_metrics`.
+        target_label_to_cat_id: the dataset's labels -> category id. Given, the model
+            (`masks_for_boxes`) also segments every ground-truth box with a mask, its class
+            given, and the metrics gain "gt_boxes" (everyseg.engine.gt_boxes): ``{"segm":
+            coco_metrics' segm block of those masks, "mean_iou": {"all"|"seen"|"unseen": IoU},
+            "instances": {...: n}, "per_class_iou": {name: IoU}, "protocol": {...}}``; the
+            targets then need ``has_mask``, ``labels``, ``boxes`` and ``ann_ids``.
 
     Only the images in ``dataset`` are evaluated (``metrics["images"]`` counts them).
     Inside a process group (under torchrun) rank r of W runs images r, r + W, ...; rank 0
     scores them all, in dataset order, and every rank returns the metrics.
     """
+    prompting = target_label_to_cat_id is not None
+    if prompting and not callable(getattr(model, "masks_for_boxes", None)):
+        raise TypeError(
+            f"{type(model).__name__} has no masks_for_boxes: mask quality on ground-truth "
+            "boxes needs an everyseg detector (pass target_label_to_cat_id=None)"
+        )
     rank, world = distributed.rank(), distributed.world_size()
     positions = range(rank, len(dataset), world)  # type: ignore[arg-type]
     device = torch.device(device)
@@ -256,7 +207,8 @@ def evaluate_model(
         collate_fn=_collate_pairs,
         pin_memory=device.type == "cuda",
     )
-    mine: list[tuple[int, int, list[dict[str, Any]]]] = []  # (position, image id, results)
+    # (position, image id, results, results of the ground-truth box prompts)
+    mine: list[tuple[int, int, list[dict[str, Any]], list[dict[str, Any]]]] = []
     ignore = torch.tensor(sorted(set(ignore_labels)), dtype=torch.int64)
     was_training = model.training
     model.eval()
@@ -265,12 +217,24 @@ def evaluate_model(
             done = iter(positions)
             bar = tqdm(loader, desc="evaluate", disable=not (progress and distributed.is_main()))
             for images, targets in bar:
+                on_device = [image.to(device, non_blocking=True) for image in images]
                 with autocast(device, precision):
-                    outputs = _detections(
-                        model, [image.to(device, non_blocking=True) for image in images]
+                    outputs = _detections(model, on_device)
+                    prompted = (
+                        gt_box_results(
+                            model,
+                            on_device,
+                            targets,
+                            label_to_cat_id=label_to_cat_id,
+                            target_label_to_cat_id=target_label_to_cat_id,
+                        )
+                        if target_label_to_cat_id is not None
+                        else [[] for _ in images]
                     )
                 outputs = outputs_to_float32(outputs)
-                for output, image, target in zip(outputs, images, targets, strict=True):
+                for output, image, target, gt_box in zip(
+                    outputs, images, targets, prompted, strict=True
+                ):
                     image_id = int(target["image_id"])
                     output = _without_labels(output, ignore)
                     coco = to_coco_results(
@@ -279,23 +243,54 @@ def evaluate_model(
                         label_to_cat_id=label_to_cat_id,
                         image_size=(image.shape[-2], image.shape[-1]),
                     )
-                    mine.append((next(done), image_id, coco))
+                    mine.append((next(done), image_id, coco, gt_box))
     finally:
         model.train(was_training)
     # in dataset order, as one process would list them (COCOeval breaks score ties by order)
     every = sorted(item for share in distributed.gather(mine) for item in share)
-    results = [result for _, _, coco in every for result in coco]
-    image_ids = [image_id for _, image_id, _ in every]
-    metrics = distributed.on_main(
-        lambda: coco_metrics(
-            gt_json,
-            results,
-            seen_cat_ids=seen_cat_ids,
-            image_ids=image_ids,
-            train_counts=train_counts,
+    image_ids = [image_id for _, image_id, _, _ in every]
+    seen = list(seen_cat_ids)
+
+    def score() -> dict[str, Any]:
+        results = [result for _, _, coco, _ in every for result in coco]
+        metrics = coco_metrics(
+            gt_json, results, seen_cat_ids=seen, image_ids=image_ids, train_counts=train_counts
         )
-    )
-    return distributed.broadcast(metrics)
+        if prompting:
+            metrics["gt_boxes"] = gt_box_metrics(
+                gt_json,
+                [result for *_, prompted in every for result in prompted],
+                seen_cat_ids=seen,
+                image_ids=image_ids,
+                train_counts=train_counts,
+            )
+        return metrics
+
+    return distributed.broadcast(distributed.on_main(score))
+
+
+def gt_box_metrics(
+    gt: str | os.PathLike | dict,
+    results: list[dict[str, Any]],
+    *,
+    seen_cat_ids: Iterable[int],
+    image_ids: Iterable[int] | None = None,
+    train_counts: Mapping[str, int] | None = None,
+) -> dict[str, Any]:
+    """metrics.json's "gt_boxes" (see :func:`evaluate_model`) of the masks
+    everyseg.engine.gt_boxes.gt_box_results made for the ground-truth boxes of ``gt``."""
+    seen_cat_ids = list(seen_cat_ids)
+    segm = coco_metrics(
+        gt,
+        results,
+        seen_cat_ids=seen_cat_ids,
+        image_ids=image_ids,
+        train_counts=train_counts,
+        iou_types=("segm",),
+    )["segm"]
+    dataset = gt if isinstance(gt, dict) else load_ground_truth(gt)
+    ious = mask_ious(dataset, results, seen_cat_ids=seen_cat_ids)
+    return {"segm": segm, **ious, "protocol": dict(PROTOCOL)}
 
 
 def _detections(model: torch.nn.Module, images: list[torch.Tensor]) -> list[dict]:

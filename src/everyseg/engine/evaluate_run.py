@@ -35,6 +35,8 @@ def evaluate_loaded(
 
     Classes are matched by name (see `map_classes`); run classes the file lacks are listed
     under the added key "unscored_classes" and their detections dropped.
+    "gt_boxes" holds the mask AP and mean IoU of the masks the model draws for the ground-
+    truth boxes with their classes (see everyseg.engine.gt_boxes).
     """
     precision = inference_precision(precision, trained=cfg.train.amp, device=torch.device(device))
     data = cfg.data
@@ -71,6 +73,11 @@ def evaluate_loaded(
         precision=precision,
         progress=progress,
         train_counts=record.train_instances or None,
+        # mask quality on ground-truth boxes, the detector held out (metrics["gt_boxes"]):
+        # a run's model always segments given boxes; a foreign torchvision-style one cannot
+        target_label_to_cat_id=(
+            dataset.label_to_cat_id if callable(getattr(model, "masks_for_boxes", None)) else None
+        ),
     )
     if mapping.unscored:
         metrics["unscored_classes"] = mapping.unscored

@@ -28,6 +28,9 @@ AP_ROWS = [
     for iou_type, kind in (("segm", "mask"), ("bbox", "box"))
     for stat in ("AP", "AP50")
     for subset in ("all", "seen", "unseen")
+] + [  # the mask head alone: its masks for the ground-truth boxes (metrics.json gt_boxes)
+    (f"gt-box mask AP {subset}", ("gt_boxes", "segm", subset, "AP"))
+    for subset in ("all", "seen", "unseen")
 ]
 BUCKET_ROWS = [(f"mask AP {b} (frequency)", ("segm", "by_frequency", b, "AP")) for b in "rcf"]
 
