@@ -63,3 +63,31 @@ def test_ready_model_detects_as_the_unfolded_one(make_config, make_model):
         assert torch.equal(got["labels"], want["labels"])
         for key in ("boxes", "scores", "box_masks"):
             torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        [],
+        ["model.mask_head.name=resnet", "model.mask_head.depth=4"],
+        ["model.mask_head.name=hourglass", "model.mask_head.depth=10"],
+        ["model.mask_head.predictor=transfer", "model.mask_head.mlp_fusion=true"],
+    ],
+)
+def test_ready_mask_heads_segment_as_before(make_config, make_model, head):
+    # the mask head runs channels-last once readied: each kind reads and reshapes its
+    # features as it did in the contiguous layout
+    torch.manual_seed(0)
+    model = _trained_looking(make_model(make_config(*head), num_classes=4)).eval()
+    ready = ready_for_inference(copy.deepcopy(model))
+    mask_head = ready.roi_heads.mask_head
+    convs = [p for p in mask_head.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    images = [torch.rand(3, 64, 80)]
+    boxes = [torch.tensor([[4.0, 6.0, 40.0, 50.0], [30.0, 10.0, 78.0, 60.0]])]
+    labels = [torch.tensor([1, 3])]
+    with torch.inference_mode():
+        (want,) = model.masks_for_boxes(images, boxes, labels, paste=False)
+        (got,) = ready.masks_for_boxes(images, boxes, labels, paste=False)
+    torch.testing.assert_close(got["box_masks"], want["box_masks"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got["scores"], want["scores"], rtol=1e-4, atol=1e-4)

@@ -13,6 +13,7 @@ from everyseg.engine.initialize import freeze_for_stage
 from everyseg.engine.run_dir import RunDir, RunRecord
 from everyseg.modeling.detector import Detector, build_model
 from everyseg.modeling.fold_bn import fold_frozen_batchnorm
+from everyseg.modeling.mask_heads import MaskHead
 
 
 def resolve_device(name: str) -> torch.device:
@@ -81,12 +82,16 @@ def load_run(run_dir, *, checkpoint: str = "last", device: str = "auto") -> Load
 def ready_for_inference(model: Detector) -> Detector:
     """`model` in eval mode, made faster for predicting with the same outputs within float
     rounding: its frozen batch norms folded into their convolutions (modeling/fold_bn.py)
-    and, on a CPU, its backbone's convolution weights in channels-last layout, which oneDNN
-    runs faster (benchmarks/infer_speed.py). Its state dict no longer fits a checkpoint: a model
-    readied so is for predicting only."""
+    and, on a CPU, its backbone's and mask head's convolution weights in channels-last
+    layout, which oneDNN runs faster (benchmarks/infer_speed.py). Its state dict no longer
+    fits a checkpoint: a model readied so is for predicting only."""
     fold_frozen_batchnorm(model)
     if next(model.parameters()).device.type == "cpu":
-        # the heads stay as they are: on small images (128 px) channels-last heads were
-        # several times slower, while the backbone's gain holds at every size
+        # the box and RPN heads stay as they are: on small images (128 px) channels-last
+        # heads there were several times slower, while the backbone's gain holds at every
+        # size; so does the mask head's (its RoIs are M x M whatever the image's size)
         model.backbone.to(memory_format=torch.channels_last)
+        for module in model.modules():
+            if isinstance(module, MaskHead):
+                module.to(memory_format=torch.channels_last)
     return model.eval()
