@@ -130,14 +130,20 @@ def test_perfect_predictions_give_100():
     assert metrics["images"] == 3
 
 
-def test_wrong_classes_lower_ap_and_all_matches_pycocotools_summary():
-    gt = _gt()
+def _with_wrong_class_duplicates(gt: dict) -> list[dict]:
+    """A correct result per instance, and confident wrong-class duplicates of the first four
+    above them: 0 < AP < 100."""
     swap = {1: 2, 2: 3, 3: 1}
-    # Confident wrong-class duplicates above each correct prediction: 0 < AP < 100.
     results = [_result(a, score=0.5) for a in gt["annotations"] if not a["iscrowd"]]
     results += [
         _result(a, score=0.9, category_id=swap[a["category_id"]]) for a in gt["annotations"][:4]
     ]
+    return results
+
+
+def test_wrong_classes_lower_ap_and_all_matches_pycocotools_summary():
+    gt = _gt()
+    results = _with_wrong_class_duplicates(gt)
     metrics = coco_metrics(gt, results, seen_cat_ids=SEEN)
     for iou_type in ("segm", "bbox"):
         assert 0.0 < metrics[iou_type]["all"]["AP"] < 100.0
@@ -158,11 +164,7 @@ def test_wrong_classes_lower_ap_and_all_matches_pycocotools_summary():
 
 def test_pr_curve_averages_to_ap50_per_subset():
     gt = _gt()
-    swap = {1: 2, 2: 3, 3: 1}
-    results = [_result(a, score=0.5) for a in gt["annotations"] if not a["iscrowd"]]
-    results += [
-        _result(a, score=0.9, category_id=swap[a["category_id"]]) for a in gt["annotations"][:4]
-    ]
+    results = _with_wrong_class_duplicates(gt)
     metrics = coco_metrics(gt, results, seen_cat_ids=SEEN)
     for iou_type in ("segm", "bbox"):
         curve = metrics[iou_type]["pr_curve"]
