@@ -9,12 +9,14 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_util
 from torchvision.models.detection.roi_heads import paste_masks_in_image
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
+from everyseg import predictor as predictor_module
 from everyseg.engine.coco_results import to_coco_results
-from everyseg.instances import BoxMasks
+from everyseg.instances import BoxMasks, Instances
 from everyseg.modeling import paste
 from everyseg.modeling.paste import inside_box, pasted_crops
-from everyseg.predictor import Predictor, image_to_tensor
+from everyseg.predictor import Predictor, draw_overlay, image_to_tensor
 
 FCOS = "model.backbone.fpn_channels=64"  # FCOS's GroupNorm(32, C) needs C >= 32
 
@@ -200,3 +202,45 @@ def test_segment_masks_are_the_old_cut_pasted_masks(trained_run, upscaled_image)
         probs = old["masks"][i, 0] * centred
         np.testing.assert_array_equal(instances.mask(i), (probs > 0.5).numpy())
         np.testing.assert_array_equal(instances.mask_probs[i], probs.numpy())
+
+
+@pytest.mark.parametrize("min_side", [1, 128])  # scale 1, and small images enlarged 3x
+def test_overlay_paints_each_mask_in_its_region_as_torchvision_draws_full_masks(
+    min_side, monkeypatch
+):
+    torch.manual_seed(2)
+    size = (37, 53)
+    boxes = _boxes_in_and_out(*size)
+    masks = BoxMasks(torch.rand(len(boxes), 1, 14, 14), boxes, image_size=size, threshold=0.5)
+    instances = Instances(
+        boxes=boxes.numpy(),
+        scores=np.linspace(0.9, 0.5, len(boxes), dtype=np.float32),
+        labels=np.arange(1, len(boxes) + 1),
+        class_names=[f"c{i}" for i in range(len(boxes))],
+        box_masks=masks,
+    )
+    image = torch.rand(3, *size)
+    ours = np.asarray(draw_overlay(image, instances, min_side=min_side))
+
+    def full_planes(_):  # the overlay must not ask for (N, H, W) masks
+        raise AssertionError("full-image masks built for an overlay")
+
+    monkeypatch.setattr(BoxMasks, "full", full_planes)
+    assert np.array_equal(np.asarray(draw_overlay(image, instances, min_side=min_side)), ours)
+    monkeypatch.undo()
+    scale = max(1, -(-min_side // max(size)))
+    canvas = (image * 255).round().to(torch.uint8)
+    canvas = canvas.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+    planes = torch.from_numpy(masks.full()).repeat_interleave(scale, 1)
+    planes = planes.repeat_interleave(scale, 2)
+    colors = [predictor_module._color(int(label)) for label in instances.labels]
+    reference = draw_segmentation_masks(canvas, planes, alpha=0.45, colors=colors)
+    reference = draw_bounding_boxes(
+        reference,
+        torch.from_numpy(instances.boxes) * scale,
+        labels=[f"{n} {s:.2f}" for n, s in zip(instances.class_names, instances.scores)],
+        colors=colors,
+        width=2,
+    )
+    difference = np.abs(ours.astype(int) - reference.permute(1, 2, 0).numpy().astype(int))
+    assert difference.max() <= 1  # float blending rounds either way by one level

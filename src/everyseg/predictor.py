@@ -13,7 +13,7 @@ from typing import overload
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+from torchvision.utils import draw_bounding_boxes
 
 from everyseg.config import Config
 from everyseg.engine.coco_results import to_coco_results
@@ -278,12 +278,33 @@ def draw_overlay(
     if len(instances) == 0:
         return Image.fromarray(canvas.permute(1, 2, 0).numpy())
     colors = [_color(int(lab)) for lab in instances.labels]
-    masks = _enlarge(torch.from_numpy(instances.masks), scale)
-    canvas = draw_segmentation_masks(canvas, masks, alpha=alpha, colors=colors)
+    canvas = _paint_masks(canvas, instances.box_masks, colors, scale=scale, alpha=alpha)
     captions = [f"{n} {s:.2f}" for n, s in zip(instances.class_names, instances.scores)]
     boxes = torch.from_numpy(instances.boxes) * scale
     canvas = draw_bounding_boxes(canvas, boxes, labels=captions, colors=colors, width=2)
     return Image.fromarray(canvas.permute(1, 2, 0).numpy())
+
+
+def _paint_masks(
+    canvas: torch.Tensor, box_masks: BoxMasks, colors: list, *, scale: int, alpha: float
+) -> torch.Tensor:
+    """torchvision's draw_segmentation_masks (each mask painted in its colour, pixels of
+    several masks black, then one blend) done inside each mask's region: memory is the canvas
+    plus one mask, never N full-image planes. `canvas`: (3, scale * H, scale * W) uint8."""
+    painted = torch.zeros(canvas.shape[1:], dtype=torch.bool)  # (sH, sW)
+    overlap = torch.zeros_like(painted)
+    colour = canvas.clone()
+    for (x0, y0, x1, y1), crop, rgb in zip(box_masks.regions, box_masks.crops, colors):
+        area = _enlarge(torch.from_numpy(crop)[None], scale)[0]  # (s * h, s * w) bool
+        rows, cols = slice(y0 * scale, y1 * scale), slice(x0 * scale, x1 * scale)
+        colour[:, rows, cols][:, area] = torch.tensor(rgb, dtype=torch.uint8)[:, None]
+        overlap[rows, cols] |= painted[rows, cols] & area
+        painted[rows, cols] |= area
+    colour[:, overlap] = 0
+    blended = canvas[:, painted].float() * (1 - alpha) + colour[:, painted].float() * alpha
+    out = canvas.clone()
+    out[:, painted] = blended.to(torch.uint8)
+    return out
 
 
 def _enlarge(planes: torch.Tensor, scale: int) -> torch.Tensor:
