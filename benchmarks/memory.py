@@ -9,6 +9,10 @@ figure that matters is peak - base, the memory the work itself added.
   "before" is the old path, kept here only as the reference: the eval forward pastes every
   detection as a full-image float mask, then filters and thresholds. "after" is
   Predictor(image) + coco_results. Target: after's peak under base + 300 MB.
+- overlay (4000 x 3000): drawing the predict case's 100 detections on the image. "before"
+  makes every mask a full-image plane for torchvision's draw_segmentation_masks (the old
+  draw_overlay), "after" is draw_overlay (each mask painted in its region). The setup
+  predicts, so a peak that stays under the setup's shows as +0.
 - train (1333 x 800): loading one sample with 100 polygon instances and one training step of
   maskrcnn-tiny at that size (a small network, so that what the masks cost shows). "before"
   decodes every polygon into an (N, H, W) mask (the old loader); "after" is the loader's
@@ -21,7 +25,8 @@ figure that matters is peak - base, the memory the work itself added.
   "before" runs the loader of git revision LOAD_BEFORE (extracted to a temporary folder,
   `--before-rev` to change it), "after" the working tree's.
 
-    python benchmarks/memory.py [--cases predict train load] [--size WxH (overrides each case's)]
+    python benchmarks/memory.py [--cases predict overlay train load]
+        [--size WxH (overrides each case's)]
 
 CASES maps a case name to (prepare, setup, {variant: work}, default size); add a case there.
 The last line prints every case's figures.
@@ -48,6 +53,7 @@ import numpy as np
 import pycocotools.mask as mask_utils
 import torch
 from PIL import Image
+from torchvision.utils import draw_segmentation_masks
 
 from everyseg.config import load_config
 from everyseg.data.build import build_dataset
@@ -57,7 +63,7 @@ from everyseg.data.synthetic import generate
 from everyseg.engine.coco_results import to_coco_results
 from everyseg.engine.train import train
 from everyseg.modeling.detector import build_model
-from everyseg.predictor import Predictor, image_to_tensor
+from everyseg.predictor import Predictor, draw_overlay, image_to_tensor
 
 TARGET_MB = 300
 DETECTIONS = 100
@@ -114,6 +120,24 @@ def predict_before(predictor: Predictor, image: np.ndarray) -> str:
 def predict_after(predictor: Predictor, image: np.ndarray) -> str:
     instances = predictor(image)
     return f"{len(predictor.coco_results(instances, image_id=1))} detections"
+
+
+def setup_overlay(workdir: Path, size: tuple[int, int]):
+    predictor, image = setup_predict(workdir, size)
+    return image, predictor(image)
+
+
+def overlay_before(image: np.ndarray, instances) -> str:
+    """The old draw_overlay's masks: every mask a full-image plane for torchvision's drawing."""
+    canvas = torch.from_numpy(image).permute(2, 0, 1).contiguous()  # (3, H, W) uint8
+    colors = [(255, 0, 0)] * len(instances)
+    draw_segmentation_masks(canvas, torch.from_numpy(instances.masks), alpha=0.45, colors=colors)
+    return f"{len(instances)} masks drawn"
+
+
+def overlay_after(image: np.ndarray, instances) -> str:
+    draw_overlay(image, instances)  # masks, boxes and captions
+    return f"{len(instances)} masks drawn"
 
 
 # --- train ------------------------------------------------------------------------------------
@@ -292,6 +316,12 @@ CASES: dict[str, tuple[Callable, Callable, dict[str, Callable], str]] = {
         prepare_predict,
         setup_predict,
         {"before": predict_before, "after": predict_after},
+        "4000x3000",
+    ),
+    "overlay": (
+        prepare_predict,
+        setup_overlay,
+        {"before": overlay_before, "after": overlay_after},
         "4000x3000",
     ),
     "train": (
