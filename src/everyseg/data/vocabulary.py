@@ -6,14 +6,13 @@ the name after the user's aliases (alias -> canonical), then VOC's spelling -> C
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from everyseg.config import ConfigError
+from everyseg.data.aliases import read_alias_file
+from everyseg.data.validate import DataError
 
 # PASCAL VOC's own spelling -> COCO's, for the six classes the two data sets spell apart
 VOC_TO_COCO: dict[str, str] = {
@@ -37,34 +36,19 @@ def class_key(name: str, aliases: Mapping[str, str]) -> str:
 
 
 def read_class_aliases(path: str | Path | None) -> dict[str, str]:
-    """data.class_aliases: a YAML (or JSON, which YAML reads) mapping alias -> canonical name.
+    """data.class_aliases: a YAML (or JSON) mapping alias -> canonical name (data/aliases.py).
 
     Raises ConfigError naming the file for anything but a flat mapping of non-empty strings,
     and for chains (a canonical name that is itself an alias): one step must be enough.
     """
     if path is None:
         return {}
-    where = f"data.class_aliases {path}"
     try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        return read_alias_file(path)
     except FileNotFoundError:
-        raise ConfigError(f"{where}: file not found") from None
-    except (yaml.YAMLError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"{where}: not a YAML / JSON mapping: {err}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping alias -> class name, got {raw!r:.60}")
-    aliases = {}
-    for alias, canonical in raw.items():
-        if not (isinstance(alias, str) and alias and isinstance(canonical, str) and canonical):
-            raise ConfigError(f"{where}: {alias!r}: {canonical!r} is not a pair of names")
-        aliases[alias] = canonical
-    chained = sorted(c for c in aliases.values() if c in aliases and aliases[c] != c)
-    if chained:
-        raise ConfigError(
-            f"{where}: {chained} are both canonical names and aliases; map every alias "
-            "straight to its final name"
-        )
-    return aliases
+        raise ConfigError(f"data.class_aliases {path}: file not found") from None
+    except DataError as err:
+        raise ConfigError(f"data.class_aliases {err}") from None
 
 
 @dataclass(frozen=True)
