@@ -22,10 +22,14 @@ figure that matters is peak - base, the memory the work itself added.
   then the private memory (USS, and PSS) of 2 DataLoader workers, right after they start and
   after one epoch, each time after a garbage collection: copy-on-write pages of the parent's
   objects the workers touched (a bare worker, with no data set, holds ~90 MB here).
-  "before" runs the loader of git revision LOAD_BEFORE (extracted to a temporary folder,
-  `--before-rev` to change it), "after" the working tree's.
+  "before" runs the loader of git revision BEFORE_REV["load"] (extracted to a temporary
+  folder, `--before-rev` to change it), "after" the working tree's.
+- sources: the load case's file as a COCO source with masks, plus a box-only VG-style source
+  (4000 images, half of them the COCO source's through `coco_id`, 40 boxes each, 1,000
+  classes), merged (data.train_sources); figures as in the load case. "before" is
+  BEFORE_REV["sources"] (merged instances as Python objects), "after" the working tree's.
 
-    python benchmarks/memory.py [--cases predict overlay train load]
+    python benchmarks/memory.py [--cases predict overlay train load sources]
         [--size WxH (overrides each case's)]
 
 CASES maps a case name to (prepare, setup, {variant: work}, default size); add a case there.
@@ -70,7 +74,9 @@ DETECTIONS = 100
 INSTANCES = 100
 LOAD_IMAGES, LOAD_ANNOTATIONS_PER_IMAGE, LOAD_CLASSES = 4000, 12, 80
 LOAD_WORKERS = 2
-LOAD_BEFORE = "541eb36"  # main before the loader stored instances as columns
+VG_BOXES_PER_IMAGE, VG_CLASSES = 40, 1000
+# main before the loader stored instances as columns / before merged sources did
+BEFORE_REV = {"load": "541eb36", "sources": "1620c24"}
 
 
 def rss_peak_mb() -> float:
@@ -249,6 +255,43 @@ def setup_load(workdir: Path, size: tuple[int, int]):
     return (load_config("maskrcnn-tiny", sets).data,)
 
 
+def prepare_sources(workdir: Path) -> None:
+    """The load case's COCO file, and a box-only source sharing half its images."""
+    prepare_load(workdir)
+    json_path = workdir / "load/vg.json"
+    if json_path.is_file():
+        return
+    (width, height), rng = (640, 480), np.random.default_rng(1)
+    entries, annotations = [], []
+    for image_id in range(1, LOAD_IMAGES + 1):
+        entry = {"id": 10**6 + image_id, "file_name": f"{image_id}.png", "width": width,
+                 "height": height}  # fmt: skip
+        if image_id % 2:
+            entry["coco_id"] = image_id
+        entries.append(entry)
+        for _ in range(VG_BOXES_PER_IMAGE):
+            x, y = rng.uniform(0, width - 40), rng.uniform(0, height - 40)
+            w, h = rng.uniform(8, 40, size=2).round(2).tolist()
+            annotations.append({"id": len(annotations) + 1, "image_id": entry["id"],
+                                "category_id": int(rng.integers(1, VG_CLASSES + 1)),
+                                "bbox": [round(x, 2), round(y, 2), w, h], "area": w * h,
+                                "iscrowd": 0})  # fmt: skip
+    categories = [{"id": i, "name": f"class {i}"} for i in range(1, VG_CLASSES + 1)]
+    data = {"images": entries, "annotations": annotations, "categories": categories}
+    json_path.write_text(json.dumps(data, separators=(",", ":")))
+
+
+def setup_sources(workdir: Path, size: tuple[int, int]):
+    root = workdir / "load"
+    sources = (
+        f"[{{json: {root / 'train.json'}, images: {root / 'images'}, mask_classes: all}}, "
+        f"{{json: {root / 'vg.json'}, images: {root / 'images'}, mask_classes: none}}]"
+    )
+    sets = ["data.train_json=null", "data.train_images=null", f"data.train_sources={sources}"]
+    sets += ["data.val_json=null", "data.val_images=null"]  # no val set to leave out
+    return (load_config("maskrcnn-tiny", sets).data,)
+
+
 def status_mb(key: str) -> float:
     """VmRSS (now) or VmHWM (peak) of this process, in MB; unlike ru_maxrss, VmHWM is not
     inherited from the parent that started this process, and clear_refs resets it."""
@@ -331,6 +374,12 @@ CASES: dict[str, tuple[Callable, Callable, dict[str, Callable], str]] = {
         "1333x800",
     ),
     "load": (prepare_load, setup_load, {"before": load_work, "after": load_work}, "640x480"),
+    "sources": (
+        prepare_sources,
+        setup_sources,
+        {"before": load_work, "after": load_work},
+        "640x480",
+    ),
 }
 
 
@@ -345,11 +394,11 @@ def child(case: str, variant: str, workdir: Path, size: tuple[int, int]) -> dict
     return {"base_mb": base, "peak_mb": rss_peak_mb(), "what": what}
 
 
-def measure(case: str, variant: str, workdir: Path, size: str, before_rev: str) -> dict:
+def measure(case: str, variant: str, workdir: Path, size: str, before_rev: str | None) -> dict:
     argv = [sys.executable, __file__, "--child", f"{case}:{variant}", "--workdir", str(workdir)]
     env = dict(os.environ)
-    if (case, variant) == ("load", "before"):
-        env["PYTHONPATH"] = str(_extract_src(before_rev, workdir))
+    if case in BEFORE_REV and variant == "before":
+        env["PYTHONPATH"] = str(_extract_src(before_rev or BEFORE_REV[case], workdir))
     done = subprocess.run([*argv, "--size", size], capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"{case} {variant} failed:\n{done.stderr}")
@@ -374,7 +423,7 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--size", help="image W x H (default: each case's own)")
     parser.add_argument("--workdir", type=Path, help="keep the prepared runs here")
-    parser.add_argument("--before-rev", default=LOAD_BEFORE, help="the load case's 'before'")
+    parser.add_argument("--before-rev", help="the load / sources cases' 'before' revision")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

@@ -128,6 +128,10 @@ def test_shared_image_merged_without_duplicate_boxes(two_sources):
     assert target["has_mask"].tolist() == [True, True, False]
     assert merged.counts[1].shared == 1 and merged.counts[1].duplicates == 1
     assert "merged into an earlier source's copy" in dataset.summary()
+    # merged instances are read-only columns (no Python object per instance for workers to
+    # copy), ann ids and masks read from the source that gave each row
+    assert not merged.instances.labels.flags.writeable
+    assert merged.instances.has_mask.tolist()[:3] == [True, True, False]
 
 
 def test_duplicate_with_a_mask_replaces_a_box_only_one(tmp_path):

@@ -99,7 +99,7 @@ def build_merged_index(
         note = voc_spelling_note(mask_classes or source.mask_classes, index.class_names)
         if note:
             merged.vocabulary.notes.append(f"data.train_sources[{i}]: {note}")
-    if not any(merged.instances.values()):
+    if not len(merged.instances):
         raise DataError(
             f"data.train_sources: no usable instance in any of the {len(sources)} sources "
             "(once val images are left out); nothing to train on"

@@ -191,10 +191,7 @@ class CocoInstances(torch.utils.data.Dataset):
 
     def instances_per_class(self) -> dict[str, int]:
         """Class name -> usable (non-crowd) instances, with or without a mask."""
-        if isinstance(self.index, CocoIndex):  # its labels column: no Instance built
-            counts = Counter(self.index.instances.labels.tolist())
-        else:
-            counts = Counter(i.label for insts in self.index.instances.values() for i in insts)
+        counts = Counter(self.index.instances.labels.tolist())  # a column: no Instance built
         return {name: counts[label] for label, name in enumerate(self.class_names, start=1)}
 
     def ground_truth(self) -> dict:

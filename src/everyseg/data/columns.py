@@ -30,7 +30,7 @@ class Instance:
     segm: Segm | None  # compact polygons or RLE (data.compact_masks); None: box-only
 
 
-def _frozen(values, dtype) -> np.ndarray:
+def frozen_array(values, dtype) -> np.ndarray:
     """`values` as a read-only numpy array; an array.array's buffer is taken over, not copied
     (no second copy at the peak; it is never resized again)."""
     if isinstance(values, array):
@@ -41,7 +41,7 @@ def _frozen(values, dtype) -> np.ndarray:
     return out
 
 
-def _builders(**typecodes: str) -> dict[str, array]:
+def array_builders(**typecodes: str) -> dict[str, array]:
     return {name: array(code) for name, code in typecodes.items()}
 
 
@@ -53,7 +53,7 @@ class SegmColumns:
         # coords: x0, y0, x1, y1, ... of every polygon, one after another; polygon_ends: where
         # polygon j ends in coords; segmentation i is polygons [starts[i], ends[i]), or the
         # bytes [starts[i], ends[i]) of rle if is_rle[i]
-        self._new = _builders(coords="d", polygon_ends="q", starts="q", ends="q", is_rle="b")
+        self._new = array_builders(coords="d", polygon_ends="q", starts="q", ends="q", is_rle="b")
         self._new_rle = bytearray()
         self._columns: dict[str, np.ndarray] = {}
         self._rle = b""
@@ -76,9 +76,9 @@ class SegmColumns:
     def freeze(self) -> None:
         """No more appends: the rows become read-only numpy arrays (and bytes)."""
         dtypes = {"coords": np.float64, "is_rle": np.bool_}
-        self._columns = {k: _frozen(v, dtypes.get(k, np.int64)) for k, v in self._new.items()}
+        self._columns = {k: frozen_array(v, dtypes.get(k, np.int64)) for k, v in self._new.items()}
         ends = self._columns["polygon_ends"]
-        self._columns["polygon_starts"] = _frozen(np.concatenate([[0], ends[:-1]]), np.int64)
+        self._columns["polygon_starts"] = frozen_array(np.concatenate([[0], ends[:-1]]), np.int64)
         self._rle, self._new_rle, self._new = bytes(self._new_rle), bytearray(), {}
 
     def get(self, index: int) -> Segm:
@@ -100,7 +100,7 @@ class InstanceTable(Mapping[int, list[Instance]]):
 
     def __init__(self, segms: SegmColumns) -> None:
         self._segms = segms
-        self._new = _builders(image_ids="q", ann_ids="q", labels="q", boxes="d", segms="q")
+        self._new = array_builders(image_ids="q", ann_ids="q", labels="q", boxes="d", segms="q")
         self._c: dict[str, np.ndarray] = {}
 
     def add(self, *, image_id: int, ann_id: int, label: int, box, segm: int) -> None:
@@ -113,11 +113,12 @@ class InstanceTable(Mapping[int, list[Instance]]):
         new["segms"].append(segm)
 
     def freeze(self) -> None:
-        image_ids = _frozen(self._new.pop("image_ids"), np.int64)
+        image_ids = frozen_array(self._new.pop("image_ids"), np.int64)
         order = np.argsort(image_ids, kind="stable")  # grouped by image, file order within
-        c = {k: _frozen(v, np.float64 if k == "boxes" else np.int64) for k, v in self._new.items()}
+        dtypes = {k: np.float64 if k == "boxes" else np.int64 for k in self._new}
+        c = {k: frozen_array(v, dtypes[k]) for k, v in self._new.items()}
         c["boxes"] = c["boxes"].reshape(-1, 4)
-        c = {k: _frozen(v[order], v.dtype) for k, v in c.items()}
+        c = {k: frozen_array(v[order], v.dtype) for k, v in c.items()}
         # (I,) sorted image ids, their first row, and their rows' count
         ids, first, counts = np.unique(image_ids, return_index=True, return_counts=True)
         c["ids"], c["counts"] = ids, counts
@@ -135,15 +136,28 @@ class InstanceTable(Mapping[int, list[Instance]]):
         """(N,) bool whether each instance has a segmentation."""
         return self._c["segms"] != NO_SEGM
 
-    def __getitem__(self, image_id: int) -> list[Instance]:
+    @property
+    def boxes(self) -> np.ndarray:
+        """(N, 4) float64 every instance's xyxy box."""
+        return self._c["boxes"]
+
+    def rows(self, image_id: int) -> range:
+        """The rows of an image's instances (empty when it has none)."""
         ids = self._c["ids"]
         at = int(np.searchsorted(ids, image_id))
         if at == len(ids) or ids[at] != image_id:
-            raise KeyError(image_id)
+            return range(0)
         start = int(self._c["starts"][at])
-        return [self._instance(row) for row in range(start, start + int(self._c["counts"][at]))]
+        return range(start, start + int(self._c["counts"][at]))
 
-    def _instance(self, row: int) -> Instance:
+    def __getitem__(self, image_id: int) -> list[Instance]:
+        rows = self.rows(image_id)
+        if not rows:
+            raise KeyError(image_id)
+        return [self.row(row) for row in rows]
+
+    def row(self, row: int) -> Instance:
+        """The instance in row `row`."""
         x0, y0, x1, y1 = (float(v) for v in self._c["boxes"][row])
         segm = int(self._c["segms"][row])
         return Instance(
@@ -167,7 +181,7 @@ class GroundTruthTable:
     def __init__(self, segms: SegmColumns) -> None:
         self._segms = segms
         # ints: id, image_id, category_id, iscrowd, segmentation index; floats: x, y, w, h, area
-        self._new = _builders(ints="q", floats="d")
+        self._new = array_builders(ints="q", floats="d")
         self._ints = np.zeros((0, 5), dtype=np.int64)
         self._floats = np.zeros((0, 5), dtype=np.float64)
 
@@ -176,8 +190,8 @@ class GroundTruthTable:
         self._new["floats"].extend((*bbox, area))
 
     def freeze(self) -> None:
-        self._ints = _frozen(self._new["ints"], np.int64).reshape(-1, 5)
-        self._floats = _frozen(self._new["floats"], np.float64).reshape(-1, 5)
+        self._ints = frozen_array(self._new["ints"], np.int64).reshape(-1, 5)
+        self._floats = frozen_array(self._new["floats"], np.float64).reshape(-1, 5)
         self._new = {}
 
     def annotations(self, sizes: Mapping[int, tuple[int, int]]) -> list[dict]:

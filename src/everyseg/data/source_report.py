@@ -12,12 +12,9 @@ from everyseg.data.sources import DUPLICATE_IOU, MergedIndex
 
 def merged_report(merged: MergedIndex) -> dict:
     """Per source what merging kept, left out and joined; the merged classes; name matches."""
-    boxes: Counter[int] = Counter()
-    masks: Counter[int] = Counter()
-    for instances in merged.instances.values():
-        for inst in instances:
-            boxes[inst.label] += 1
-            masks[inst.label] += inst.segm is not None
+    labels = merged.instances.labels  # (N,) a column: no Instance built
+    boxes = Counter(labels.tolist())
+    masks = Counter(labels[merged.instances.has_mask].tolist())
     mask_classes = set(merged.mask_class_names)
     classes = [
         {

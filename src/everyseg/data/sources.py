@@ -28,11 +28,12 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torchvision.ops import box_iou
 
-from everyseg.data.columns import Instance
 from everyseg.data.index import CocoIndex, ImageMeta
+from everyseg.data.merged_table import MergedInstanceTable
 from everyseg.data.validate import as_int, read_categories, read_coco_json
 from everyseg.data.vocabulary import Vocabulary, merge_vocabulary
 
@@ -83,8 +84,20 @@ class _Image:
     meta: ImageMeta
     source: int
     image_id: int
-    instances: list[Instance]
+    number: int  # its place among the merged images, from 0
     weight: float
+    spans: list[range] = field(default_factory=list)  # its rows in the merged table
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """One source image's instances as merging sees them (from the source's columns)."""
+
+    source: int
+    rows: np.ndarray  # (R,) rows of the source's InstanceTable
+    labels: np.ndarray  # (R,) merged labels
+    boxes: np.ndarray  # (R, 4) xyxy in the merged image's size
+    masked: np.ndarray  # (R,) whether each keeps its mask
 
 
 class MergedIndex:
@@ -124,10 +137,10 @@ class MergedIndex:
         }
         self.mask_class_names = [self.class_names[label - 1] for label in sorted(masked)]
         self.counts = [SourceCounts() for _ in sources]
+        self.instances = MergedInstanceTable([s.instances for s in sources])
         merged = self._merge(weights, val)
         self.image_ids = list(range(1, len(merged) + 1))
         self.images = {i: image.meta for i, image in zip(self.image_ids, merged)}
-        self.instances = {i: image.instances for i, image in zip(self.image_ids, merged)}
         self.weights = [image.weight for image in merged]
         self._origins = {i: (m.source, m.image_id) for i, m in zip(self.image_ids, merged)}
 
@@ -143,6 +156,7 @@ class MergedIndex:
         coco = self._coco_source()
         merged: dict[tuple, _Image] = {}
         for i, source in enumerate(self.sources):
+            label_map = _label_lookup(self.vocabulary.source_labels[i])
             for image_id in source.image_ids:
                 meta = source.images[image_id]
                 if val and self._is_val(i, image_id, meta, val, coco):
@@ -151,18 +165,34 @@ class MergedIndex:
                 self.counts[i].images += 1
                 coco_id = source.coco_ids.get(image_id, image_id if i == coco else None)
                 key = ("coco", coco_id) if coco_id is not None else (i, image_id)
-                labels = self.vocabulary.source_labels[i]
-                instances = [
-                    dataclasses.replace(inst, label=labels[inst.label])
-                    for inst in source.instances.get(image_id, [])
-                ]
-                image = _Image(meta, i, image_id, instances, weights[i])
+                rows = np.asarray(source.instances.rows(image_id), dtype=np.int64)
+                table = source.instances
+                new = _Rows(
+                    i, rows, label_map[table.labels[rows]], table.boxes[rows], table.has_mask[rows]
+                )
+                image = _Image(meta, i, image_id, len(merged), weights[i])
                 if key not in merged:
                     merged[key] = image
-                elif (apart := self._join(merged[key], image)) is not None:
+                    self._append(image, new)
+                elif (apart := self._join(merged[key], image, new)) is not None:
                     self.counts[i].kept_apart.append(apart)
+                    image.number = len(merged)
                     merged[(i, image_id)] = image
+                    self._append(image, new)
+        self.instances.freeze()
         return list(merged.values())
+
+    def _append(self, image: _Image, new: _Rows) -> None:
+        if len(new.rows):
+            span = self.instances.append(
+                image=image.number,
+                source=new.source,
+                rows=new.rows,
+                labels=new.labels,
+                boxes=new.boxes,
+                masked=new.masked,
+            )
+            image.spans.append(span)
 
     def _is_val(self, i: int, image_id: int, meta: ImageMeta, val: ValImages, coco) -> bool:
         if os.path.realpath(meta.path) in val.files:
@@ -177,7 +207,7 @@ class MergedIndex:
             return os.path.realpath(coco_image.path) in val.files
         return linked in val.coco_ids
 
-    def _join(self, kept: _Image, new: _Image) -> str | None:
+    def _join(self, kept: _Image, new: _Image, rows: _Rows) -> str | None:
         """Add `new`'s instances to the image `kept`; why not, if its size rules it out."""
         counts = self.counts[new.source]
         (w, h), (nw, nh) = (kept.meta.width, kept.meta.height), (new.meta.width, new.meta.height)
@@ -187,38 +217,60 @@ class MergedIndex:
                     f"image {new.image_id} ({nw}x{nh}) kept apart from "
                     f"{self.where_source(kept)} ({w}x{h}): another aspect ratio"
                 )
-            counts.rescaled += len(new.instances)
-            counts.masks_dropped += sum(inst.segm is not None for inst in new.instances)
-            new.instances = [_scaled(inst, w / nw, h / nh) for inst in new.instances]
+            counts.rescaled += len(rows.rows)
+            counts.masks_dropped += int(rows.masked.sum())
+            scale = np.array([w / nw, h / nh, w / nw, h / nh])
+            rows = dataclasses.replace(
+                rows, boxes=rows.boxes * scale, masked=np.zeros_like(rows.masked)
+            )
         counts.shared += 1
-        counts.duplicates += _add_instances(kept.instances, new.instances)
+        counts.duplicates += self._add_rows(kept, rows)
         kept.weight = max(kept.weight, new.weight)
         return None
+
+    def _add_rows(self, kept: _Image, new: _Rows) -> int:
+        """Append `new` to `kept` but for duplicates (see the module docstring); how many."""
+        at = [i for span in kept.spans for i in span]
+        labels, boxes, masked = self.instances.rows_of(kept.spans)
+        if not at or not len(new.rows):
+            self._append(kept, new)
+            return 0
+        iou = box_iou(torch.from_numpy(new.boxes), torch.from_numpy(boxes))  # (R_new, R_kept)
+        iou[torch.from_numpy(new.labels[:, None] != labels[None, :])] = -1.0
+        best_iou, best = iou.max(dim=1)
+        duplicate = (best_iou >= DUPLICATE_IOU).numpy()
+        for n in np.flatnonzero(duplicate):
+            k = int(best[n])
+            if not masked[k] and new.masked[n]:  # only the new one has a mask: it replaces
+                self.instances.replace(
+                    at[k],
+                    source=new.source,
+                    row=int(new.rows[n]),
+                    label=int(new.labels[n]),
+                    box=new.boxes[n],
+                    masked=True,
+                )
+                masked[k] = True
+        keep = ~duplicate
+        self._append(
+            kept,
+            dataclasses.replace(
+                new,
+                rows=new.rows[keep],
+                labels=new.labels[keep],
+                boxes=new.boxes[keep],
+                masked=new.masked[keep],
+            ),
+        )
+        return int(duplicate.sum())
 
     def where_source(self, image: _Image) -> str:
         return f"{self.sources[image.source].json_path.name} image {image.image_id}"
 
 
-def _scaled(inst: Instance, sx: float, sy: float) -> Instance:
-    x0, y0, x1, y1 = inst.box
-    return dataclasses.replace(inst, box=(x0 * sx, y0 * sy, x1 * sx, y1 * sy), segm=None)
-
-
-def _add_instances(kept: list[Instance], new: list[Instance]) -> int:
-    """Append `new` to `kept` but for duplicates (see the module docstring); how many."""
-    if not kept or not new:
-        kept += new
-        return 0
-    earlier = len(kept)
-    iou = box_iou(torch.tensor([i.box for i in new]), torch.tensor([i.box for i in kept]))
-    duplicates = 0
-    for n, inst in enumerate(new):
-        same = [k for k in range(earlier) if kept[k].label == inst.label]
-        best = max(same, key=lambda k: float(iou[n, k]), default=None)
-        if best is None or float(iou[n, best]) < DUPLICATE_IOU:
-            kept.append(inst)
-            continue
-        duplicates += 1
-        if kept[best].segm is None and inst.segm is not None:
-            kept[best] = inst
-    return duplicates
+def _label_lookup(labels: dict[int, int]) -> np.ndarray:
+    """A source's label -> merged label as an array indexed by the source's label."""
+    lookup = np.zeros(max(labels, default=0) + 1, dtype=np.int64)
+    for own, merged in labels.items():
+        lookup[own] = merged
+    return lookup
