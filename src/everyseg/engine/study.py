@@ -1,0 +1,194 @@
+"""`everyseg study NAME --out DIR`: run a study's grid of trainings (engine/studies.py) and
+write DIR/study.md (mean +- std over seeds, paired differences to the reference row with 95 %
+t intervals), DIR/study.json (every run's numbers) and DIR/study.html (everyseg report of each
+row's first seed, with matplotlib).
+
+DIR holds data/ (the generated data, without --data), name_embedding.txt, detectors/ (the
+fixed detectors of the mask-branch rows, one per seed), runs/ROW/seed_S and beside each run
+its log, seed_S.log. Running the same command again keeps finished runs and continues the rest.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from everyseg.engine.files import atomic_write_bytes, write_json
+from everyseg.engine.name_embedding import class_names_of, write_name_embedding
+from everyseg.engine.run_dir import RunDir
+from everyseg.engine.studies import STUDIES, Study
+from everyseg.engine.study_runs import Job, Outcome, execute, plan
+from everyseg.engine.study_table import difference_table, summary_table
+
+# what `everyseg synth` writes by default; a study without --data generates this into DIR/data
+SYNTH_ARGS: dict[str, int] = dict(num_train=1000, num_val=200, size=128, seed=0)
+SYNTH_KINDS = ("easy", "hard")
+
+
+def run_study(
+    study: str | Study,
+    *,
+    out: Path,
+    seeds: int = 3,
+    steps: int | None = None,
+    jobs: int = 1,
+    data: Path | None = None,
+    synth: str = "easy",
+    overrides: Sequence[str] = (),
+    echo: Callable[[str], None] = print,
+) -> dict[str, Outcome]:
+    """Train what `study` (a name of STUDIES or a Study) still lacks in `out`, `jobs` at a
+    time, and write its report; returns each run's outcome by name (status failed: see its
+    message and log)."""
+    if isinstance(study, str):
+        if study not in STUDIES:
+            raise ValueError(f"no study {study!r}; studies: {', '.join(STUDIES)}")
+        study = STUDIES[study]
+    out = Path(out).resolve()
+    paths = _data_paths(data, out=out, synth=synth, echo=echo)
+    write_name_embedding(class_names_of(Path(paths["train_json"])), out / "name_embedding.txt")
+    grid = plan(study, out=out, seeds=seeds, steps=steps, data=paths, overrides=overrides)
+    outcomes = execute(grid, at_once=jobs, echo=echo)
+    settings = {
+        "seeds": seeds,
+        "steps": steps if steps is not None else "each preset's train.steps",
+        "data": paths,
+        "overrides": list(overrides),
+    }
+    write_study_report(study, grid, outcomes, out=out, settings=settings)
+    echo(f"{out / 'study.md'}")
+    return outcomes
+
+
+def _data_paths(data: Path | None, *, out: Path, synth: str, echo) -> dict[str, str]:
+    if data is not None:
+        paths = {
+            "train_json": data / "annotations" / "train.json",
+            "train_images": data / "train",
+            "val_json": data / "annotations" / "val.json",
+            "val_images": data / "val",
+        }
+        for path in paths.values():
+            if not path.exists():
+                raise FileNotFoundError(
+                    f"--data {data}: {path} does not exist (expected what `everyseg synth` "
+                    "writes: annotations/train.json, annotations/val.json, train/, val/)"
+                )
+        return {key: str(path.resolve()) for key, path in paths.items()}
+    if synth not in SYNTH_KINDS:
+        raise ValueError(f"--synth {synth!r}: choose one of {', '.join(SYNTH_KINDS)}")
+    folder = out / "data"
+    if (folder / "annotations" / "val.json").is_file():  # written by an earlier start
+        return _data_paths(folder, out=out, synth=synth, echo=echo)
+    echo(f"generating the {synth} synthetic data into {folder}")
+    if synth == "hard":
+        from everyseg.data.synthetic_hard import generate_hard
+
+        return generate_hard(folder, **SYNTH_ARGS)
+    from everyseg.data.synthetic import generate
+
+    return generate(folder, **SYNTH_ARGS, progress=False)
+
+
+def collect(grid: Sequence[Job]) -> dict[str, dict[int, dict[str, Any]]]:
+    """row name -> seed -> metrics.json of its finished runs, in the study's row order."""
+    rows: dict[str, dict[int, dict[str, Any]]] = {}
+    for job in grid:
+        if job.row is None:
+            continue
+        seeds = rows.setdefault(job.row, {})
+        metrics = RunDir(job.run_dir).metrics
+        if metrics.is_file():
+            seeds[job.seed] = json.loads(metrics.read_text(encoding="utf-8"))
+    return rows
+
+
+def write_study_report(
+    study: Study,
+    grid: Sequence[Job],
+    outcomes: dict[str, Outcome],
+    *,
+    out: Path,
+    settings: dict[str, Any],
+) -> None:
+    rows = collect(grid)
+    detectors = [job for job in grid if job.row is None]
+    parts = [
+        f"# {study.title}",
+        "",
+        study.paper,
+        "",
+        "Each row: mean ± sample standard deviation over the seeds that finished; AP in percent "
+        "(COCO); GT-box = the mask head prompted with the val ground-truth boxes and classes "
+        "(metrics.json `gt_boxes`). Mask-branch rows train only the mask branch on their "
+        "seed's fixed detector (train.stage=mask); end-to-end rows train everything.",
+        "",
+        summary_table(rows),
+        "",
+        f"## Paired by seed: row minus `{study.reference}`",
+        "",
+        "Mean difference over the seeds both finished [95 % Student t interval].",
+        "",
+        difference_table(rows, study.reference),
+        "",
+        "## Runs",
+        "",
+        *_row_lines(study),
+        f"- detectors: {study.detector_preset}, train.stage=detector ({len(detectors)} runs)",
+        "",
+        "Settings: " + json.dumps(settings),
+        "",
+        *_problems(grid, outcomes),
+    ]
+    html_note = _html_report(rows, grid, out / "study.html")
+    parts += [html_note, ""]
+    text = "\n".join(parts)
+    atomic_write_bytes(out / "study.md", lambda f: f.write(text.encode()))
+    write_json(
+        {
+            "study": study.title,
+            "reference": study.reference,
+            "settings": settings,
+            "outcomes": {name: o.status for name, o in outcomes.items()},
+            "rows": {name: {str(s): m for s, m in seeds.items()} for name, seeds in rows.items()},
+        },
+        out / "study.json",
+    )
+
+
+def _row_lines(study: Study) -> list[str]:
+    lines = []
+    for row in study.rows:
+        sets = f" (`{'`, `'.join(row.overrides)}`)" if row.overrides else ""
+        lines.append(f"- {row.name}: {row.preset}, {row.protocol}{sets}")
+    return lines
+
+
+def _problems(grid: Sequence[Job], outcomes: dict[str, Outcome]) -> list[str]:
+    failed = [job for job in grid if outcomes[job.name].status in ("failed", "skipped")]
+    if not failed:
+        return [f"All {len(grid)} runs finished."]
+    lines = [f"## Failed runs ({len(failed)} of {len(grid)})", ""]
+    for job in failed:
+        outcome = outcomes[job.name]
+        lines.append(f"- **{job.name}** ({outcome.status}): {outcome.message}; log {outcome.log}")
+        lines += [f"      {line}" for line in outcome.tail]
+    return [*lines, ""]
+
+
+def _html_report(rows: dict[str, dict[int, Any]], grid: Sequence[Job], out: Path) -> str:
+    from everyseg.report import write_report
+
+    first = {}
+    for job in grid:
+        if job.row is not None and job.seed in rows.get(job.row, {}):
+            first.setdefault(job.row, job.run_dir)
+    if not first:
+        return "No run finished: no HTML report."
+    try:
+        write_report(list(first.values()), out=out, gallery_images=0)
+    except ValueError as err:  # the report extra (matplotlib) is not installed
+        return f"No HTML report: {err}."
+    return f"HTML report of each row's first finished seed: {out.name}."
