@@ -15,7 +15,7 @@ from everyseg.config import load_config
 from everyseg.engine.name_embedding import name_vector, write_name_embedding
 from everyseg.engine.run_dir import RunDir
 from everyseg.engine.studies import STUDIES, Row, Study
-from everyseg.engine.study import run_study
+from everyseg.engine.study import run_study, seen_split
 from everyseg.engine.study_runs import plan
 from everyseg.engine.study_table import (
     difference_table,
@@ -135,6 +135,17 @@ def test_plan_trains_one_detector_per_seed_for_the_mask_branch_rows(tmp_path):
     assert {"train.stage=mask", "train.steps=5", "train.seed=0"} <= set(b0.overrides)
     c1 = next(job for job in jobs if job.name == "c / seed 1")
     assert c1.needs == "detector model-rpn-nms-thresh-0-6 / seed 1"
+
+
+def test_a_data_folders_seen_classes_file_is_every_partial_rows_split(tmp_path):
+    (tmp_path / "seen_classes.txt").write_text("circle\n")
+    (split,) = seen_split(tmp_path)
+    assert split == f"data.mask_classes={tmp_path / 'seen_classes.txt'}"
+    assert seen_split(tmp_path / "easy") == []
+    jobs = plan(STUDIES["maskx"], out=tmp_path, seeds=1, steps=1, data={}, overrides=[split])
+    splits = {job.row: load_config(job.preset, job.overrides).data.mask_classes for job in jobs}
+    assert splits["baseline (class-agnostic)"] == str(tmp_path / "seen_classes.txt")
+    assert splits["oracle (all masks)"] == "all"
 
 
 @pytest.mark.parametrize(

@@ -6,16 +6,21 @@ overrides, trained under one of two protocols:
   mask        the detector stays fixed within a seed: the study trains its detector once per
               seed (`train.stage=detector`: backbone, RPN and box head on the boxes of every
               class, no mask loss), and the row trains only its mask branch on top of it
-              (`train.stage=mask`, `model.init_from_run`), as docs/results.md did by hand. Box
+              (`train.stage=mask`, `model.init_from_run`), as docs/results.md did by hand
+              (there on an end-to-end baseline run; a box-only detector is the paper's
+              stage 1 and depends on no mask split, so oracle and partial rows share it). Box
               AP is then the same for every such row of a seed, and a difference between rows
               is the mask branch's alone. A row whose change also concerns the detector
               (RoIPool) names it in `detector`: it gets a detector of its own, trained once per
               seed with those overrides.
   end_to_end  the whole model trains from scratch on every loss, as a preset does.
 
-`{out}` in an override is the study's folder. `{out}/name_embedding.txt` is written by the
-study before its runs (everyseg.engine.name_embedding): a GloVe-format file with one vector
-per class made from the class's name alone, the honest stand-in for GloVe on synthetic shapes.
+A data folder with a `seen_classes.txt` (the hard benchmark writes one) gives the seen split
+of every row that does not set data.mask_classes itself (the oracles set `all`); otherwise the
+presets' own split holds. `{out}` in an override is the study's folder:
+`{out}/name_embedding.txt` is written by the study before its runs
+(everyseg.engine.name_embedding), a GloVe-format file with one vector per class made from the
+class's name alone, the honest stand-in for GloVe on synthetic shapes.
 """
 
 from __future__ import annotations
@@ -145,10 +150,16 @@ MASKRCNN = Study(
     reference="class-specific, sigmoid, RoIAlign (maskrcnn-tiny)",
     detector_preset="maskrcnn-tiny",
     rows=(
-        Row("class-specific, sigmoid, RoIAlign (maskrcnn-tiny)", "maskrcnn-tiny"),
-        Row("class-agnostic masks", "maskrcnn-tiny", ("model.mask_head.class_agnostic=true",)),
-        Row("softmax (multinomial) mask loss", "maskrcnn-tiny", ("model.mask_head.loss=softmax",)),
-        Row("RoIPool", "maskrcnn-tiny", (POOL,), detector=(POOL,)),
+        Row("class-specific, sigmoid, RoIAlign (maskrcnn-tiny)", "maskrcnn-tiny", (ORACLE,)),
+        Row(
+            "class-agnostic masks", "maskrcnn-tiny", (ORACLE, "model.mask_head.class_agnostic=true")
+        ),
+        Row(
+            "softmax (multinomial) mask loss",
+            "maskrcnn-tiny",
+            (ORACLE, "model.mask_head.loss=softmax"),
+        ),
+        Row("RoIPool", "maskrcnn-tiny", (ORACLE, POOL), detector=(POOL,)),
     ),
 )
 

@@ -10,6 +10,7 @@ its log, seed_S.log. Running the same command again keeps finished runs and cont
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,6 +26,8 @@ from everyseg.engine.study_table import difference_table, summary_table
 # what `everyseg synth` writes by default; a study without --data generates this into DIR/data
 SYNTH_ARGS: dict[str, int] = dict(num_train=1000, num_val=200, size=128, seed=0)
 SYNTH_KINDS = ("easy", "hard")
+SEEN_CLASSES_FILE = "seen_classes.txt"
+PROTOCOL_NOTES = {"mask": "mask branch on the seed's detector", "end_to_end": "end to end"}
 
 
 def run_study(
@@ -49,13 +52,16 @@ def run_study(
     out = Path(out).resolve()
     paths = _data_paths(data, out=out, synth=synth, echo=echo)
     write_name_embedding(class_names_of(Path(paths["train_json"])), out / "name_embedding.txt")
-    grid = plan(study, out=out, seeds=seeds, steps=steps, data=paths, overrides=overrides)
+    split = seen_split(Path(paths["train_json"]).parents[1])
+    grid = plan(
+        study, out=out, seeds=seeds, steps=steps, data=paths, overrides=(*split, *overrides)
+    )
     outcomes = execute(grid, at_once=jobs, echo=echo)
     settings = {
         "seeds": seeds,
         "steps": steps if steps is not None else "each preset's train.steps",
         "data": paths,
-        "overrides": list(overrides),
+        "overrides": [*split, *overrides],
     }
     write_study_report(study, grid, outcomes, out=out, settings=settings)
     echo(f"{out / 'study.md'}")
@@ -83,13 +89,19 @@ def _data_paths(data: Path | None, *, out: Path, synth: str, echo) -> dict[str, 
     if (folder / "annotations" / "val.json").is_file():  # written by an earlier start
         return _data_paths(folder, out=out, synth=synth, echo=echo)
     echo(f"generating the {synth} synthetic data into {folder}")
-    if synth == "hard":
-        from everyseg.data.synthetic_hard import generate_hard
-
-        return generate_hard(folder, **SYNTH_ARGS)
+    if synth == "hard":  # everyseg synth --preset hard's generator, imported only when asked
+        hard = importlib.import_module("everyseg.data.synthetic_hard")
+        return hard.generate_hard(folder, **SYNTH_ARGS, progress=False)
     from everyseg.data.synthetic import generate
 
     return generate(folder, **SYNTH_ARGS, progress=False)
+
+
+def seen_split(data: Path) -> list[str]:
+    """The data's own seen split where it names one (`seen_classes.txt`, as the hard benchmark
+    writes), for every row that does not set data.mask_classes itself; else the presets'."""
+    names = data / SEEN_CLASSES_FILE
+    return [f"data.mask_classes={names}"] if names.is_file() else []
 
 
 def collect(grid: Sequence[Job]) -> dict[str, dict[int, dict[str, Any]]]:
@@ -162,7 +174,8 @@ def _row_lines(study: Study) -> list[str]:
     lines = []
     for row in study.rows:
         sets = f" (`{'`, `'.join(row.overrides)}`)" if row.overrides else ""
-        lines.append(f"- {row.name}: {row.preset}, {row.protocol}{sets}")
+        how = PROTOCOL_NOTES[row.protocol]
+        lines.append(f"- {row.name}: {row.preset}, {how}{sets}")
     return lines
 
 
@@ -181,7 +194,7 @@ def _problems(grid: Sequence[Job], outcomes: dict[str, Outcome]) -> list[str]:
 def _html_report(rows: dict[str, dict[int, Any]], grid: Sequence[Job], out: Path) -> str:
     from everyseg.report import write_report
 
-    first = {}
+    first: dict[str, Path] = {}
     for job in grid:
         if job.row is not None and job.seed in rows.get(job.row, {}):
             first.setdefault(job.row, job.run_dir)
