@@ -227,6 +227,9 @@ def test_rerun_keeps_finished_runs_and_resumes_a_stopped_one(tiny_study, tmp_pat
     assert "resumed from" in log and "at step 2" in log
     steps = [json.loads(line)["step"] for line in stopped.log.read_text().splitlines()]
     assert max(steps) == 3
+    text = (out / "study.md").read_text()
+    assert "other than 3 steps" in text and "- agnostic / seed 0: 2 steps" in text
+    assert "- specific, end to end / seed 0:" not in text
 
 
 def _data_of(study_dir: Path) -> Path:

@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from everyseg.engine.files import atomic_write_bytes, write_json
 from everyseg.engine.name_embedding import class_names_of, write_name_embedding
 from everyseg.engine.run_dir import RunDir
@@ -153,6 +155,7 @@ def write_study_report(
         "Settings: " + json.dumps(settings),
         "",
         *_problems(grid, outcomes),
+        *_other_steps(grid, settings["steps"]),
     ]
     html_note = _html_report(rows, grid, out / "study.html")
     parts += [html_note, ""]
@@ -189,6 +192,23 @@ def _problems(grid: Sequence[Job], outcomes: dict[str, Outcome]) -> list[str]:
         lines.append(f"- **{job.name}** ({outcome.status}): {outcome.message}; log {outcome.log}")
         lines += [f"      {line}" for line in outcome.tail]
     return [*lines, ""]
+
+
+def _other_steps(grid: Sequence[Job], steps: Any) -> list[str]:
+    """Kept runs trained for another number of steps than this start's --steps asks."""
+    if not isinstance(steps, int):
+        return []
+    other = []
+    for job in grid:
+        run = RunDir(job.run_dir)
+        if run.metrics.is_file() and run.config.is_file():
+            trained = yaml.safe_load(run.config.read_text(encoding="utf-8"))["train"]["steps"]
+            if trained != steps:
+                other.append(f"- {job.name}: {trained} steps")
+    if not other:
+        return []
+    head = f"Kept from an earlier start with other than {steps} steps (delete a run to retrain it):"
+    return [head, "", *other, ""]
 
 
 def _html_report(rows: dict[str, dict[int, Any]], grid: Sequence[Job], out: Path) -> str:
