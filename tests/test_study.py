@@ -20,6 +20,7 @@ from everyseg.engine.study_runs import plan
 from everyseg.engine.study_table import (
     difference_table,
     mean_std,
+    on_split,
     paired_interval,
     summary_table,
     t_quantile_975,
@@ -115,6 +116,26 @@ def test_tables_show_mean_std_and_intervals_and_dashes_where_nothing_was_measure
     # differences +1, +2: mean 1.5, half width 12.706 * 0.7071 / sqrt(2) = 6.353
     assert "| new | 2 | +1.5 [-4.9, +7.9] | – | +0.0 [+0.0, +0.0] |" in difference
     assert "| ref |" not in difference
+
+
+def test_a_row_with_other_mask_classes_is_scored_on_the_reference_split():
+    per_class = {"a": 10.0, "b": 20.0, "c": None, "d": 40.0}  # c: no val instance
+    metrics = {
+        "seen_classes": ["a", "b", "c", "d"],
+        "segm": {"seen": {"AP": 23.3}, "unseen": {"AP": None}, "per_class": per_class},
+        "gt_boxes": {
+            "segm": {"seen": {"AP": 2.0}, "per_class": {"a": 1.0, "b": 2.0, "c": None, "d": 3.0}},
+            "mean_iou": {"all": 0.5, "seen": 0.5, "unseen": None},
+            "per_class_iou": {"a": 0.5, "b": 0.8, "c": None, "d": 0.2},
+        },
+    }
+    split = on_split(metrics, ["a"], {"a": 1, "b": 3, "c": 0, "d": 1})
+    assert split["segm"]["seen"] == {"AP": 10.0} and split["segm"]["unseen"] == {"AP": 30.0}
+    assert split["gt_boxes"]["segm"]["seen"]["AP"] == 1.0
+    assert split["gt_boxes"]["segm"]["unseen"]["AP"] == 2.5
+    # instance-weighted: (0.8 * 3 + 0.2 * 1) / 4
+    assert split["gt_boxes"]["mean_iou"] == {"all": 0.5, "seen": 0.5, "unseen": pytest.approx(0.65)}
+    assert metrics["segm"]["seen"]["AP"] == 23.3  # the run's own numbers are not changed
 
 
 # --- the grid ---------------------------------------------------------------------------------

@@ -123,3 +123,39 @@ def _difference_cell(found: tuple[float, float | None, int] | None, digits: int)
 
 def _markdown_row(cells: Sequence[str]) -> str:
     return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+
+
+def on_split(
+    metrics: Mapping[str, Any], seen_names: Sequence[str], instances: Mapping[str, int]
+) -> dict[str, Any]:
+    """`metrics` with its seen / unseen AP and mean IoU (the tables' numbers) taken over
+    another split: `seen_names`, the rest unseen. A row trained with other mask classes (the
+    oracle) is so compared on the reference row's classes: AP as the mean of the per-class
+    APs (COCO's subset AP), mean IoU weighted by each class's masked val `instances`."""
+    seen = set(seen_names)
+    out = {**metrics, "seen_classes": sorted(seen)}
+    segm = metrics.get("segm", {})
+    out["segm"] = {**segm, **_subset_aps(segm.get("per_class", {}), seen)}
+    gt = metrics.get("gt_boxes")
+    if gt is not None:
+        ious = {
+            subset: _weighted_mean(gt.get("per_class_iou", {}), instances, keep)
+            for subset, keep in (("seen", lambda n: n in seen), ("unseen", lambda n: n not in seen))
+        }
+        gt_segm = {**gt["segm"], **_subset_aps(gt["segm"].get("per_class", {}), seen)}
+        out["gt_boxes"] = {**gt, "segm": gt_segm, "mean_iou": {**gt["mean_iou"], **ious}}
+    return out
+
+
+def _subset_aps(per_class: Mapping[str, float | None], seen: set[str]) -> dict[str, dict]:
+    subsets: dict[str, list[float]] = {"seen": [], "unseen": []}
+    for name, ap in per_class.items():
+        if ap is not None:
+            subsets["seen" if name in seen else "unseen"].append(ap)
+    return {s: {"AP": sum(v) / len(v) if v else None} for s, v in subsets.items()}
+
+
+def _weighted_mean(per_class: Mapping[str, float | None], weights: Mapping[str, int], keep):
+    pairs = [(v, weights.get(n, 0)) for n, v in per_class.items() if v is not None and keep(n)]
+    total = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / total if total else None
