@@ -208,6 +208,8 @@ def test_study_md_has_every_row_and_the_reference_pairing(tiny_study):
         assert f"| {row.name} | 1 |" in text
     assert "## Paired by seed: row minus `agnostic`" in text
     assert "All 3 runs finished." in text
+    # the fully supervised row is scored on the reference row's seen / unseen classes
+    assert "per-class AP and IoU: specific, end to end." in text
     summary = json.loads((out / "study.json").read_text())
     assert set(summary["rows"]) == {"agnostic", "specific, end to end"}
     agnostic = summary["rows"]["agnostic"]["0"]
