@@ -1,5 +1,5 @@
 """`everyseg synth | train | evaluate | predict | segment | check-data | convert | export |
-report | demo`."""
+report | study | demo`."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from everyseg.config import ConfigError, preset_names
 from everyseg.data.synthetic import MIN_SIZE
 from everyseg.data.synthetic_vocab import all_classes
 from everyseg.engine.distributed import PeerFailed
+from everyseg.engine.studies import STUDIES
 
 # Upper bounds that no sensible run reaches, so a typo (an extra zero or three) fails at once
 # instead of filling the disk or running for days.
@@ -83,6 +84,11 @@ EXAMPLES = {
     "report": """examples:
   everyseg report runs/a --out a.html              # curves, per-class AP, PR, gallery
   everyseg report runs/a runs/b runs/c --out compare.html --gallery 2""",
+    "study": """examples:
+  everyseg study maskx --out studies/maskx          # 3 seeds, each preset's schedule
+  everyseg study deepmac --out studies/deepmac --seeds 2 --steps 500 --jobs 2
+  everyseg study maskrcnn --out studies/mrcnn --data everyseg-synth --set train.device=cuda
+  everyseg study maskx --out studies/maskx          # again: keeps finished runs, resumes""",
     "demo": """examples:
   everyseg demo                                    # everyseg-demo/: data and run
   everyseg demo --out /tmp/demo --steps 200 --train 100 --val 20""",
@@ -280,6 +286,45 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--checkpoint", **CHECKPOINT_OPTION)
     p.set_defaults(func=_report)
+
+    p = _verb(
+        sub,
+        "study",
+        "train a study's grid of runs over seeds (a table of the papers) and write "
+        "DIR/study.md: mean +- std per row, paired differences to the reference row with t "
+        "intervals; rerun to continue",
+    )
+    p.add_argument("name", choices=list(STUDIES), help=f"the study: {', '.join(STUDIES)}")
+    p.add_argument("--out", type=Path, required=True, help="the study folder (runs, study.md)")
+    p.add_argument(
+        "--seeds", type=int_in(1, 100), default=3, help="train.seed 0..N-1 per row (default 3)"
+    )
+    p.add_argument(
+        "--steps", type=int_in(1, MAX_STEPS), help="train.steps of every run (default: presets')"
+    )
+    p.add_argument(
+        "--jobs",
+        type=int_in(1, 64),
+        default=1,
+        help="trainings at a time, the CPU threads split between them (default 1)",
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        help="a folder `everyseg synth` wrote (annotations/train.json, ...); default: generate "
+        "into DIR/data",
+    )
+    p.add_argument(
+        "--synth",
+        choices=["easy", "hard"],
+        default="easy",
+        help="without --data: the synthetic data to generate (everyseg synth --preset)",
+    )
+    p.add_argument(
+        "--set",
+        **{**SET_OPTION, "help": "change a config value of every run, before each row's own"},
+    )
+    p.set_defaults(func=_study)
 
     p = _verb(sub, "demo", "synth + train baseline-tiny + evaluate + overlays")
     p.add_argument("--out", type=Path, default=Path("everyseg-demo"), help="default everyseg-demo")
@@ -496,6 +541,27 @@ def _report(args) -> None:
         args.runs, out=args.out, gallery_images=args.gallery, checkpoint=args.checkpoint
     )
     print(f"{len(args.runs)} run(s) -> {out}")
+
+
+def _study(args) -> int:
+    from everyseg.engine.study import run_study
+
+    if args.data is not None and args.synth != "easy":
+        raise ValueError("--synth chooses data to generate; --data gives the data")
+    outcomes = run_study(
+        args.name,
+        out=args.out,
+        seeds=args.seeds,
+        steps=args.steps,
+        jobs=args.jobs,
+        data=args.data,
+        synth=args.synth,
+        overrides=args.overrides,
+    )
+    failed = [name for name, outcome in outcomes.items() if outcome.status == "failed"]
+    if failed:
+        print(f"{len(failed)} run(s) failed: {'; '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _demo(args) -> None:
