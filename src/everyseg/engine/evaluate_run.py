@@ -16,6 +16,7 @@ from everyseg.engine.evaluate import evaluate_model, format_metrics_table, write
 from everyseg.engine.load import load_run
 from everyseg.engine.precision import inference_precision
 from everyseg.engine.run_dir import RunDir, RunRecord
+from everyseg.engine.semantic_eval import evaluate_loaded_semantic, format_semantic_table
 
 
 def evaluate_loaded(
@@ -38,6 +39,16 @@ def evaluate_loaded(
     "gt_boxes" holds the mask AP and mean IoU of the masks the model draws for the ground-
     truth boxes with their classes (see everyseg.engine.gt_boxes).
     """
+    if cfg.model.kind == "fcn":  # semantic segmentation: the FCN paper's metrics
+        return evaluate_loaded_semantic(
+            model,
+            cfg,
+            record,
+            device=device,
+            data_json=data_json,
+            images=images,
+            progress=progress,
+        )
     precision = inference_precision(precision, trained=cfg.train.amp, device=torch.device(device))
     data = cfg.data
     if data_json is not None:
@@ -117,7 +128,9 @@ def evaluate_run(
 
 
 def _print_and_write(metrics: dict, path: Path) -> None:
-    print(format_metrics_table(metrics))
+    print(
+        format_semantic_table(metrics) if "semantic" in metrics else format_metrics_table(metrics)
+    )
     try:
         write_metrics(metrics, path)
     except OSError as err:

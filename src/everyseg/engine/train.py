@@ -275,7 +275,8 @@ def _take_steps(run: RunDir, state: TrainingState, cfg: Config, dataset, device,
             state.scheduler.step()
             state.step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{values['loss']:.3f}", mask=f"{values['loss_mask']:.3f}")
+            shown = {"loss": "loss", "mask": "loss_mask"}  # an FCN's losses have no mask term
+            bar.set_postfix({k: f"{values[v]:.3f}" for k, v in shown.items() if v in values})
             if "skipped" in values and distributed.is_main():
                 tqdm.write(f"step {state.step}: {values['skipped']}; update skipped")
             if state.step % tc.log_every == 0 or state.step == tc.steps or "skipped" in values:
@@ -393,10 +394,16 @@ def _evaluate_and_keep_best(
     # every rank evaluates its share of the val set; all get the metrics
     metrics = evaluate_loaded(state.model, cfg, state.record, device=device, progress=False)
     classes = state.record.class_names
-    tracker.evaluation(state.step, metrics, model=state.model.eval(), class_names=classes)
+    # overlays are drawn by the instance Predictor: none for an FCN run
+    overlay_model = None if "semantic" in metrics else state.model.eval()
+    tracker.evaluation(state.step, metrics, model=overlay_model, class_names=classes)
     restore_rng(rng)
     state.model.train()
-    ap = metrics["segm"]["all"]["AP"] or 0.0
+    # the best checkpoint: the highest mask AP, or an FCN run's mean IU
+    score = (
+        metrics["semantic"]["mean_iu"] if "semantic" in metrics else metrics["segm"]["all"]["AP"]
+    )
+    ap = score or 0.0
     distributed.on_main(lambda: _keep_if_best(run, state, ap))
 
 
