@@ -187,7 +187,7 @@ def test_training_learns_on_easy_synthetic_data(train_tiny, make_config, synth_p
     assert metrics["semantic"]["mean_iu"] > trivial + 10
 
 
-def test_evaluate_and_predict_through_the_cli(synth_paths, tmp_path):
+def test_evaluate_and_predict_through_the_cli(synth_paths, tmp_path, capsys):
     run = tmp_path / "run"
     argv = ["train", "fcn8s-tiny", "--out", str(run), "--no-eval"]
     sets = [f"data.{key}={value}" for key, value in synth_paths.items()]
@@ -218,3 +218,7 @@ def test_evaluate_and_predict_through_the_cli(synth_paths, tmp_path):
         assert label_map.shape == (64, 64) and label_map.max() <= 14
         assert overlay.size == (64, 64) and overlay.mode == "RGB"
     assert math.isfinite(s["mean_iu"])
+    # the instance-only verbs refuse an FCN run with a message, not a traceback
+    box = ["--box", "2", "2", "30", "30"]
+    assert main(["segment", str(run), str(images[0]), *box, "--out", str(tmp_path / "s")]) == 2
+    assert "model.kind=fcn" in capsys.readouterr().err

@@ -81,12 +81,11 @@ class FCN(nn.Module):
         self.backbone = backbone
         self.transform = transform
         self.strides = STRIDES[stride]
-        self.score = nn.ModuleDict(
-            {str(s): nn.Conv2d(backbone.channels[s], num_classes, 1) for s in self.strides}
-        )
-        for conv in self.score.values():
-            nn.init.zeros_(conv.weight)
-            nn.init.zeros_(conv.bias)
+        scores = {str(s): nn.Conv2d(backbone.channels[s], num_classes, 1) for s in self.strides}
+        for conv in scores.values():
+            for parameter in conv.parameters():  # weight and bias
+                nn.init.zeros_(parameter)
+        self.score = nn.ModuleDict(scores)
         self.up2 = nn.ModuleDict(
             {
                 str(s): bilinear_upsampler(num_classes, factor=2, learnable=True)
