@@ -222,3 +222,6 @@ def test_evaluate_and_predict_through_the_cli(synth_paths, tmp_path, capsys):
     box = ["--box", "2", "2", "30", "30"]
     assert main(["segment", str(run), str(images[0]), *box, "--out", str(tmp_path / "s")]) == 2
     assert "model.kind=fcn" in capsys.readouterr().err
+    export = ["export", str(run), "--format", "torchscript", "--out", str(tmp_path / "m.pt")]
+    assert main(export) == 2
+    assert "model.kind=fcn" in capsys.readouterr().err
