@@ -193,9 +193,12 @@ def test_evaluate_and_predict_through_the_cli(synth_paths, tmp_path, capsys):
     sets = [f"data.{key}={value}" for key, value in synth_paths.items()]
     sets += ["train.steps=2", "train.batch_size=2", "data.num_workers=0", "data.min_size=[64]"]
     sets += ["data.test_min_size=64", "data.max_size=64", "data.mask_classes=[circle, star]"]
+    sets += ["train.eval_every=2"]  # the engine's evaluation keeps the best mean IU
     for item in sets:
         argv += ["--set", item]
     assert main(argv) == 0
+    evals = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert "mean_iu" in evals[-1]["eval"] and (run / "checkpoints" / "best.pt").is_file()
     assert main(["evaluate", str(run)]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     s = metrics["semantic"]

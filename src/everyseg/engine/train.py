@@ -399,19 +399,21 @@ def _evaluate_and_keep_best(
     tracker.evaluation(state.step, metrics, model=overlay_model, class_names=classes)
     restore_rng(rng)
     state.model.train()
-    # the best checkpoint: the highest mask AP, or an FCN run's mean IU
-    score = (
-        metrics["semantic"]["mean_iu"] if "semantic" in metrics else metrics["segm"]["all"]["AP"]
+    # the best checkpoint: the highest mask AP, or an FCN run's mean IU (logged as such)
+    name, score = (
+        ("mean_iu", metrics["semantic"]["mean_iu"])
+        if "semantic" in metrics
+        else ("segm_AP", metrics["segm"]["all"]["AP"])
     )
     ap = score or 0.0
-    distributed.on_main(lambda: _keep_if_best(run, state, ap))
+    distributed.on_main(lambda: _keep_if_best(run, state, ap, name=name))
 
 
-def _keep_if_best(run: RunDir, state: TrainingState, ap: float) -> None:
+def _keep_if_best(run: RunDir, state: TrainingState, ap: float, *, name: str) -> None:
     best_file = run.checkpoints / "best.json"
     best = json.loads(best_file.read_text())["AP"] if best_file.is_file() else -1.0
     with run.log.open("a") as log:
-        log.write(json.dumps({"step": state.step, "eval": {"segm_AP": ap}}) + "\n")
+        log.write(json.dumps({"step": state.step, "eval": {name: ap}}) + "\n")
     if ap > best:
         state.save(run.best)
         text = json.dumps({"AP": ap, "step": state.step}).encode()
