@@ -39,6 +39,7 @@ def evaluate_loaded(
     "gt_boxes" holds the mask AP and mean IoU of the masks the model draws for the ground-
     truth boxes with their classes (see everyseg.engine.gt_boxes).
     """
+    precision = inference_precision(precision, trained=cfg.train.amp, device=torch.device(device))
     if cfg.model.kind == "fcn":  # semantic segmentation: the FCN paper's metrics
         return evaluate_loaded_semantic(
             model,
@@ -47,9 +48,9 @@ def evaluate_loaded(
             device=device,
             data_json=data_json,
             images=images,
+            precision=precision,
             progress=progress,
         )
-    precision = inference_precision(precision, trained=cfg.train.amp, device=torch.device(device))
     data = cfg.data
     if data_json is not None:
         data = replace(data, val_json=str(data_json), val_images=str(images))

@@ -25,6 +25,7 @@ from everyseg.config import Config
 from everyseg.data.build import build_dataset
 from everyseg.data.semantic import IGNORE, target_labels
 from everyseg.engine.eval_data import map_classes
+from everyseg.engine.precision import autocast
 from everyseg.engine.run_dir import RunRecord
 
 
@@ -65,9 +66,18 @@ def semantic_metrics(
 
 
 def evaluate_loaded_semantic(
-    model, cfg: Config, record: RunRecord, *, device, data_json=None, images=None, progress=True
+    model,
+    cfg: Config,
+    record: RunRecord,
+    *,
+    device,
+    data_json=None,
+    images=None,
+    precision: str = "fp32",
+    progress=True,
 ) -> dict:
-    """metrics.json of an FCN run on the config's val set (or `data_json` + `images`):
+    """metrics.json of an FCN run on the config's val set (or `data_json` + `images`), the
+    model run in `precision` (fp32 | fp16 | bf16):
     "semantic" (semantic_metrics), "seen_classes", "unseen_classes", "images". Classes are
     matched by name; a class of the file the run never learned is an error (map_classes)."""
     data = cfg.data
@@ -89,6 +99,7 @@ def evaluate_loaded_semantic(
         label_map=label_map,
         num_classes=num_classes,
         device=device,
+        precision=precision,
         progress=progress,
     )
     seen = list(record.mask_classes)
@@ -102,7 +113,14 @@ def evaluate_loaded_semantic(
 
 @torch.inference_mode()
 def evaluate_semantic(
-    model, dataset, *, label_map: Tensor, num_classes: int, device, progress: bool = True
+    model,
+    dataset,
+    *,
+    label_map: Tensor,
+    num_classes: int,
+    device,
+    precision: str = "fp32",
+    progress: bool = True,
 ) -> Tensor:
     """The (K + 1, K + 1) confusion matrix of `model` over `dataset` (CocoInstances, every
     image), its labels 0..K' mapped to the run's by `label_map` ((K' + 1,) int64; IGNORE for
@@ -113,7 +131,8 @@ def evaluate_semantic(
         image, target = dataset[i]
         labels = target_labels(target, height=image.shape[-2], width=image.shape[-1])
         labels = torch.where(labels == IGNORE, IGNORE, label_map[labels.clamp(min=0)])
-        (output,) = model([image.to(device)])
+        with autocast(torch.device(device), precision):
+            (output,) = model([image.to(device)])
         predicted = output["sem_seg"].argmax(0).cpu()  # (H, W)
         confusion += confusion_matrix(labels, predicted, num_classes=num_classes)
     return confusion
