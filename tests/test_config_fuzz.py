@@ -39,7 +39,7 @@ def _hints(cls=Config, prefix=""):
 def _near_misses(hint) -> tuple[str, ...]:
     """Values a user might type for a key of this type, valid or just not."""
     if typing.get_origin(hint) is typing.Literal:
-        return (*typing.get_args(hint), "bogus", "1")
+        return (*map(str, typing.get_args(hint)), "bogus", "1")  # as typed after --set
     text = str(hint)
     if "list" in text:
         return ("[]", "[0]", "[10, 100]", "[5, -1]", "[1e-3, 2]", "[8, 16, 32, 64, 128]", "7")

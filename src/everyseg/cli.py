@@ -64,7 +64,8 @@ EXAMPLES = {
   everyseg predict runs/a photo.jpg --out pred
   everyseg predict runs/a imgs/*.png --out pred --score-thresh 0.3 --checkpoint best
   everyseg predict runs/a photos/ 'more/**/*.jpg' --out pred --batch-size 8
-  everyseg predict runs/a coco/val2017 --data coco/val.json --out pred  # COCO image ids""",
+  everyseg predict runs/a coco/val2017 --data coco/val.json --out pred  # COCO image ids
+  everyseg predict runs/fcn photo.jpg --out pred  # an FCN run: labels/ (class ids), overlays/""",
     "segment": """examples:
   everyseg segment runs/a photo.jpg --box 10 20 60 90 --out seg
   everyseg segment runs/a photo.jpg --box 10 20 60 90 --box 0 0 32 32 --out seg""",
@@ -446,8 +447,19 @@ def _predict(args) -> int:
     from everyseg.predict_files import predict_files
     from everyseg.predict_inputs import data_set_ids, image_files
     from everyseg.predictor import Predictor
+    from everyseg.semantic_predict import is_semantic_run, predict_semantic_files
 
     paths = image_files(args.images)  # before the model loads: a wrong argument fails fast
+    if is_semantic_run(args.run, checkpoint=args.checkpoint):  # model.kind=fcn
+        failures = predict_semantic_files(
+            args.run,
+            paths,
+            overlays=args.out / "overlays",
+            labels=args.out / "labels",
+            checkpoint=args.checkpoint,
+        )
+        print(f"{len(paths) - len(failures)} of {len(paths)} images -> {args.out}/labels, overlays")
+        return 1 if failures else 0
     image_ids = None if args.data is None else data_set_ids(args.data, paths)
     predictor = Predictor.from_run(
         args.run,

@@ -207,7 +207,18 @@ class FCOSConfig:
 
 
 @dataclass
+class FCNConfig:
+    """The FCN for semantic segmentation (model.kind=fcn, modeling/fcn.py)."""
+
+    # the finest stride whose scores are fused: 32 (FCN-32s), 16 (FCN-16s) or 8 (FCN-8s)
+    stride: Literal[32, 16, 8] = 8
+
+
+@dataclass
 class ModelConfig:
+    # rcnn: an instance segmenter (model.detector) | fcn: FCN semantic segmentation (model.fcn;
+    # the backbone without FPN, a per-pixel softmax over background + the classes)
+    kind: Literal["rcnn", "fcn"] = "rcnn"
     # rcnn (Mask R-CNN: rpn, box_head) | fcos (Deep-MAC's anchor-free detector: model.fcos;
     # its mask head trains on ground-truth crops, model.mask_head.train_rois=gt)
     detector: Literal["rcnn", "fcos"] = "rcnn"
@@ -223,6 +234,7 @@ class ModelConfig:
     # a run directory whose last checkpoint initialises everything but the mask branch
     # (stage-wise training's stage 2 starts from its stage-1 run)
     init_from_run: str | None = None
+    fcn: FCNConfig = field(default_factory=FCNConfig)
 
 
 @dataclass

@@ -127,6 +127,9 @@ def check_value(value: Any, hint: Any, key: str) -> Any:
             return "on"
         if isinstance(value, str) and value in choices:
             return value
+        # an integer choice (model.fcn.stride: 32 | 16 | 8); a bool is no integer here
+        if isinstance(value, int) and not isinstance(value, bool) and value in choices:
+            return value
         raise ConfigError(f"{key}: expected {_one_of(choices)}, got {value!r}")
     if origin in (Union, types.UnionType):
         return _check_union(value, typing.get_args(hint), key)

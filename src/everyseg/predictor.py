@@ -28,6 +28,7 @@ from everyseg.image_input import ImageLike, as_batch, image_to_tensor
 from everyseg.instances import BoxMasks, Instances
 from everyseg.modeling.box_prompts import ImageFeatures, encode_images
 from everyseg.modeling.detector import Detector
+from everyseg.modeling.fcn import FCN
 
 __all__ = ["ImageLike", "Instances", "Predictor", "draw_overlay", "image_to_tensor"]
 
@@ -119,6 +120,11 @@ class Predictor:
         check_fraction(score_thresh, name="score_thresh")  # before the run loads
         check_fraction(mask_thresh, name="mask_thresh")
         run = load_run(run_dir, checkpoint=checkpoint, device=device)
+        if isinstance(run.model, FCN):
+            raise ValueError(
+                f"{run_dir} is a semantic segmentation run (model.kind=fcn), not an instance "
+                "segmenter: `everyseg predict` writes its label maps (everyseg.semantic_predict)"
+            )
         device_of_model = next(run.model.parameters()).device
         predictor = cls(
             run.model,

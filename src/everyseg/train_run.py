@@ -47,17 +47,21 @@ def train(
             if distributed.is_main():
                 _track_final_evaluation(run, cfg, metrics)
             if distributed.is_main() and cfg.data.val_images:
-                _write_overlays(run, Path(cfg.data.val_images))
+                _write_overlays(run, cfg, Path(cfg.data.val_images))
         if distributed.is_main():
             print(outputs_summary(run))
     return run
 
 
-def _write_overlays(run: RunDir, images: Path) -> None:
+def _write_overlays(run: RunDir, cfg: Config, images: Path) -> None:
     from everyseg.predict_files import predict_files
     from everyseg.predictor import Predictor
+    from everyseg.semantic_predict import predict_semantic_files
 
     paths = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if cfg.model.kind == "fcn":  # semantic segmentation: each class's pixels tinted
+        predict_semantic_files(run.root, paths[:NUM_OVERLAYS], overlays=run.overlays)
+        return
     # a short run scores lower than a converged model: show its confident-ish detections
     predictor = Predictor.from_run(run.root, score_thresh=0.3)
     predict_files(predictor, paths[:NUM_OVERLAYS], overlays=run.overlays)
@@ -72,7 +76,9 @@ def _track_final_evaluation(run: RunDir, cfg: Config, metrics: dict) -> None:
     if every and steps % every == 0:
         return
     tracker = Tracker.open(run.tensorboard, cfg, start_step=0)
-    if tracker.writer is not None:
+    if tracker.writer is not None and cfg.model.kind == "fcn":
+        tracker.evaluation(steps, metrics)  # no instance overlays for semantic segmentation
+    elif tracker.writer is not None:
         predictor = Predictor.from_run(run.root)
         tracker.evaluation(steps, metrics, model=predictor.model, class_names=predictor.class_names)
     tracker.close()

@@ -16,6 +16,7 @@ from everyseg.engine.evaluate import evaluate_model, format_metrics_table, write
 from everyseg.engine.load import load_run
 from everyseg.engine.precision import inference_precision
 from everyseg.engine.run_dir import RunDir, RunRecord
+from everyseg.engine.semantic_eval import evaluate_loaded_semantic, format_semantic_table
 
 
 def evaluate_loaded(
@@ -39,6 +40,17 @@ def evaluate_loaded(
     truth boxes with their classes (see everyseg.engine.gt_boxes).
     """
     precision = inference_precision(precision, trained=cfg.train.amp, device=torch.device(device))
+    if cfg.model.kind == "fcn":  # semantic segmentation: the FCN paper's metrics
+        return evaluate_loaded_semantic(
+            model,
+            cfg,
+            record,
+            device=device,
+            data_json=data_json,
+            images=images,
+            precision=precision,
+            progress=progress,
+        )
     data = cfg.data
     if data_json is not None:
         data = replace(data, val_json=str(data_json), val_images=str(images))
@@ -117,7 +129,9 @@ def evaluate_run(
 
 
 def _print_and_write(metrics: dict, path: Path) -> None:
-    print(format_metrics_table(metrics))
+    print(
+        format_semantic_table(metrics) if "semantic" in metrics else format_metrics_table(metrics)
+    )
     try:
         write_metrics(metrics, path)
     except OSError as err:

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from everyseg.engine.files import atomic_write_bytes
 from everyseg.engine.load import load_run
 from everyseg.modeling.detector import Detector
+from everyseg.modeling.fcn import FCN
 
 ONNX_OPSET = 17
 # the run's class names as a JSON list, label k's at k - 1: an ONNX metadata property and
@@ -145,6 +146,10 @@ def export_run(run_dir: Path, *, fmt: str, out: Path, checkpoint: str = "last") 
     if out.parent.exists() and not out.parent.is_dir():
         raise NotADirectoryError(f"--out {out}: {out.parent} is a file, not a folder")
     loaded = load_run(run_dir, checkpoint=checkpoint, device="cpu")
+    if isinstance(loaded.model, FCN):
+        raise ValueError(
+            f"{run_dir}: exporting a semantic segmentation run (model.kind=fcn) is not supported"
+        )
     side = loaded.config.data.test_min_size
     return export_model(
         loaded.model,

@@ -53,6 +53,11 @@ def check_stage(config: Config) -> None:
             "model.init_from_run to a stage-1 (train.stage=detector) run directory"
         )
     m = config.model
+    if m.kind == "fcn" and (config.train.stage != "end_to_end" or m.init or m.init_from_run):
+        raise ConfigError(
+            "model.kind=fcn trains end to end from scratch or an ImageNet backbone: it needs "
+            "train.stage=end_to_end, model.init=null and model.init_from_run=null"
+        )
     if m.detector == "fcos" and (config.train.stage != "end_to_end" or m.init or m.init_from_run):
         raise ConfigError(
             "model.detector=fcos trains end to end from scratch or an ImageNet backbone: it "

@@ -12,6 +12,7 @@ from everyseg.engine.checkpoint import load_checkpoint
 from everyseg.engine.initialize import freeze_for_stage
 from everyseg.engine.run_dir import RunDir, RunRecord
 from everyseg.modeling.detector import Detector, build_model
+from everyseg.modeling.fcn import FCN
 from everyseg.modeling.fold_bn import fold_frozen_batchnorm
 from everyseg.modeling.mask_heads import MaskHead
 
@@ -41,7 +42,7 @@ def resolve_device(name: str) -> torch.device:
 class LoadedRun:
     """A run's model (in eval mode), the config it was built from and its run record."""
 
-    model: Detector
+    model: Detector | FCN  # FCN: a semantic segmentation run (model.kind=fcn)
     config: Config
     record: RunRecord
     step: int  # training steps the weights have had
@@ -79,7 +80,7 @@ def load_run(run_dir, *, checkpoint: str = "last", device: str = "auto") -> Load
     return LoadedRun(model=model, config=cfg, record=record, step=int(state["step"]), path=path)
 
 
-def ready_for_inference(model: Detector) -> Detector:
+def ready_for_inference(model: Detector | FCN) -> Detector | FCN:
     """`model` in eval mode, made faster for predicting with the same outputs within float
     rounding: its frozen batch norms folded into their convolutions (modeling/fold_bn.py)
     and, on a CPU, its backbone's and mask head's convolution weights in channels-last

@@ -275,7 +275,8 @@ def _take_steps(run: RunDir, state: TrainingState, cfg: Config, dataset, device,
             state.scheduler.step()
             state.step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{values['loss']:.3f}", mask=f"{values['loss_mask']:.3f}")
+            shown = {"loss": "loss", "mask": "loss_mask"}  # an FCN's losses have no mask term
+            bar.set_postfix({k: f"{values[v]:.3f}" for k, v in shown.items() if v in values})
             if "skipped" in values and distributed.is_main():
                 tqdm.write(f"step {state.step}: {values['skipped']}; update skipped")
             if state.step % tc.log_every == 0 or state.step == tc.steps or "skipped" in values:
@@ -393,18 +394,26 @@ def _evaluate_and_keep_best(
     # every rank evaluates its share of the val set; all get the metrics
     metrics = evaluate_loaded(state.model, cfg, state.record, device=device, progress=False)
     classes = state.record.class_names
-    tracker.evaluation(state.step, metrics, model=state.model.eval(), class_names=classes)
+    # overlays are drawn by the instance Predictor: none for an FCN run
+    overlay_model = None if "semantic" in metrics else state.model.eval()
+    tracker.evaluation(state.step, metrics, model=overlay_model, class_names=classes)
     restore_rng(rng)
     state.model.train()
-    ap = metrics["segm"]["all"]["AP"] or 0.0
-    distributed.on_main(lambda: _keep_if_best(run, state, ap))
+    # the best checkpoint: the highest mask AP, or an FCN run's mean IU (logged as such)
+    name, score = (
+        ("mean_iu", metrics["semantic"]["mean_iu"])
+        if "semantic" in metrics
+        else ("segm_AP", metrics["segm"]["all"]["AP"])
+    )
+    ap = score or 0.0
+    distributed.on_main(lambda: _keep_if_best(run, state, ap, name=name))
 
 
-def _keep_if_best(run: RunDir, state: TrainingState, ap: float) -> None:
+def _keep_if_best(run: RunDir, state: TrainingState, ap: float, *, name: str) -> None:
     best_file = run.checkpoints / "best.json"
     best = json.loads(best_file.read_text())["AP"] if best_file.is_file() else -1.0
     with run.log.open("a") as log:
-        log.write(json.dumps({"step": state.step, "eval": {"segm_AP": ap}}) + "\n")
+        log.write(json.dumps({"step": state.step, "eval": {name: ap}}) + "\n")
     if ap > best:
         state.save(run.best)
         text = json.dumps({"AP": ap, "step": state.step}).encode()

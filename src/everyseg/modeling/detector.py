@@ -12,6 +12,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from everyseg.config import ConfigError, ModelConfig
 from everyseg.modeling.backbone import resnet_fpn
+from everyseg.modeling.fcn import FCN, build_fcn
 from everyseg.modeling.fcos import FCOSWithMasks, build_fcos
 from everyseg.modeling.mask_heads import ClassConvPredictor, MaskHead
 from everyseg.modeling.mask_heads.fcn import FCNFeatures
@@ -49,8 +50,9 @@ def build_model(
     max_size: int,
     test_min_size: int,
     class_names: Sequence[str] | None = None,
-) -> Detector:
-    """The detector `cfg.detector` names, randomly initialised: no weights are loaded here.
+) -> Detector | FCN:
+    """The detector `cfg.detector` names (or with model.kind=fcn, an FCN for semantic
+    segmentation: modeling/fcn.py), randomly initialised: no weights are loaded here.
 
     `num_classes` counts the background, as in torchvision (K foreground classes -> K + 1).
     Images are resized to a short side drawn from `min_size` in training and `test_min_size`
@@ -59,15 +61,17 @@ def build_model(
     """
     if cfg.detector not in DETECTORS:
         raise ConfigError(f"model.detector {cfg.detector!r}: choose one of {', '.join(DETECTORS)}")
+    transform = MultiScaleTransform(
+        train_sizes=min_size, test_size=test_min_size, max_size=max_size
+    )
+    if cfg.kind == "fcn":
+        return build_fcn(cfg, num_classes=num_classes, transform=transform)
     b = cfg.backbone
     backbone = resnet_fpn(
         name=b.name,
         trainable_layers=b.trainable_layers,
         norm=b.norm,
         fpn_channels=b.fpn_channels,
-    )
-    transform = MultiScaleTransform(
-        train_sizes=min_size, test_size=test_min_size, max_size=max_size
     )
     return DETECTORS[cfg.detector](
         cfg,
