@@ -76,6 +76,9 @@ class DataConfig:
     train_sources: list[SourceConfig] | None = None
     # a YAML or JSON mapping alias -> canonical class name, applied when sources are merged
     class_aliases: str | None = None
+    # with model.keypoint_head: the classes whose annotations' keypoints train it ("all": every
+    # class whose category lists keypoints, "none", or class names); see data/keypoints.py
+    keypoint_classes: str | list[str] = "all"
 
     def __post_init__(self) -> None:
         if self.train_sources is None:
@@ -207,6 +210,17 @@ class FCOSConfig:
 
 
 @dataclass
+class KeypointHeadConfig:
+    """Mask R-CNN's keypoint head (modeling/keypoint_head.py): torchvision's
+    KeypointRCNNHeads (num_convs 3x3 convs) and KeypointRCNNPredictor (K heatmaps of side
+    4 x pooler_resolution, a softmax over their positions)."""
+
+    num_convs: PositiveInt = 8
+    channels: PositiveInt = 512
+    pooler_resolution: PositiveInt = 14
+
+
+@dataclass
 class ModelConfig:
     # rcnn (Mask R-CNN: rpn, box_head) | fcos (Deep-MAC's anchor-free detector: model.fcos;
     # its mask head trains on ground-truth crops, model.mask_head.train_rois=gt)
@@ -223,6 +237,8 @@ class ModelConfig:
     # a run directory whose last checkpoint initialises everything but the mask branch
     # (stage-wise training's stage 2 starts from its stage-1 run)
     init_from_run: str | None = None
+    # null: no keypoints (the model as before); a mapping: Mask R-CNN's keypoint head
+    keypoint_head: KeypointHeadConfig | None = None
 
 
 @dataclass
@@ -381,6 +397,8 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         key, hint = prefix + name, hints[name]
         if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             values[name] = _build(hint, value, key + ".")
+        elif (section := _optional_section(hint)) is not None:
+            values[name] = None if value is None else _build(section, value, key + ".")
         elif (item := _section_list_item(hint)) is not None and value is not None:
             if not isinstance(value, (list, tuple)):
                 raise ConfigError(f"{key}: expected a list, got {value!r}")
@@ -390,6 +408,14 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     section = cls(**values)
     check_relations(section, hints, prefix)
     return section
+
+
+def _optional_section(hint: Any) -> type | None:
+    """The section type of a `Section | None` field, else None."""
+    if typing.get_origin(hint) is not types.UnionType:
+        return None
+    sections = [o for o in typing.get_args(hint) if dataclasses.is_dataclass(o)]
+    return sections[0] if len(sections) == 1 and type(None) in typing.get_args(hint) else None
 
 
 def _section_list_item(hint: Any) -> type | None:
