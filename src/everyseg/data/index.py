@@ -19,6 +19,7 @@ import numpy as np
 from everyseg.data.columns import NO_SEGM, GroundTruthTable, InstanceTable, SegmColumns
 from everyseg.data.compact_masks import compact
 from everyseg.data.images import image_file_problem
+from everyseg.data.json_stream import read_coco_streamed
 from everyseg.data.keypoints import (
     NO_KEYPOINTS,
     KeypointLayout,
@@ -27,7 +28,6 @@ from everyseg.data.keypoints import (
     category_keypoints,
     read_keypoints,
 )
-from everyseg.data.json_stream import read_coco_streamed
 from everyseg.data.lvis import image_lists, read_frequencies
 from everyseg.data.segmentation import box_mask_mismatch, check_segmentation
 from everyseg.data.splits import resolve_mask_classes

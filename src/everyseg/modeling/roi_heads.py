@@ -12,13 +12,13 @@ from torch import Tensor, nn
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
 from torchvision.ops import MultiScaleRoIAlign
 
+from everyseg.modeling.keypoint_head import KeypointBranch
 from everyseg.modeling.mask_branch import (
     MASK_ROIS,
     gt_mask_crops,
     mask_probabilities,
     mask_training_loss,
 )
-from everyseg.modeling.keypoint_head import KeypointBranch
 from everyseg.modeling.mask_heads import MaskHead
 
 
