@@ -37,12 +37,22 @@ _SIDES = {"left": "right", "right": "left"}
 
 @dataclass(frozen=True)
 class KeypointLayout:
-    """The model's K keypoints: names, skeleton (0-based index pairs) and the classes that
-    have keypoints, in class order."""
+    """The model's K keypoints: names, skeleton (0-based index pairs, every class's) and the
+    classes that have keypoints, in class order, with each one's own keypoints (indices into
+    `names`) and skeleton."""
 
     names: tuple[str, ...]
     skeleton: tuple[tuple[int, int], ...]
     classes: tuple[str, ...]
+    class_keypoints: tuple[tuple[int, ...], ...] = ()
+    class_skeletons: tuple[tuple[tuple[int, int], ...], ...] = ()
+
+    def of_class(self, name: str) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...]]:
+        """A class's keypoint indices and skeleton; none for a class without keypoints."""
+        if name not in self.classes:
+            return (), ()
+        at = self.classes.index(name)
+        return self.class_keypoints[at], self.class_skeletons[at]
 
     def flip_index(self) -> list[int]:
         """(K,) the channel each keypoint moves to when the image is mirrored left-right."""
@@ -54,6 +64,8 @@ class KeypointLayout:
             "names": list(self.names),
             "skeleton": [list(pair) for pair in self.skeleton],
             "classes": list(self.classes),
+            "class_keypoints": [list(k) for k in self.class_keypoints],
+            "class_skeletons": [[list(p) for p in s] for s in self.class_skeletons],
         }
 
     @classmethod
@@ -62,6 +74,10 @@ class KeypointLayout:
             names=tuple(plain["names"]),
             skeleton=tuple((int(a), int(b)) for a, b in plain["skeleton"]),
             classes=tuple(plain["classes"]),
+            class_keypoints=tuple(tuple(k) for k in plain["class_keypoints"]),
+            class_skeletons=tuple(
+                tuple((int(a), int(b)) for a, b in s) for s in plain["class_skeletons"]
+            ),
         )
 
 
@@ -126,14 +142,17 @@ def build_layout(categories: list, *, class_names, spec, source) -> KeypointLayo
     classes = resolve_keypoint_classes(spec, keypointed, class_names)
     names: list[str] = []
     skeleton: list[tuple[int, int]] = []
+    own_keypoints, own_skeletons = [], []
     for cls in classes:
         local, pairs = listed[cls]
         names += [n for n in local if n not in names]
-        for a, b in pairs:
-            pair = (names.index(local[a]), names.index(local[b]))
-            if pair not in skeleton and pair[::-1] not in skeleton:
-                skeleton.append(pair)
-    return KeypointLayout(tuple(names), tuple(skeleton), tuple(classes))
+        own = [(names.index(local[a]), names.index(local[b])) for a, b in pairs]
+        skeleton += [p for p in own if p not in skeleton and p[::-1] not in skeleton]
+        own_keypoints.append(tuple(names.index(n) for n in local))
+        own_skeletons.append(tuple(own))
+    return KeypointLayout(
+        tuple(names), tuple(skeleton), tuple(classes), tuple(own_keypoints), tuple(own_skeletons)
+    )
 
 
 def read_keypoints(
