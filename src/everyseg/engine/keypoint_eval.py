@@ -121,6 +121,8 @@ def _precision(
             )
         evaluator.params.kpt_oks_sigmas = np.array(sigmas)
         evaluator.params.imgIds = img_ids
+        # every keypoint class, in id order, also those without ground truth here (-1 then)
+        evaluator.params.catIds = sorted(c["id"] for c in dataset["categories"])
         evaluator.evaluate()
         evaluator.accumulate()
     return evaluator.eval["precision"]
