@@ -210,7 +210,7 @@ class KeypointTable:
     def freeze(self) -> None:
         self._ids = np.asarray(self._new_ids, dtype=np.int64)
         self._values = np.asarray(self._new_values, dtype=np.float64)
-        self._values = self._values.reshape(-1, self.num_keypoints, 3)
+        self._values = self._values.reshape(len(self._ids), self.num_keypoints, 3)
         self._order = np.argsort(self._ids, kind="stable")
         for column in (self._ids, self._values, self._order):
             column.flags.writeable = False
