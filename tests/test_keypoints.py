@@ -357,3 +357,45 @@ def test_train_evaluate_predict_through_the_cli(make_config, synth_paths, tmp_pa
     assert with_points and {names[r["category_id"]] for r in with_points} <= set(KEYPOINTS)
     assert all(len(r["keypoints"]) == 3 * 9 for r in with_points)
     assert len(list((out / "overlays").iterdir())) == len(val)
+
+
+def test_a_val_set_is_read_into_the_models_keypoint_list_by_name(synth_paths):
+    layout = KeypointLayout(("extra", "top"), (), ("triangle", "square"), ((1,), ()), ((), ()))
+    dataset = CocoInstances(
+        json_path=synth_paths["val_json"], images_dir=synth_paths["val_images"],
+        keypoint_layout=layout,
+    )  # fmt: skip
+    data = json.loads(Path(synth_paths["val_json"]).read_text())
+    tops = {
+        a["id"]: a["keypoints"][:2]
+        for a in data["annotations"]
+        if a["category_id"] == next(c["id"] for c in data["categories"] if c["name"] == "triangle")
+    }
+    assert tops
+    for i in range(len(dataset)):
+        _, target = dataset[i]
+        for ann_id, has, points in zip(
+            target["ann_ids"], target["has_keypoints"], target["keypoints"]
+        ):
+            # a triangle's "top" lands in channel 1; a square's names are not in the list
+            assert bool(has) == (int(ann_id) in tops)
+            if has:
+                assert points[1, :2].tolist() == pytest.approx(tops[int(ann_id)])
+                assert points[0].tolist() == [0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("extra", "names", "message"),
+    [
+        ((), None, "the training data has no keypoints"),
+        (
+            ("model.detector=fcos", "model.backbone.fpn_channels=64"),
+            ("a",),
+            "needs model.detector=rcnn",
+        ),
+    ],
+)
+def test_a_keypoint_head_needs_keypoints_and_rcnn(make_config, make_model, extra, names, message):
+    cfg = make_config(*TINY_HEAD, *extra, preset="keypoints-tiny")
+    with pytest.raises(ConfigError, match=message):
+        make_model(cfg, num_classes=15, keypoint_names=names)
