@@ -389,7 +389,11 @@ def test_a_val_set_is_read_into_the_models_keypoint_list_by_name(synth_paths):
     [
         ((), None, "the training data has no keypoints"),
         (
-            ("model.detector=fcos", "model.backbone.fpn_channels=64"),
+            (
+                "model.detector=fcos",
+                "model.mask_head.train_rois=gt",
+                "model.backbone.fpn_channels=64",
+            ),
             ("a",),
             "needs model.detector=rcnn",
         ),
