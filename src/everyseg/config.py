@@ -414,8 +414,9 @@ def _optional_section(hint: Any) -> type | None:
     """The section type of a `Section | None` field, else None."""
     if typing.get_origin(hint) is not types.UnionType:
         return None
-    sections = [o for o in typing.get_args(hint) if dataclasses.is_dataclass(o)]
-    return sections[0] if len(sections) == 1 and type(None) in typing.get_args(hint) else None
+    options = typing.get_args(hint)
+    sections = [o for o in options if isinstance(o, type) and dataclasses.is_dataclass(o)]
+    return sections[0] if len(sections) == 1 and type(None) in options else None
 
 
 def _section_list_item(hint: Any) -> type | None:

@@ -108,13 +108,14 @@ def category_keypoints(category: dict, source) -> tuple[list[str], list[tuple[in
         raise DataError(f"{where}: duplicate keypoint names in {names}")
     pairs = []
     for pair in skeleton if isinstance(skeleton, list) else [skeleton]:
-        ends = [as_int(v) for v in pair] if isinstance(pair, list) and len(pair) == 2 else None
-        if ends is None or not all(e is not None and 1 <= e <= len(names) for e in ends):
+        ends = [as_int(v) for v in pair] if isinstance(pair, list) and len(pair) == 2 else []
+        numbers = [e for e in ends if e is not None and 1 <= e <= len(names)]
+        if len(numbers) != 2:
             raise DataError(
                 f"{where}: skeleton entry {pair!r} is not a pair of keypoint numbers "
                 f"1..{len(names)} (COCO numbers them from 1)"
             )
-        pairs.append((ends[0] - 1, ends[1] - 1))
+        pairs.append((numbers[0] - 1, numbers[1] - 1))
     return names, pairs
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -51,7 +52,7 @@ def sigmas_for(names: Sequence[str]) -> list[float]:
 
 
 def keypoint_metrics(
-    gt: dict | str,
+    gt: str | os.PathLike | dict,
     results: list[dict[str, Any]],
     *,
     names: Sequence[str],
@@ -130,7 +131,7 @@ def _precision(
 
 def _empty(dataset: dict) -> COCO:
     coco = COCO()
-    coco.dataset = {**dataset, "annotations": []}  # type: ignore[assignment]
+    coco.dataset = {**dataset, "annotations": []}  # type: ignore[typeddict-item]
     coco.createIndex()
     return coco
 

@@ -10,7 +10,7 @@ import torch
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from everyseg.config import ConfigError, ModelConfig
+from everyseg.config import ConfigError, KeypointHeadConfig, ModelConfig
 from everyseg.modeling.backbone import FPN_LEVELS, resnet_fpn
 from everyseg.modeling.fcos import FCOSWithMasks, build_fcos
 from everyseg.modeling.keypoint_head import build_keypoint_branch
@@ -80,11 +80,11 @@ def build_model(
         transform=transform,
     )
     if cfg.keypoint_head is not None:
-        _add_keypoint_branch(detector, cfg, keypoint_names)
+        _add_keypoint_branch(detector, cfg.keypoint_head, keypoint_names)
     return detector
 
 
-def _add_keypoint_branch(detector: Detector, cfg: ModelConfig, names) -> None:
+def _add_keypoint_branch(detector: Detector, cfg: KeypointHeadConfig, names) -> None:
     if not isinstance(detector, RCNN):
         raise ConfigError("model.keypoint_head needs model.detector=rcnn (its RoI heads)")
     if not names:
@@ -94,7 +94,7 @@ def _add_keypoint_branch(detector: Detector, cfg: ModelConfig, names) -> None:
         )
     pool = detector.roi_heads.box_roi_pool
     detector.roi_heads.keypoint_branch = build_keypoint_branch(
-        cfg.keypoint_head,
+        cfg,
         in_channels=detector.backbone.out_channels,
         num_keypoints=len(names),
         featmap_names=getattr(pool, "featmap_names", FPN_LEVELS),  # the box pooler's maps
