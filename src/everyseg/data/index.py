@@ -25,7 +25,8 @@ from everyseg.data.keypoints import (
     KeypointLayout,
     KeypointTable,
     build_layout,
-    category_keypoints,
+    class_keypoint_names,
+    keypoint_ground_truth,
     read_keypoints,
 )
 from everyseg.data.lvis import image_lists, read_frequencies
@@ -149,13 +150,9 @@ class CocoIndex:
         self.keypoint_layout: KeypointLayout | None = layout
         self.keypoints = KeypointTable(len(layout.names) if layout else 0)
         # label -> its category's keypoint names, for the keypoint classes
-        self._keypoint_names: dict[int, list[str]] = {}
-        if layout is not None:
-            named = {c.get("name"): c for c in categories if isinstance(c, dict)}
-            for name in layout.classes:
-                if name in self.class_names:
-                    local, _ = category_keypoints(named[name], self.json_path)
-                    self._keypoint_names[self.class_names.index(name) + 1] = local
+        self._keypoint_names = class_keypoint_names(
+            categories, layout, class_names=self.class_names, source=self.json_path
+        )
 
     def _flag(self, reason: Reason, detail: str = "", **where) -> None:
         self.findings.add(Finding(reason, detail, **where))
@@ -348,25 +345,10 @@ class CocoIndex:
                 for label, name in enumerate(self.class_names, start=1)
             ],
         }
-        return self._with_keypoints(gt) if self.keypoint_layout else gt
-
-    def _with_keypoints(self, gt: dict) -> dict:
-        """Keypoint classes' annotations with `keypoints` in the shared list and
-        `num_keypoints` (0: none, ignored by COCOeval); their categories with its names."""
-        assert self.keypoint_layout is not None
-        layout, num = self.keypoint_layout, len(self.keypoint_layout.names)
+        if self.keypoint_layout is None:
+            return gt
         cat_ids = {self.label_to_cat_id[label] for label in self._keypoint_names}
-        for ann in gt["annotations"]:
-            if ann["category_id"] in cat_ids:
-                values = self.keypoints.of_annotation(ann["id"])
-                labelled = 0 if values is None else int((values[:, 2] > 0).sum())
-                ann["keypoints"] = [0.0] * 3 * num if values is None else values.ravel().tolist()
-                ann["num_keypoints"] = labelled
-        for cat in gt["categories"]:
-            if cat["id"] in cat_ids:
-                cat["keypoints"] = list(layout.names)
-                cat["skeleton"] = [[a + 1, b + 1] for a, b in layout.skeleton]
-        return gt
+        return keypoint_ground_truth(gt, self.keypoints, self.keypoint_layout, cat_ids=cat_ids)
 
     def _gt_category(self, label: int, name: str) -> dict:
         cat_id = self.label_to_cat_id[label]

@@ -156,6 +156,38 @@ def build_layout(categories: list, *, class_names, spec, source) -> KeypointLayo
     )
 
 
+def class_keypoint_names(
+    categories: list, layout: KeypointLayout | None, *, class_names: Sequence[str], source
+) -> dict[int, list[str]]:
+    """Label (1..C) -> its category's keypoint names, for the layout's classes in this file."""
+    if layout is None:
+        return {}
+    named = {c.get("name"): c for c in categories if isinstance(c, dict)}
+    return {
+        class_names.index(name) + 1: category_keypoints(named[name], source)[0]
+        for name in layout.classes
+        if name in class_names
+    }
+
+
+def keypoint_ground_truth(gt: dict, table: KeypointTable, layout: KeypointLayout, *, cat_ids):
+    """A COCO ground-truth dict with the keypoint classes' (`cat_ids`) annotations given
+    `keypoints` in the layout (from `table`) and `num_keypoints` (0: none, which COCOeval
+    ignores), and their categories the layout's names and skeleton. Changes `gt`."""
+    for ann in gt["annotations"]:
+        if ann["category_id"] in cat_ids:
+            values = table.of_annotation(ann["id"])
+            labelled = 0 if values is None else int((values[:, 2] > 0).sum())
+            zeros = [0.0] * 3 * len(layout.names)
+            ann["keypoints"] = zeros if values is None else values.ravel().tolist()
+            ann["num_keypoints"] = labelled
+    for cat in gt["categories"]:
+        if cat["id"] in cat_ids:
+            cat["keypoints"] = list(layout.names)
+            cat["skeleton"] = [[a + 1, b + 1] for a, b in layout.skeleton]
+    return gt
+
+
 def read_keypoints(
     ann: dict, *, local: Sequence[str], layout: KeypointLayout, width: int, height: int
 ) -> tuple[np.ndarray | None, str | None]:
