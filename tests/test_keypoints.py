@@ -403,3 +403,18 @@ def test_a_keypoint_head_needs_keypoints_and_rcnn(make_config, make_model, extra
     cfg = make_config(*TINY_HEAD, *extra, preset="keypoints-tiny")
     with pytest.raises(ConfigError, match=message):
         make_model(cfg, num_classes=15, keypoint_names=names)
+
+
+def test_an_image_without_detections_gives_no_keypoint_results():
+    from everyseg.engine.coco_results import to_coco_results  # noqa: PLC0415
+
+    empty = {
+        "boxes": torch.zeros(0, 4),
+        "labels": torch.zeros(0, dtype=torch.int64),
+        "scores": torch.zeros(0),
+        "keypoints": torch.zeros(0, K, 3),
+    }
+    assert to_coco_results(empty, image_id=1, label_to_cat_id={1: 1}) == []
+    one = {k: torch.cat([v, v.new_ones(1, *v.shape[1:])]) for k, v in empty.items()}
+    (result,) = to_coco_results(one, image_id=1, label_to_cat_id={1: 1})
+    assert result["keypoints"] == [1.0] * 3 * K

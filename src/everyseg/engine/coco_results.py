@@ -81,7 +81,7 @@ def to_coco_results(
         for result, rle in zip(results, rles, strict=True):
             result["segmentation"] = rle
     if "keypoints" in outputs:
-        points = outputs["keypoints"].detach().float().cpu().reshape(len(results), -1).tolist()
+        points = outputs["keypoints"].detach().float().cpu().flatten(1).tolist()  # (N, 3K)
         for result, values in zip(results, points, strict=True):
             result["keypoints"] = values
     return results
