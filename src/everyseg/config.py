@@ -76,6 +76,9 @@ class DataConfig:
     train_sources: list[SourceConfig] | None = None
     # a YAML or JSON mapping alias -> canonical class name, applied when sources are merged
     class_aliases: str | None = None
+    # with model.keypoint_head: the classes whose annotations' keypoints train it ("all": every
+    # class whose category lists keypoints, "none", or class names); see data/keypoints.py
+    keypoint_classes: str | list[str] = "all"
 
     def __post_init__(self) -> None:
         if self.train_sources is None:
@@ -215,6 +218,17 @@ class FCNConfig:
 
 
 @dataclass
+class KeypointHeadConfig:
+    """Mask R-CNN's keypoint head (modeling/keypoint_head.py): torchvision's
+    KeypointRCNNHeads (num_convs 3x3 convs) and KeypointRCNNPredictor (K heatmaps of side
+    4 x pooler_resolution, a softmax over their positions)."""
+
+    num_convs: PositiveInt = 8
+    channels: PositiveInt = 512
+    pooler_resolution: PositiveInt = 14
+
+
+@dataclass
 class ModelConfig:
     # rcnn: an instance segmenter (model.detector) | fcn: FCN semantic segmentation (model.fcn;
     # the backbone without FPN, a per-pixel softmax over background + the classes)
@@ -235,6 +249,8 @@ class ModelConfig:
     # (stage-wise training's stage 2 starts from its stage-1 run)
     init_from_run: str | None = None
     fcn: FCNConfig = field(default_factory=FCNConfig)
+    # null: no keypoints (the model as before); a mapping: Mask R-CNN's keypoint head
+    keypoint_head: KeypointHeadConfig | None = None
 
 
 @dataclass
@@ -393,6 +409,8 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         key, hint = prefix + name, hints[name]
         if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             values[name] = _build(hint, value, key + ".")
+        elif (section := _optional_section(hint)) is not None:
+            values[name] = None if value is None else _build(section, value, key + ".")
         elif (item := _section_list_item(hint)) is not None and value is not None:
             if not isinstance(value, (list, tuple)):
                 raise ConfigError(f"{key}: expected a list, got {value!r}")
@@ -402,6 +420,15 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     section = cls(**values)
     check_relations(section, hints, prefix)
     return section
+
+
+def _optional_section(hint: Any) -> type | None:
+    """The section type of a `Section | None` field, else None."""
+    if typing.get_origin(hint) is not types.UnionType:
+        return None
+    options = typing.get_args(hint)
+    sections = [o for o in options if isinstance(o, type) and dataclasses.is_dataclass(o)]
+    return sections[0] if len(sections) == 1 and type(None) in options else None
 
 
 def _section_list_item(hint: Any) -> type | None:

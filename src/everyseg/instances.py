@@ -8,7 +8,7 @@ head's M x M probabilities), never N x H x W, until a caller asks for full-image
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -96,6 +96,10 @@ class Instances:
     labels: np.ndarray  # (N,) int64, contiguous 1..K
     class_names: list[str]  # (N,)
     box_masks: BoxMasks  # N masks, each kept inside its box
+    # a keypoint model's (N, K, 3) float32 x, y, v (v=0: none; data/keypoints.py) and each
+    # instance's skeleton (0-based pairs); None and empty without keypoints
+    keypoints: np.ndarray | None = None
+    skeletons: list[tuple[tuple[int, int], ...]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.scores)

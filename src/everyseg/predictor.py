@@ -16,6 +16,7 @@ from PIL import Image
 from torchvision.utils import draw_bounding_boxes
 
 from everyseg.config import Config
+from everyseg.data.keypoints import KeypointLayout
 from everyseg.engine.coco_results import to_coco_results
 from everyseg.engine.load import load_run
 from everyseg.engine.precision import (
@@ -26,6 +27,7 @@ from everyseg.engine.precision import (
 )
 from everyseg.image_input import ImageLike, as_batch, image_to_tensor
 from everyseg.instances import BoxMasks, Instances
+from everyseg.keypoint_draw import draw_instance_keypoints, instance_keypoints
 from everyseg.modeling.box_prompts import ImageFeatures, encode_images
 from everyseg.modeling.detector import Detector
 from everyseg.modeling.fcn import FCN
@@ -54,7 +56,8 @@ class Predictor:
     (everyseg.engine.precision). Boxes, scores and masks come out as float32 whatever it is.
 
     `set_image(image)` runs the backbone once; `segment(boxes=...)` then prompts it again
-    and again without recomputing it (SAM's way).
+    and again without recomputing it (SAM's way). A keypoint model's `keypoint_layout`
+    (from_run reads it) gives its keypoint classes' instances keypoints.
     """
 
     def __init__(
@@ -67,6 +70,7 @@ class Predictor:
         score_thresh: float = 0.5,
         mask_thresh: float = 0.5,
         precision: InferencePrecision | None = None,
+        keypoint_layout: KeypointLayout | None = None,
         **run_options,
     ) -> None:
         self.score_thresh = check_fraction(score_thresh, name="score_thresh")
@@ -102,6 +106,7 @@ class Predictor:
         self.mask_classes: list[str] = list(mask_classes)
         self.precision = inference_precision(precision, trained="off", device=self.device)
         self.cfg: Config | None = None  # a run's config, set by from_run
+        self.keypoint_layout = keypoint_layout
         self._image: ImageFeatures | None = None
 
     @classmethod
@@ -136,6 +141,9 @@ class Predictor:
             precision=inference_precision(
                 precision, trained=run.config.train.amp, device=device_of_model
             ),
+            keypoint_layout=(
+                KeypointLayout.from_plain(run.record.keypoints) if run.record.keypoints else None
+            ),
         )
         predictor.cfg = run.config
         return predictor
@@ -155,7 +163,13 @@ class Predictor:
             # filter before pasting: only kept detections' masks ever reach image size
             keep = output["scores"] >= self.score_thresh
             kept = (output[key][keep] for key in ("boxes", "scores", "labels", "box_masks"))
-            results.append(self._instances((tensor.shape[1], tensor.shape[2]), *kept))
+            instances = self._instances((tensor.shape[1], tensor.shape[2]), *kept)
+            if self.keypoint_layout is not None and "keypoints" in output:
+                layout = self.keypoint_layout
+                points = output["keypoints"][keep]
+                instances.keypoints = instance_keypoints(points, instances.class_names, layout)
+                instances.skeletons = [layout.of_class(n)[1] for n in instances.class_names]
+            results.append(instances)
         return results if is_batch else results[0]
 
     @torch.inference_mode()
@@ -252,6 +266,10 @@ class Predictor:
         )
         for result, rle in zip(results, instances.rle(), strict=True):
             result["segmentation"] = rle
+        points = instances.keypoints if instances.keypoints is not None else ()
+        for result, values in zip(results, points):
+            if (values[:, 2] > 0).any():  # a keypoint class's: COCO's keypoint result
+                result["keypoints"] = values.ravel().tolist()
         return results
 
 
@@ -273,7 +291,8 @@ def _as_tensor(values, dtype, name: str) -> torch.Tensor:
 def draw_overlay(
     image: ImageLike, instances: Instances, *, alpha: float = 0.45, min_side: int = 512
 ) -> Image.Image:
-    """The image with each instance's mask, box, class name and score drawn on it.
+    """The image with each instance's mask, box, class name and score drawn on it, and its
+    keypoints and skeleton when it has some.
 
     Small images are enlarged (nearest neighbour, integer factor) until their long side
     reaches `min_side`, so that captions stay readable on 128 px inputs.
@@ -288,6 +307,10 @@ def draw_overlay(
     captions = [f"{n} {s:.2f}" for n, s in zip(instances.class_names, instances.scores)]
     boxes = torch.from_numpy(instances.boxes) * scale
     canvas = draw_bounding_boxes(canvas, boxes, labels=captions, colors=colors, width=2)
+    if instances.keypoints is not None:
+        canvas = draw_instance_keypoints(
+            canvas, instances.keypoints, instances.skeletons, scale=scale, colors=colors
+        )
     return Image.fromarray(canvas.permute(1, 2, 0).numpy())
 
 

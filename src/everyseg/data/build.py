@@ -7,6 +7,7 @@ from typing import NamedTuple
 from everyseg.config import ConfigError, DataConfig
 from everyseg.data.coco import CocoInstances
 from everyseg.data.index import CocoIndex
+from everyseg.data.keypoints import KeypointLayout
 from everyseg.data.report import training_problem
 from everyseg.data.sources import MergedIndex, read_val_images
 from everyseg.data.splits import voc_spelling_note
@@ -38,16 +39,29 @@ def split_source(cfg: DataConfig, split: str) -> SplitSource:
 
 
 def build_dataset(
-    cfg: DataConfig, *, split: str, seed: int = 0, mask_classes=None
+    cfg: DataConfig,
+    *,
+    split: str,
+    seed: int = 0,
+    mask_classes=None,
+    keypoints: bool = False,
+    keypoint_layout: KeypointLayout | None = None,
 ) -> CocoInstances:
     """The train or val set. `mask_classes` overrides cfg (evaluation uses the run's own; the
-    detector stage passes "none").
+    detector stage passes "none"). With `keypoints` (a model with a keypoint head) targets
+    carry keypoints: the train set data.keypoint_classes', the val set every class's, read
+    into `keypoint_layout` (a trained model's keypoint list) when given (data.keypoints).
 
     The train set must have something to train: raises DataError when no instance is usable,
     or when the mask classes are not empty yet none of their instances has a usable mask.
     """
     train = split == "train"
     if train and cfg.train_sources is not None:
+        if keypoints:
+            raise ConfigError(
+                "model.keypoint_head reads keypoints from data.train_json only: data."
+                "train_sources does not carry them yet (set model.keypoint_head=null)"
+            )
         merged = build_merged_index(cfg, mask_classes=mask_classes, decode_images=False)
         return CocoInstances.from_index(merged, train=True, hflip_prob=cfg.hflip_prob, seed=seed)
     source = split_source(cfg, split)
@@ -62,6 +76,7 @@ def build_dataset(
         # evaluation cannot let another image stand in for one that fails to decode mid-way
         decode_images=not train,
         **_index_options(cfg, split),
+        **_keypoint_options(cfg, train=train, keypoints=keypoints, layout=keypoint_layout),
     )
     problem = training_problem(dataset.index) if train else None
     if problem:
@@ -136,6 +151,14 @@ def build_index(cfg: DataConfig, *, split: str, decode_images: bool) -> CocoInde
         decode_images=decode_images,
         **_index_options(cfg, split),
     )
+
+
+def _keypoint_options(cfg: DataConfig, *, train: bool, keypoints: bool, layout) -> dict:
+    if layout is not None:
+        return {"keypoint_layout": layout}
+    if keypoints:
+        return {"keypoint_classes": cfg.keypoint_classes if train else "all"}
+    return {}
 
 
 def _index_options(cfg: DataConfig, split: str) -> dict:

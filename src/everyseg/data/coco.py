@@ -23,6 +23,7 @@ from everyseg.data.columns import Instance
 from everyseg.data.compact_masks import CompactMasks
 from everyseg.data.images import load_image, size_mismatch
 from everyseg.data.index import CocoIndex, ImageMeta
+from everyseg.data.keypoints import KeypointLayout, hflip_keypoints, keypoint_target
 from everyseg.data.report import format_report, report
 from everyseg.data.source_report import format_merged_summary
 from everyseg.data.sources import MergedIndex
@@ -57,7 +58,9 @@ class CocoInstances(torch.utils.data.Dataset):
         `compact_masks` a CompactMasks (the N masks as polygons / RLE, never decoded here:
         the model rasterises what it trains on; `.to_dense()` gives uint8 (N, H, W), zeros
         where `has_mask` is False), `has_mask` bool (N,), `image_id` int64 scalar,
-        `ann_ids` int64 (N,).
+        `ann_ids` int64 (N,); with keypoints read (`keypoint_classes` or `keypoint_layout`,
+        see CocoIndex), also `keypoints` float32 (N, K, 3) x, y, v (zeros where
+        `has_keypoints` is False) and `has_keypoints` bool (N,).
     With a tuple key and `train=True`, the image is flipped left-right when
     `random.Random(f"{seed}:{aug_seed}").random() < hflip_prob`: the decision depends only on
     the key, so augmentation is reproducible whatever the DataLoader worker layout.
@@ -84,6 +87,8 @@ class CocoInstances(torch.utils.data.Dataset):
         allow_outside_images: bool = False,
         min_sizes: Sequence[int] | None = None,
         max_size: int | None = None,
+        keypoint_classes=None,
+        keypoint_layout: KeypointLayout | None = None,
     ):
         index = CocoIndex(
             json_path=json_path,
@@ -94,6 +99,8 @@ class CocoInstances(torch.utils.data.Dataset):
             allow_outside_images=allow_outside_images,
             min_sizes=min_sizes,
             max_size=max_size,
+            keypoint_classes=keypoint_classes,
+            keypoint_layout=keypoint_layout,
         )
         self._attach(index, train=train, hflip_prob=hflip_prob, seed=seed)
         self.json_path = index.json_path
@@ -147,9 +154,19 @@ class CocoInstances(torch.utils.data.Dataset):
                 self._report_unloadable(image_id, err)
                 continue
             meta = self.index.images[image_id]
-            target = _build_target(image_id, self.index.instances.get(image_id, []), meta)
+            instances = self.index.instances.get(image_id, [])
+            target = _build_target(image_id, instances, meta)
+            layout = getattr(self.index, "keypoint_layout", None)
+            if layout is not None:
+                target["keypoints"], target["has_keypoints"] = keypoint_target(
+                    [inst.keypoints for inst in instances], len(layout.names)
+                )
             if self._should_flip(aug_seed):
                 image, target = hflip(image, target)
+                if layout is not None:
+                    target["keypoints"] = hflip_keypoints(
+                        target["keypoints"], width=meta.width, flip_index=layout.flip_index()
+                    )
             return image, target
         example = next(iter(self._unloadable.values()))
         raise DataError(f"none of the {len(self)} images could be loaded, e.g. {example}")

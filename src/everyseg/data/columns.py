@@ -28,6 +28,7 @@ class Instance:
     label: int
     box: tuple[float, float, float, float]  # xyxy, clipped to the image
     segm: Segm | None  # compact polygons or RLE (data.compact_masks); None: box-only
+    keypoints: np.ndarray | None = None  # (K, 3) x, y, v (data.keypoints); None: none
 
 
 def frozen_array(values, dtype) -> np.ndarray:
@@ -95,22 +96,30 @@ class InstanceTable(Mapping[int, list[Instance]]):
     """image id -> its kept instances, in file order; only images that have some are keys.
 
     Rows are added with `add`, then `freeze` groups them by image. An `Instance` is built
-    when its image is looked up, so a worker's lookups write to no shared object.
+    when its image is looked up, so a worker's lookups write to no shared object. With
+    `keypoints` (a data.keypoints.KeypointTable), instances carry their keypoint rows.
     """
 
-    def __init__(self, segms: SegmColumns) -> None:
+    def __init__(self, segms: SegmColumns, keypoints=None) -> None:
         self._segms = segms
-        self._new = array_builders(image_ids="q", ann_ids="q", labels="q", boxes="d", segms="q")
+        self._keypoints = keypoints
+        self._new = array_builders(
+            image_ids="q", ann_ids="q", labels="q", boxes="d", segms="q", keypoints="q"
+        )
         self._c: dict[str, np.ndarray] = {}
 
-    def add(self, *, image_id: int, ann_id: int, label: int, box, segm: int) -> None:
-        """One instance; `box` xyxy, `segm` its index in the SegmColumns (NO_SEGM: none)."""
+    def add(
+        self, *, image_id: int, ann_id: int, label: int, box, segm: int, keypoints: int = -1
+    ) -> None:
+        """One instance; `box` xyxy, `segm` its index in the SegmColumns (NO_SEGM: none),
+        `keypoints` its row in the KeypointTable (-1: none)."""
         new = self._new
         new["image_ids"].append(image_id)
         new["ann_ids"].append(ann_id)
         new["labels"].append(label)
         new["boxes"].extend(box)
         new["segms"].append(segm)
+        new["keypoints"].append(keypoints)
 
     def freeze(self) -> None:
         image_ids = frozen_array(self._new.pop("image_ids"), np.int64)
@@ -159,12 +168,13 @@ class InstanceTable(Mapping[int, list[Instance]]):
     def row(self, row: int) -> Instance:
         """The instance in row `row`."""
         x0, y0, x1, y1 = (float(v) for v in self._c["boxes"][row])
-        segm = int(self._c["segms"][row])
+        segm, keypoints = int(self._c["segms"][row]), int(self._c["keypoints"][row])
         return Instance(
             int(self._c["ann_ids"][row]),
             int(self._c["labels"][row]),
             (x0, y0, x1, y1),
             None if segm == NO_SEGM else self._segms.get(segm),
+            None if keypoints < 0 or self._keypoints is None else self._keypoints.get(keypoints),
         )
 
     def __iter__(self) -> Iterator[int]:

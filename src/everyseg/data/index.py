@@ -20,6 +20,15 @@ from everyseg.data.columns import NO_SEGM, GroundTruthTable, InstanceTable, Segm
 from everyseg.data.compact_masks import compact
 from everyseg.data.images import image_file_problem
 from everyseg.data.json_stream import read_coco_streamed
+from everyseg.data.keypoints import (
+    NO_KEYPOINTS,
+    KeypointLayout,
+    KeypointTable,
+    build_layout,
+    class_keypoint_names,
+    keypoint_ground_truth,
+    read_keypoints,
+)
 from everyseg.data.lvis import image_lists, read_frequencies
 from everyseg.data.segmentation import box_mask_mismatch, check_segmentation
 from everyseg.data.splits import resolve_mask_classes
@@ -29,6 +38,7 @@ from everyseg.data.validate import (
     ANN_ID,
     BAD_AREA,
     BAD_CROWD_FLAG,
+    BAD_KEYPOINTS,
     BOX_MASK_MISMATCH,
     CROWD,
     IMAGE,
@@ -72,6 +82,11 @@ class CocoIndex:
 
     The file's 'annotations' are read one at a time (data.json_stream), and what is kept is
     stored as columns (data.columns): `instances` maps an image id to its `Instance`s.
+
+    Keypoints (data.keypoints) are read only when asked: `keypoint_classes` (a
+    data.keypoint_classes spec) builds the shared keypoint list from the file's categories,
+    `keypoint_layout` (a trained model's) reads the file into that list; `keypoint_layout`
+    is then the list used, else None.
     """
 
     def __init__(
@@ -85,6 +100,8 @@ class CocoIndex:
         allow_outside_images: bool = False,
         min_sizes: Sequence[int] | None = None,
         max_size: int | None = None,
+        keypoint_classes=None,
+        keypoint_layout: KeypointLayout | None = None,
     ):
         self.json_path = Path(json_path)
         self.images_dir = Path(images_dir)
@@ -102,6 +119,7 @@ class CocoIndex:
         self.label_to_cat_id = {label: cid for cid, label in self.cat_id_to_label.items()}
         self.mask_class_names = resolve_mask_classes(mask_classes, self.class_names)
         mask_labels = {self.class_names.index(n) + 1 for n in self.mask_class_names}
+        self._read_keypoint_categories(data["categories"], keypoint_classes, keypoint_layout)
         self.skipped_image_ids: set[int] = set()
         self.coco_ids: dict[int, int] = {}  # image id -> its entry's `coco_id`, where it has one
         entries = self._read_image_entries(data["images"])
@@ -110,19 +128,31 @@ class CocoIndex:
         self.images = self._check_image_files(entries, decode=decode_images)
         self.image_ids = sorted(self.images)
         self._segms = SegmColumns()
-        self.instances = InstanceTable(self._segms)
+        self.instances = InstanceTable(self._segms, self.keypoints)
         # every kept annotation (crowd ones too) as sanitised COCO, for evaluation
         self._ground_truth = GroundTruthTable(self._segms)
         seen: set[int] = set()
         for position, ann in enumerate(annotations):
             self._add_annotation(ann, position=position, seen=seen, mask_labels=mask_labels)
-        for table in (self._segms, self.instances, self._ground_truth):
+        for table in (self._segms, self.instances, self._ground_truth, self.keypoints):
             table.freeze()
         for image_id in self.image_ids:
             if image_id not in self.instances:
                 self.findings.add(Finding(NO_ANNOTATIONS, image_id=image_id))
         if not self.image_ids:
             raise DataError(f"{self.json_path}: no usable images ({self._why_empty()})")
+
+    def _read_keypoint_categories(self, categories, spec, layout) -> None:
+        if layout is None and spec is not None:
+            layout = build_layout(
+                categories, class_names=self.class_names, spec=spec, source=self.json_path
+            )
+        self.keypoint_layout: KeypointLayout | None = layout
+        self.keypoints = KeypointTable(len(layout.names) if layout else 0)
+        # label -> its category's keypoint names, for the keypoint classes
+        self._keypoint_names = class_keypoint_names(
+            categories, layout, class_names=self.class_names, source=self.json_path
+        )
 
     def _flag(self, reason: Reason, detail: str = "", **where) -> None:
         self.findings.add(Finding(reason, detail, **where))
@@ -209,11 +239,27 @@ class CocoIndex:
             if usable is not None:
                 compacted = compact(usable, height=image.height, width=image.width)
                 segm = self._segms.append(compacted)
+        keypoints = NO_KEYPOINTS
+        if label in self._keypoint_names and not crowd:
+            keypoints = self._add_keypoints(ann, where, image, self._keypoint_names[label])
         if crowd:
             self._flag(CROWD, **where)
         else:
-            self.instances.add(**where, label=label, box=box, segm=segm)
+            self.instances.add(**where, label=label, box=box, segm=segm, keypoints=keypoints)
         self._add_ground_truth(ann, where, segm=segm, crowd=crowd)
+
+    def _add_keypoints(self, ann, where: dict, image: ImageMeta, local: list[str]) -> int:
+        """The annotation's keypoint row, NO_KEYPOINTS when it has none or bad ones (flagged:
+        its box and mask are kept)."""
+        assert self.keypoint_layout is not None
+        values, problem = read_keypoints(
+            ann, local=local, layout=self.keypoint_layout, width=image.width, height=image.height
+        )
+        if problem:
+            self._flag(BAD_KEYPOINTS, problem, **where)
+        if values is None:
+            return NO_KEYPOINTS
+        return self.keypoints.append(where["ann_id"], values)
 
     def _resolve(self, ann, *, position: int, seen: set[int]) -> tuple | None:
         """(where, image, label, crowd flag) if the annotation's ids resolve, else None."""
@@ -287,7 +333,7 @@ class CocoIndex:
         """The usable part as a COCO dict for evaluation: crowd annotations included, and
         segmentations of the mask classes (build with mask_classes="all" to score every mask)."""
         sizes = {i: (m.height, m.width) for i, m in self.images.items()}
-        return {
+        gt = {
             "images": [
                 {"id": i, "width": m.width, "height": m.height, "file_name": str(m.path)}
                 | self.image_lists.get(i, {})
@@ -299,6 +345,10 @@ class CocoIndex:
                 for label, name in enumerate(self.class_names, start=1)
             ],
         }
+        if self.keypoint_layout is None:
+            return gt
+        cat_ids = {self.label_to_cat_id[label] for label in self._keypoint_names}
+        return keypoint_ground_truth(gt, self.keypoints, self.keypoint_layout, cat_ids=cat_ids)
 
     def _gt_category(self, label: int, name: str) -> dict:
         cat_id = self.label_to_cat_id[label]

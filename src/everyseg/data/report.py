@@ -16,6 +16,7 @@ from everyseg.data.index import CocoIndex
 from everyseg.data.validate import (
     ANNOTATION,
     IMAGE,
+    KEYPOINTS,
     MASK,
     NO_SEGMENTATION,
     NOTE,
@@ -29,10 +30,11 @@ SECTIONS = {
     "skipped_images": IMAGE,
     "skipped_annotations": ANNOTATION,
     "dropped_masks": MASK,
+    "dropped_keypoints": KEYPOINTS,
     "repaired": REPAIR,
     "notes": NOTE,
 }
-_BAD_SECTIONS = ("skipped_images", "skipped_annotations", "dropped_masks")
+_BAD_SECTIONS = ("skipped_images", "skipped_annotations", "dropped_masks", "dropped_keypoints")
 _IMAGE_COUNTS = (
     "missing",
     "unreadable",

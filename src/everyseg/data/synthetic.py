@@ -7,7 +7,8 @@ shortcut through colour. Objects occlude each other; each annotation is the visi
 Masks are rasterised with pycocotools' own polygon rasteriser, so a polygon annotation
 decodes (``COCO.annToMask``) to exactly the pixels that were painted. Unoccluded
 simply-connected shapes are written as polygons, occluded shapes and rings as RLE, so
-downstream loaders meet both encodings.
+downstream loaders meet both encodings. Shapes with corners (triangle, square, pentagon,
+star) also have COCO keypoints (data/synthetic_keypoints.py).
 
 Usage::
 
@@ -25,6 +26,8 @@ import numpy as np
 import pycocotools.mask as mask_util
 from PIL import Image
 from tqdm import tqdm
+
+from everyseg.data import synthetic_keypoints
 
 CLASS_NAMES: tuple[str, ...] = (
     "circle", "ellipse", "triangle", "square", "pentagon", "star", "cross",
@@ -262,7 +265,9 @@ def _annotation(obj: dict, ann_id: int, image_id: int) -> dict:
         "bbox": [x0, y0, float(xs.max()) + 1 - x0, float(ys.max()) + 1 - y0],
         "area": obj["area"],
         "iscrowd": 0,
-    }
+    } | synthetic_keypoints.annotation_fields(
+        CLASS_NAMES[obj["label"]], obj["polys"][0], obj["visible"]
+    )
 
 
 def _write_split(
@@ -294,6 +299,7 @@ def _write_split(
         "annotations": annotations,
         "categories": [
             {"id": cid, "name": name, "supercategory": "shape"}
+            | synthetic_keypoints.category_fields(name)
             for cid, name in zip(CATEGORY_IDS, CLASS_NAMES, strict=True)
         ],
     }

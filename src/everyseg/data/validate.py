@@ -23,8 +23,9 @@ POLICIES = ("error", "skip", "warn")
 # Finding kinds. Bad samples (the policy applies): the image with its annotations is skipped, the
 # annotation is skipped, or the mask is dropped and the box kept. Repairs and notes never raise.
 IMAGE, ANNOTATION, MASK = "image", "annotation", "mask"
+KEYPOINTS = "keypoints"  # the keypoints dropped, the box (and mask) kept (data.keypoints)
 REPAIR, NOTE = "repair", "note"
-BAD_KINDS = (IMAGE, ANNOTATION, MASK)
+BAD_KINDS = (IMAGE, ANNOTATION, MASK, KEYPOINTS)
 # ids and sizes are stored as int64 (targets, COCOeval)
 INT64_MAX = 2**63 - 1
 # an image's shorter side once resized for the model: below this it holds no usable object
@@ -91,6 +92,11 @@ BAD_POLYGON = Reason(
 RLE_SIZE = Reason("rle_size", MASK, "RLE size differs from the image")
 BAD_RLE = Reason("bad_rle", MASK, "malformed RLE (runs must cover the H*W pixels exactly)")
 BAD_SEGMENTATION = Reason("bad_segmentation", MASK, "segmentation is neither polygons nor RLE")
+BAD_KEYPOINTS = Reason(
+    "bad_keypoints",
+    KEYPOINTS,
+    "malformed keypoints (length, values, visibility, num_keypoints or outside the image)",
+)
 CLIPPED = Reason("clipped_bbox", REPAIR, "box clipped to the image")
 SHORT_POLYGON = Reason("short_polygon", REPAIR, "polygons with < 3 points dropped")
 FLAT_POLYGON = Reason("flat_polygon", REPAIR, "flat coordinate list read as one polygon")

@@ -49,7 +49,7 @@ def to_coco_results(
         outputs: ``boxes`` (N, 4) xyxy in image pixels, ``labels`` (N,) contiguous 1..K,
             ``scores`` (N,), optional ``masks`` (N, 1, H, W) or (N, H, W) probabilities, or
             ``box_masks`` (N, 1, M, M) probabilities in the boxes (a detector's ``detect``),
-            pasted one at a time into the same pixels.
+            pasted one at a time into the same pixels, optional ``keypoints`` (N, K, 3).
         image_id: COCO image id the detections belong to.
         label_to_cat_id: contiguous label -> COCO category id.
         mask_threshold: a pixel is foreground when its probability is above this.
@@ -57,7 +57,8 @@ def to_coco_results(
 
     Returns:
         N dicts with ``image_id``, ``category_id``, ``score``, ``bbox`` ([x, y, w, h] floats) and,
-        when masks are present, ``segmentation`` (compressed RLE, ``counts`` as str).
+        when masks are present, ``segmentation`` (compressed RLE, ``counts`` as str), when
+        keypoints are, ``keypoints`` ([x, y, v] * K, COCO's keypoint result).
     """
     boxes = outputs["boxes"].detach().float().cpu()
     labels = outputs["labels"].detach().cpu().tolist()
@@ -79,6 +80,10 @@ def to_coco_results(
     if rles is not None:
         for result, rle in zip(results, rles, strict=True):
             result["segmentation"] = rle
+    if "keypoints" in outputs:
+        points = outputs["keypoints"].detach().float().cpu().flatten(1).tolist()  # (N, 3K)
+        for result, values in zip(results, points, strict=True):
+            result["keypoints"] = values
     return results
 
 

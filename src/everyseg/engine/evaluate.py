@@ -35,6 +35,7 @@ from everyseg.engine.coco_results import (
 )
 from everyseg.engine.files import write_json
 from everyseg.engine.gt_boxes import PROTOCOL, gt_box_results, mask_ious
+from everyseg.engine.keypoint_eval import keypoint_metrics
 from everyseg.engine.metrics_table import format_metrics_table
 from everyseg.engine.precision import autocast, outputs_to_float32
 
@@ -162,6 +163,7 @@ def evaluate_model(
     progress: bool = True,
     train_counts: Mapping[str, int] | None = None,
     target_label_to_cat_id: Mapping[int, int] | None = None,
+    keypoint_names: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run ``model`` over ``dataset`` and return :func:`coco_metrics` of its detections.
 
@@ -186,6 +188,8 @@ def evaluate_model(
             coco_metrics' segm block of those masks, "mean_iou": {"all"|"seen"|"unseen": IoU},
             "instances": {...: n}, "per_class_iou": {name: IoU}, "protocol": {...}}``; the
             targets then need ``has_mask``, ``labels``, ``boxes`` and ``ann_ids``.
+        keypoint_names: a keypoint model's keypoint list: the metrics gain "keypoints",
+            keypoint AP (OKS) of its keypoint classes (everyseg.engine.keypoint_eval).
 
     Only the images in ``dataset`` are evaluated (``metrics["images"]`` counts them).
     Inside a process group (under torchrun) rank r of W runs images r, r + W, ...; rank 0
@@ -263,6 +267,10 @@ def evaluate_model(
                 seen_cat_ids=seen,
                 image_ids=image_ids,
                 train_counts=train_counts,
+            )
+        if keypoint_names:
+            metrics["keypoints"] = keypoint_metrics(
+                gt_json, results, names=keypoint_names, image_ids=image_ids
             )
         return metrics
 

@@ -10,9 +10,11 @@ import torch
 
 from everyseg.config import Config
 from everyseg.data.build import build_dataset
+from everyseg.data.keypoints import KeypointLayout
 from everyseg.engine import distributed
 from everyseg.engine.eval_data import map_classes, metrics_file_name
 from everyseg.engine.evaluate import evaluate_model, format_metrics_table, write_metrics
+from everyseg.engine.keypoint_eval import format_keypoint_lines
 from everyseg.engine.load import load_run
 from everyseg.engine.precision import inference_precision
 from everyseg.engine.run_dir import RunDir, RunRecord
@@ -54,7 +56,9 @@ def evaluate_loaded(
     data = cfg.data
     if data_json is not None:
         data = replace(data, val_json=str(data_json), val_images=str(images))
-    dataset = build_dataset(data, split="val")  # every class keeps its masks
+    layout = KeypointLayout.from_plain(record.keypoints) if record.keypoints else None
+    # every class keeps its masks; a keypoint model's val set is read into its keypoint list
+    dataset = build_dataset(data, split="val", keypoint_layout=layout)
     assert data.val_json is not None  # build_dataset refuses a val split without one
     if dataset.index.findings.num_bad and distributed.is_main():
         print(dataset.summary())
@@ -90,6 +94,7 @@ def evaluate_loaded(
         target_label_to_cat_id=(
             dataset.label_to_cat_id if callable(getattr(model, "masks_for_boxes", None)) else None
         ),
+        keypoint_names=list(layout.names) if layout else None,
     )
     if mapping.unscored:
         metrics["unscored_classes"] = mapping.unscored
@@ -130,7 +135,11 @@ def evaluate_run(
 
 def _print_and_write(metrics: dict, path: Path) -> None:
     print(
-        format_semantic_table(metrics) if "semantic" in metrics else format_metrics_table(metrics)
+        format_semantic_table(metrics)
+        if "semantic" in metrics
+        else "\n".join(
+            [format_metrics_table(metrics), *format_keypoint_lines(metrics.get("keypoints"))]
+        )
     )
     try:
         write_metrics(metrics, path)

@@ -65,6 +65,7 @@ def load_run(run_dir, *, checkpoint: str = "last", device: str = "auto") -> Load
         cfg.model,
         num_classes=len(classes) + 1,
         class_names=classes,
+        keypoint_names=record.keypoints.get("names"),
         min_size=d.min_size,
         max_size=d.max_size,
         test_min_size=d.test_min_size,

@@ -120,10 +120,13 @@ class RunRecord:
     # class name -> training instances (boxes): evaluation buckets classes by it (rare /
     # common / frequent) when the val set has no LVIS frequencies; empty in older runs
     train_instances: dict[str, int] = field(default_factory=dict)
+    # a keypoint model's keypoint list (data.keypoints.KeypointLayout.to_plain); empty: none
+    keypoints: dict[str, Any] = field(default_factory=dict)
 
     def to_plain(self) -> dict[str, Any]:
         """Built-in types only (a numpy integer would make the checkpoint unloadable)."""
-        return {
+        keypoints = {"keypoints": self.keypoints} if self.keypoints else {}
+        return keypoints | {
             "config": self.config,
             "class_names": [str(name) for name in self.class_names],
             "label_to_cat_id": {int(k): int(v) for k, v in self.label_to_cat_id.items()},
@@ -143,6 +146,7 @@ class RunRecord:
         return cls(
             **{key: state[key] for key in fields},
             train_instances=state.get("train_instances", {}),
+            keypoints=state.get("keypoints", {}),
         )
 
     def class_differences(self, other: RunRecord) -> list[str]:

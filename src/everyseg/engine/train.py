@@ -154,7 +154,13 @@ def _set_up(cfg: Config, run: RunDir, device, resume: bool):
     seed_everything(cfg.train.seed)
     # stage-wise training's stage 1 trains the detector alone: no instance keeps its mask
     no_masks = "none" if cfg.train.stage == "detector" else None
-    dataset = build_dataset(cfg.data, split="train", seed=cfg.train.seed, mask_classes=no_masks)
+    dataset = build_dataset(
+        cfg.data,
+        split="train",
+        seed=cfg.train.seed,
+        mask_classes=no_masks,
+        keypoints=cfg.model.keypoint_head is not None,
+    )
     if distributed.is_main():
         print(dataset.summary())
     state = _build_state(cfg, dataset, device)
@@ -196,10 +202,12 @@ def _check_train_config(cfg: Config, device: torch.device) -> None:
 def _build_state(cfg: Config, dataset: CocoInstances, device: torch.device) -> TrainingState:
     classes = dataset.class_names
     d = cfg.data
+    keypoints = dataset.index.keypoint_layout if cfg.model.keypoint_head else None
     model = build_model(
         cfg.model,
         num_classes=len(classes) + 1,
         class_names=classes,
+        keypoint_names=keypoints.names if keypoints else None,
         min_size=d.min_size,
         max_size=d.max_size,
         test_min_size=d.test_min_size,
@@ -222,6 +230,7 @@ def _build_state(cfg: Config, dataset: CocoInstances, device: torch.device) -> T
             label_to_cat_id=dict(dataset.label_to_cat_id),
             mask_classes=list(dataset.mask_class_names),
             train_instances=dataset.instances_per_class(),
+            keypoints=keypoints.to_plain() if keypoints else {},
         ),
     )
 

@@ -10,10 +10,11 @@ import torch
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from everyseg.config import ConfigError, ModelConfig
-from everyseg.modeling.backbone import resnet_fpn
+from everyseg.config import ConfigError, KeypointHeadConfig, ModelConfig
+from everyseg.modeling.backbone import FPN_LEVELS, resnet_fpn
 from everyseg.modeling.fcn import FCN, build_fcn
 from everyseg.modeling.fcos import FCOSWithMasks, build_fcos
+from everyseg.modeling.keypoint_head import build_keypoint_branch
 from everyseg.modeling.mask_heads import ClassConvPredictor, MaskHead
 from everyseg.modeling.mask_heads.fcn import FCNFeatures
 from everyseg.modeling.rcnn import RCNN, build_rcnn
@@ -50,6 +51,7 @@ def build_model(
     max_size: int,
     test_min_size: int,
     class_names: Sequence[str] | None = None,
+    keypoint_names: Sequence[str] | None = None,
 ) -> Detector | FCN:
     """The detector `cfg.detector` names (or with model.kind=fcn, an FCN for semantic
     segmentation: modeling/fcn.py), randomly initialised: no weights are loaded here.
@@ -57,7 +59,8 @@ def build_model(
     `num_classes` counts the background, as in torchvision (K foreground classes -> K + 1).
     Images are resized to a short side drawn from `min_size` in training and `test_min_size`
     in eval, the long side at most `max_size` (data.min_size, data.test_min_size,
-    data.max_size). `class_names` (K names) are needed by model.transfer.input=embedding.
+    data.max_size). `class_names` (K names) are needed by model.transfer.input=embedding,
+    `keypoint_names` (the data's keypoint list, data/keypoints.py) by model.keypoint_head.
     """
     if cfg.detector not in DETECTORS:
         raise ConfigError(f"model.detector {cfg.detector!r}: choose one of {', '.join(DETECTORS)}")
@@ -73,12 +76,32 @@ def build_model(
         norm=b.norm,
         fpn_channels=b.fpn_channels,
     )
-    return DETECTORS[cfg.detector](
+    detector = DETECTORS[cfg.detector](
         cfg,
         backbone=backbone,
         num_classes=num_classes,
         class_names=class_names,
         transform=transform,
+    )
+    if cfg.keypoint_head is not None:
+        _add_keypoint_branch(detector, cfg.keypoint_head, keypoint_names)
+    return detector
+
+
+def _add_keypoint_branch(detector: Detector, cfg: KeypointHeadConfig, names) -> None:
+    if not isinstance(detector, RCNN):
+        raise ConfigError("model.keypoint_head needs model.detector=rcnn (its RoI heads)")
+    if not names:
+        raise ConfigError(
+            "model.keypoint_head: the training data has no keypoints (no category of "
+            "data.keypoint_classes lists 'keypoints'); set model.keypoint_head=null"
+        )
+    pool = detector.roi_heads.box_roi_pool
+    detector.roi_heads.keypoint_branch = build_keypoint_branch(
+        cfg,
+        in_channels=detector.backbone.out_channels,
+        num_keypoints=len(names),
+        featmap_names=getattr(pool, "featmap_names", FPN_LEVELS),  # the box pooler's maps
     )
 
 

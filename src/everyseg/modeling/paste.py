@@ -19,7 +19,7 @@ from torchvision.models.detection.roi_heads import (
     expand_masks,
     paste_mask_in_image,
 )
-from torchvision.models.detection.transform import resize_boxes
+from torchvision.models.detection.transform import resize_boxes, resize_keypoints
 
 # (x0, y0, x1, y1) integer pixel bounds, x1 and y1 exclusive
 Region = tuple[int, int, int, int]
@@ -67,8 +67,10 @@ def unpasted(
 ) -> list[dict[str, Tensor]]:
     """Eval detections in the transformed images' pixels -> in the original images' pixels,
     as the transform's postprocess does, but with each image's "masks" (N, 1, M, M) left in
-    their boxes under the key "box_masks"."""
+    their boxes under the key "box_masks" (and "keypoints", when there are some, resized)."""
     for detection, size, original in zip(detections, image_sizes, original_sizes):
         detection["boxes"] = resize_boxes(detection["boxes"], size, original)
         detection["box_masks"] = detection.pop("masks")
+        if "keypoints" in detection:
+            detection["keypoints"] = resize_keypoints(detection["keypoints"], size, original)
     return detections

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
 from torchvision.ops import MultiScaleRoIAlign
 
+from everyseg.modeling.keypoint_head import KeypointBranch
 from everyseg.modeling.mask_branch import (
     MASK_ROIS,
     gt_mask_crops,
@@ -28,7 +29,9 @@ class PartialMaskRoIHeads(RoIHeads):
     `mask_predictor` stays None, so torchvision's own mask code path never runs.
     `mask_resolution` is the side M of its masks (None: twice the mask pooler's);
     `mask_rois` says which boxes it trains on (see MaskHeadConfig.train_rois) and
-    `mask_roi_jitter` how far ground-truth crops are jittered.
+    `mask_roi_jitter` how far ground-truth crops are jittered. `keypoint_branch` (None: no
+    keypoints) trains on RoIs of instances with keypoints and adds "keypoints" (N, K, 3) and
+    "keypoints_scores" (N, K) to detections, as torchvision's KeypointRCNN does.
     """
 
     def __init__(
@@ -49,6 +52,7 @@ class PartialMaskRoIHeads(RoIHeads):
         mask_resolution: int | None = None,
         mask_rois: str = "proposals",
         mask_roi_jitter: float = 0.0,
+        keypoint_branch: KeypointBranch | None = None,
     ) -> None:
         if mask_rois not in MASK_ROIS:
             raise ValueError(
@@ -72,6 +76,7 @@ class PartialMaskRoIHeads(RoIHeads):
         self.mask_resolution: int = mask_resolution or 2 * mask_roi_pool.output_size[0]
         self.mask_rois = mask_rois
         self.mask_roi_jitter = mask_roi_jitter
+        self.keypoint_branch = keypoint_branch
 
     def forward(
         self,
@@ -106,11 +111,16 @@ class PartialMaskRoIHeads(RoIHeads):
             image_shapes=image_shapes,
             resolution=self.mask_resolution,
         )
-        return {
+        losses = {
             "loss_classifier": loss_classifier,
             "loss_box_reg": loss_box_reg,
             "loss_mask": loss_mask,
         }
+        if self.keypoint_branch is not None:
+            losses["loss_keypoint"] = self.keypoint_branch.training_loss(
+                features, proposals, matched_idxs, labels, targets, image_shapes
+            )
+        return losses
 
     def _crops(self, boxes, idxs, image_labels, target) -> tuple[Tensor, Tensor]:
         """One image's mask training crops, as `self.mask_rois` says, of instances with a mask:
@@ -137,7 +147,12 @@ class PartialMaskRoIHeads(RoIHeads):
         boxes, scores, labels = self.postprocess_detections(
             class_logits, box_regression, proposals, image_shapes
         )
-        return self._with_masks(features, boxes, scores, labels, image_shapes)
+        detections = self._with_masks(features, boxes, scores, labels, image_shapes)
+        if self.keypoint_branch is not None:
+            keypoints, keypoint_scores = self.keypoint_branch.predict(features, boxes, image_shapes)
+            for detection, points, point_scores in zip(detections, keypoints, keypoint_scores):
+                detection["keypoints"], detection["keypoints_scores"] = points, point_scores
+        return detections
 
     def segment_boxes(
         self,
