@@ -62,8 +62,11 @@ CATEGORY_IDS: tuple[int, ...] = tuple(range(1, len(CLASS_NAMES) + 1))
 WINDOW_CLASSES: frozenset[str] = frozenset(
     f"{o}-{c}" for i, o in enumerate(OUTLINES) for j, c in enumerate(CUTS) if (i + j) % 2 == 0
 )
-SEEN_CLASSES: tuple[str, ...] = tuple(
-    f"{o}-{CUTS[j]}" for i, o in enumerate(OUTLINES) for j in (i, (i + 1) % len(CUTS))
+SEEN_CLASSES: tuple[str, ...] = tuple(  # (i, i) and (i, i + 1): one window, one hole each
+    f"{o}-{c}"
+    for i, o in enumerate(OUTLINES)
+    for j, c in enumerate(CUTS)
+    if j in (i, (i + 1) % len(CUTS))
 )
 SCALE_RANGE = (0.25, 0.55)  # object extent as a fraction of the image side
 _SPLIT_STREAM = {"train": 0, "val": 1}
