@@ -207,11 +207,15 @@ def _annotation(obj: dict, ann_id: int, image_id: int) -> dict:
     ys, xs = np.nonzero(obj["visible"])
     x0, y0 = float(xs.min()), float(ys.min())
     rle = mask_util.encode(np.asfortranarray(obj["visible"].astype(np.uint8)))
+    counts = rle["counts"]  # bytes from pycocotools; JSON wants str
     return {
         "id": ann_id,
         "image_id": image_id,
         "category_id": CATEGORY_IDS[obj["label"]],
-        "segmentation": {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode()},
+        "segmentation": {
+            "size": [int(s) for s in rle["size"]],
+            "counts": counts.decode() if isinstance(counts, bytes) else counts,
+        },
         "bbox": [x0, y0, float(xs.max()) + 1 - x0, float(ys.max()) + 1 - y0],
         "area": obj["area"],
         "iscrowd": 0,
