@@ -156,3 +156,8 @@ def test_synth_preset_hard_via_the_cli_and_easy_stays_the_default(tmp_path, caps
 
     assert main(["synth", str(tmp_path / "v"), "--vocab", "50", "--preset", "hard"]) == 2
     assert "--vocab has no --preset" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["synth", str(tmp_path / "m"), "--preset", "medium", *small])
+    assert exit_info.value.code == 2
+    assert "argument --preset: invalid choice: 'medium'" in capsys.readouterr().err
+    assert not (tmp_path / "v").exists() and not (tmp_path / "m").exists()
