@@ -49,7 +49,9 @@ EXAMPLES = {
     "synth": """examples:
   everyseg synth everyseg-synth                    # what the -tiny presets read
   everyseg synth data --train 200 --val 50 --size 96 --seed 1
-  everyseg synth everyseg-vocab --vocab 1000       # maskx-vg-tiny's 1,000-class stand-in""",
+  everyseg synth everyseg-vocab --vocab 1000       # maskx-vg-tiny's 1,000-class stand-in
+  everyseg synth everyseg-hard --preset hard       # masks that depend on the class (seen split:
+                                                   #   everyseg-hard/seen_classes.txt)""",
     "train": """examples:
   everyseg train baseline-tiny --out runs/a
   everyseg train maskx --out runs/b --set data.train_json=coco/train.json \\
@@ -137,6 +139,14 @@ def _parser() -> argparse.ArgumentParser:
         help="large-vocabulary mode: this many shape classes, written as a Visual Genome "
         "box-only source, a COCO source with masks for a few classes and a val set with masks "
         "for all; image counts default to what every class needs",
+    )
+    p.add_argument(
+        "--preset",
+        choices=("easy", "hard"),
+        default="easy",
+        help="easy (default): solid shapes, the -tiny presets' data; hard: outlines with "
+        "see-through cut-outs that are in the mask for some classes and not for others, so the "
+        "mask depends on the class (writes OUT/seen_classes.txt, the fixed seen split)",
     )
     p.add_argument("--coco", type=images, help="with --vocab: COCO-source images")
     p.add_argument(
@@ -383,12 +393,16 @@ def float_in(low: float, high: float):
 
 def _synth(args) -> None:
     from everyseg.data.synthetic import generate
+    from everyseg.data.synthetic_hard import generate_hard
 
     if args.vocab is not None:
+        if args.preset != "easy":
+            raise ValueError("--vocab has no --preset: leave --preset out")
         return _synth_vocab(args)
     if args.coco is not None or args.mask_classes is not None:
         raise ValueError("--coco and --mask-classes go with --vocab")
-    paths = generate(
+    write = generate_hard if args.preset == "hard" else generate
+    paths = write(
         args.out,
         num_train=args.train or 1000,
         num_val=args.val or 200,
