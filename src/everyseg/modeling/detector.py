@@ -11,7 +11,7 @@ from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from everyseg.config import ConfigError, ModelConfig
-from everyseg.modeling.backbone import resnet_fpn
+from everyseg.modeling.backbone import resnet_c4, resnet_fpn
 from everyseg.modeling.fcos import FCOSWithMasks, build_fcos
 from everyseg.modeling.mask_heads import ClassConvPredictor, MaskHead
 from everyseg.modeling.mask_heads.fcn import FCNFeatures
@@ -60,11 +60,20 @@ def build_model(
     if cfg.detector not in DETECTORS:
         raise ConfigError(f"model.detector {cfg.detector!r}: choose one of {', '.join(DETECTORS)}")
     b = cfg.backbone
-    backbone = resnet_fpn(
-        name=b.name,
-        trainable_layers=b.trainable_layers,
-        norm=b.norm,
-        fpn_channels=b.fpn_channels,
+    if not b.fpn and cfg.detector != "rcnn":
+        raise ConfigError(
+            f"model.backbone.fpn=false (C4) is Mask R-CNN's: it needs model.detector=rcnn, "
+            f"not {cfg.detector} (which reads FPN levels)"
+        )
+    backbone = (
+        resnet_fpn(
+            name=b.name,
+            trainable_layers=b.trainable_layers,
+            norm=b.norm,
+            fpn_channels=b.fpn_channels,
+        )
+        if b.fpn
+        else resnet_c4(name=b.name, trainable_layers=b.trainable_layers, norm=b.norm)
     )
     transform = MultiScaleTransform(
         train_sizes=min_size, test_size=test_min_size, max_size=max_size
