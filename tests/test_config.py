@@ -98,6 +98,8 @@ CHOICE_KEYS = {
     "model.mask_head.train_rois",
     "train.amp",
     "train.tensorboard",
+    "model.roi_pool",
+    "model.mask_head.loss",
 }
 
 
