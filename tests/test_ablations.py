@@ -213,9 +213,11 @@ def test_c4_model_trains_stage_5_from_both_branches_and_predicts(
     with torch.no_grad():
         (out,) = model([image])
         (detected,) = model.detect([image])
+        (prompted,) = model.masks_for_boxes([image], [partial_target["boxes"]])
     n = len(out["boxes"])
     assert n > 0 and out["masks"].shape == (n, 1, SIZE, SIZE)
     assert detected["box_masks"].shape == (n, 1, 8, 8)
+    assert prompted["masks"].shape == (2, 1, SIZE, SIZE)
 
 
 def test_c4_state_dict_round_trips(make_config, make_model):
