@@ -89,6 +89,9 @@ def build_rcnn(
 ) -> RCNN:
     """Mask R-CNN as `model.rpn`, `model.box_head` and `model.mask_head` say, on an FPN or
     (model.backbone.fpn=false) a C4 backbone."""
+    is_c4 = isinstance(backbone, C4Backbone)
+    # the RPN first: modules draw their initial weights in this order
+    rpn = _build_rpn(cfg, backbone.out_channels, one_level=is_c4)
     if isinstance(backbone, C4Backbone):
         parts = c4_head_parts(
             cfg, backbone=backbone, num_classes=num_classes, class_names=class_names
@@ -96,10 +99,7 @@ def build_rcnn(
     else:
         parts = _fpn_head_parts(cfg, backbone.out_channels, num_classes, class_names)
     return RCNN(
-        backbone=backbone,
-        rpn=_build_rpn(cfg, backbone.out_channels, one_level=isinstance(backbone, C4Backbone)),
-        roi_heads=_build_roi_heads(cfg, parts),
-        transform=transform,
+        backbone=backbone, rpn=rpn, roi_heads=_build_roi_heads(cfg, parts), transform=transform
     )
 
 
