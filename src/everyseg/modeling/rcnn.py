@@ -89,9 +89,8 @@ def build_rcnn(
 ) -> RCNN:
     """Mask R-CNN as `model.rpn`, `model.box_head` and `model.mask_head` say, on an FPN or
     (model.backbone.fpn=false) a C4 backbone."""
-    is_c4 = isinstance(backbone, C4Backbone)
     # the RPN first: modules draw their initial weights in this order
-    rpn = _build_rpn(cfg, backbone.out_channels, one_level=is_c4)
+    rpn = _build_rpn(cfg, backbone.out_channels, one_level=isinstance(backbone, C4Backbone))
     if isinstance(backbone, C4Backbone):
         parts = c4_head_parts(
             cfg, backbone=backbone, num_classes=num_classes, class_names=class_names
