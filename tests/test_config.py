@@ -100,6 +100,8 @@ CHOICE_KEYS = {
     "train.tensorboard",
     "model.kind",
     "model.fcn.stride",
+    "model.roi_pool",
+    "model.mask_head.loss",
 }
 
 

@@ -397,6 +397,7 @@ def test_a_val_set_is_read_into_the_models_keypoint_list_by_name(synth_paths):
             ("a",),
             "needs model.detector=rcnn",
         ),
+        (("model.backbone.fpn=false",), ("a",), "needs model.backbone.fpn=true"),
     ],
 )
 def test_a_keypoint_head_needs_keypoints_and_rcnn(make_config, make_model, extra, names, message):

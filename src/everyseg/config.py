@@ -115,6 +115,9 @@ class BackboneConfig:
     # frozen_bn for pretrained backbones; bn or gn when training from scratch
     norm: Literal["frozen_bn", "bn", "gn"] = "frozen_bn"
     fpn_channels: PositiveInt = 256
+    # false: Mask R-CNN's C4 (ResNet stages 1-4 feed a one-level RPN, RoIs pooled from C4 run
+    # through stage 5 as the box and mask heads' trunk; modeling/c4.py); fpn_channels unused
+    fpn: bool = True
 
 
 @dataclass
@@ -173,6 +176,10 @@ class MaskHeadConfig:
     # | both; roi_jitter moves gt boxes' sides by up to that fraction of their size
     train_rois: Literal["proposals", "gt", "both"] = "proposals"
     roi_jitter: Fraction = 0.0
+    # sigmoid (Mask R-CNN: per-pixel binary loss on the ground-truth class's mask) | softmax
+    # (the paper's ablation: a per-pixel softmax across all classes' masks, channel 0 the
+    # background, so classes compete; needs the per-class conv predictor)
+    loss: Literal["sigmoid", "softmax"] = "sigmoid"
 
     @property
     def mask_resolution(self) -> int:
@@ -241,6 +248,9 @@ class ModelConfig:
     box_head: BoxHeadConfig = field(default_factory=BoxHeadConfig)
     fcos: FCOSConfig = field(default_factory=FCOSConfig)
     mask_head: MaskHeadConfig = field(default_factory=MaskHeadConfig)
+    # how RoI poolers read features: align (RoIAlign, bilinear) | pool (RoIPool, quantised:
+    # Mask R-CNN's ablation); the same FPN level for a box either way
+    roi_pool: Literal["align", "pool"] = "align"
     # start from a full Mask R-CNN: "torchvision-coco" (torchvision's COCO weights, needs network
     # or a warm cache) or a local .pth holding a torchvision MaskRCNN state dict
     init: str | None = None

@@ -1,9 +1,10 @@
-"""ResNet + FPN backbones built from torchvision parts, with every width a config knob."""
+"""ResNet + FPN (or C4) backbones built from torchvision parts, with every width a config knob."""
 
 from __future__ import annotations
 
-from torch import nn
+from torch import Tensor, nn
 from torchvision.models import resnet
+from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops import FrozenBatchNorm2d
 
@@ -32,6 +33,19 @@ def resnet_fpn(
 ) -> BackboneWithFPN:
     """A randomly initialised ResNet trunk whose C2..C5 feed an FPN with `fpn_channels`
     outputs (P2..P6); `load_trunk_weights` puts pretrained weights in the trunk."""
+    trunk = resnet_trunk(name=name, trainable_layers=trainable_layers, norm=norm)
+    in_channels_stage2 = trunk.inplanes // 8
+    return BackboneWithFPN(
+        trunk,
+        return_layers={f"layer{k}": str(k - 1) for k in range(1, 5)},
+        in_channels_list=[in_channels_stage2 * 2 ** (k - 1) for k in range(1, 5)],
+        out_channels=fpn_channels,
+    )
+
+
+def resnet_trunk(*, name: str, trainable_layers: int, norm: str) -> resnet.ResNet:
+    """torchvision's ResNet `name`, randomly initialised, with `norm` layers and all but the
+    last `trainable_layers` stages frozen."""
     if name not in RESNETS:
         raise ValueError(f"model.backbone.name {name!r}: choose one of {', '.join(RESNETS)}")
     if norm not in NORMS:
@@ -43,23 +57,52 @@ def resnet_fpn(
     constructor, _ = RESNETS[name]
     trunk = constructor(weights=None, norm_layer=NORMS[norm])
     _freeze(trunk, trainable_layers)
-    in_channels_stage2 = trunk.inplanes // 8
-    return BackboneWithFPN(
-        trunk,
-        return_layers={f"layer{k}": str(k - 1) for k in range(1, 5)},
-        in_channels_list=[in_channels_stage2 * 2 ** (k - 1) for k in range(1, 5)],
-        out_channels=fpn_channels,
+    return trunk
+
+
+class C4Backbone(nn.Module):
+    """Mask R-CNN's C4 backbone: ResNet stages 1-4 give one stride-16 map {"0": C4}; stage 5
+    (`res5`) is kept here, as part of the trunk (trainable_layers, pretrained weights), but
+    runs per RoI in the RoI heads, which share this very module (modeling/c4.py)."""
+
+    def __init__(self, *, body: nn.Module, res5: nn.Module, out_channels: int) -> None:
+        super().__init__()
+        self.body = body
+        self.res5 = res5
+        self.out_channels = out_channels
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """(B, 3, H, W) -> {"0": (B, out_channels, H / 16, W / 16)}."""
+        return self.body(x)
+
+
+def resnet_c4(*, name: str, trainable_layers: int, norm: str) -> C4Backbone:
+    """A randomly initialised ResNet split at stage 5, as `C4Backbone` says."""
+    trunk = resnet_trunk(name=name, trainable_layers=trainable_layers, norm=norm)
+    return C4Backbone(
+        body=IntermediateLayerGetter(trunk, return_layers={"layer3": "0"}),
+        res5=trunk.layer4,
+        out_channels=trunk.inplanes // 2,  # inplanes: stage 5's output channels
     )
 
 
-def load_trunk_weights(backbone: BackboneWithFPN, *, name: str, source: str) -> None:
+def load_trunk_weights(backbone: BackboneWithFPN | C4Backbone, *, name: str, source: str) -> None:
     """Load ResNet `name`'s weights ("imagenet": torchvision's, else a local .pth) into the
-    backbone's trunk; the classifier (fc) has no place in it."""
+    backbone's trunk; the classifier (fc) has no place in it. A C4 backbone's stage 5
+    (`res5`, modeling/c4.py) takes the weights of `layer4`."""
     _, imagenet = RESNETS[name]
     state = load_state_dict(
         source, builtin_name="imagenet", builtin=imagenet, config_key="model.backbone.weights"
     )
-    backbone.body.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")})
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    if isinstance(backbone, C4Backbone):
+        backbone.res5.load_state_dict(_strip(state, "layer4."))
+        state = {k: v for k, v in state.items() if not k.startswith("layer4.")}
+    backbone.body.load_state_dict(state)
+
+
+def _strip(state: dict, prefix: str) -> dict:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def _freeze(trunk: nn.Module, trainable_layers: int) -> None:

@@ -11,7 +11,7 @@ from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from everyseg.config import ConfigError, KeypointHeadConfig, ModelConfig
-from everyseg.modeling.backbone import FPN_LEVELS, resnet_fpn
+from everyseg.modeling.backbone import FPN_LEVELS, resnet_c4, resnet_fpn
 from everyseg.modeling.fcn import FCN, build_fcn
 from everyseg.modeling.fcos import FCOSWithMasks, build_fcos
 from everyseg.modeling.keypoint_head import build_keypoint_branch
@@ -70,11 +70,20 @@ def build_model(
     if cfg.kind == "fcn":
         return build_fcn(cfg, num_classes=num_classes, transform=transform)
     b = cfg.backbone
-    backbone = resnet_fpn(
-        name=b.name,
-        trainable_layers=b.trainable_layers,
-        norm=b.norm,
-        fpn_channels=b.fpn_channels,
+    if not b.fpn and cfg.detector != "rcnn":
+        raise ConfigError(
+            f"model.backbone.fpn=false (C4) is Mask R-CNN's: it needs model.detector=rcnn, "
+            f"not {cfg.detector} (which reads FPN levels)"
+        )
+    backbone = (
+        resnet_fpn(
+            name=b.name,
+            trainable_layers=b.trainable_layers,
+            norm=b.norm,
+            fpn_channels=b.fpn_channels,
+        )
+        if b.fpn
+        else resnet_c4(name=b.name, trainable_layers=b.trainable_layers, norm=b.norm)
     )
     detector = DETECTORS[cfg.detector](
         cfg,
@@ -84,6 +93,11 @@ def build_model(
         transform=transform,
     )
     if cfg.keypoint_head is not None:
+        if not b.fpn:
+            raise ConfigError(
+                "model.keypoint_head reads the FPN levels: it needs model.backbone.fpn=true "
+                "(C4's RoI heads run stage 5 per RoI)"
+            )
         _add_keypoint_branch(detector, cfg.keypoint_head, keypoint_names)
     return detector
 

@@ -39,8 +39,8 @@ def mask_training_loss(
         ]
     )  # (R, M, M)
     roi_features = roi_pool(features, rois, image_shapes)  # (R, C, S, S)
-    logits = head(roi_features, labels)  # (R, M, M)
-    return head.loss(logits, mask_targets)
+    logits = head(roi_features, labels)  # (R, M, M), or (R, K + 1, M, M) for softmax
+    return head.loss(logits, mask_targets, labels)
 
 
 def roi_mask_targets(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
+from typing import Any
 
 from torch import Tensor, nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -12,13 +13,14 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
-from torchvision.ops import MultiScaleRoIAlign
 
 from everyseg.config import ModelConfig
-from everyseg.modeling.backbone import FPN_LEVELS
+from everyseg.modeling.backbone import FPN_LEVELS, C4Backbone
 from everyseg.modeling.box_prompts import ImageFeatures, masks_for_box_prompts
+from everyseg.modeling.c4 import c4_head_parts
 from everyseg.modeling.mask_heads import build_mask_head, build_mask_predictor
 from everyseg.modeling.paste import unpasted
+from everyseg.modeling.poolers import build_roi_pooler
 from everyseg.modeling.roi_heads import PartialMaskRoIHeads
 
 
@@ -80,26 +82,31 @@ class RCNN(GeneralizedRCNN):
 def build_rcnn(
     cfg: ModelConfig,
     *,
-    backbone: BackboneWithFPN,
+    backbone: BackboneWithFPN | C4Backbone,
     num_classes: int,
     class_names: Sequence[str] | None,
     transform: nn.Module,
 ) -> RCNN:
-    """Mask R-CNN as `model.rpn`, `model.box_head` and `model.mask_head` say."""
+    """Mask R-CNN as `model.rpn`, `model.box_head` and `model.mask_head` say, on an FPN or
+    (model.backbone.fpn=false) a C4 backbone."""
+    # the RPN first: modules draw their initial weights in this order
+    rpn = _build_rpn(cfg, backbone.out_channels, one_level=isinstance(backbone, C4Backbone))
+    if isinstance(backbone, C4Backbone):
+        parts = c4_head_parts(
+            cfg, backbone=backbone, num_classes=num_classes, class_names=class_names
+        )
+    else:
+        parts = _fpn_head_parts(cfg, backbone.out_channels, num_classes, class_names)
     return RCNN(
-        backbone=backbone,
-        rpn=_build_rpn(cfg, backbone.out_channels),
-        roi_heads=_build_roi_heads(cfg, backbone.out_channels, num_classes, class_names),
-        transform=transform,
+        backbone=backbone, rpn=rpn, roi_heads=_build_roi_heads(cfg, parts), transform=transform
     )
 
 
-def _build_rpn(cfg: ModelConfig, channels: int) -> RegionProposalNetwork:
+def _build_rpn(cfg: ModelConfig, channels: int, *, one_level: bool) -> RegionProposalNetwork:
     r = cfg.rpn
-    anchors = AnchorGenerator(
-        sizes=tuple((s,) for s in r.anchor_sizes),
-        aspect_ratios=(tuple(r.aspect_ratios),) * len(r.anchor_sizes),
-    )
+    # one anchor size per FPN level, or all of them on C4's one map
+    sizes = (tuple(r.anchor_sizes),) if one_level else tuple((s,) for s in r.anchor_sizes)
+    anchors = AnchorGenerator(sizes=sizes, aspect_ratios=(tuple(r.aspect_ratios),) * len(sizes))
     return RegionProposalNetwork(
         anchors,
         RPNHead(channels, anchors.num_anchors_per_location()[0]),
@@ -113,9 +120,9 @@ def _build_rpn(cfg: ModelConfig, channels: int) -> RegionProposalNetwork:
     )
 
 
-def _build_roi_heads(
+def _fpn_head_parts(
     cfg: ModelConfig, channels: int, num_classes: int, class_names: Sequence[str] | None
-) -> PartialMaskRoIHeads:
+) -> dict[str, Any]:
     bh, mh = cfg.box_head, cfg.mask_head
     pool = bh.pooler_resolution
     box_head = TwoMLPHead(channels * pool**2, bh.representation_size)
@@ -128,12 +135,23 @@ def _build_roi_heads(
         num_classes=num_classes,
         class_names=class_names,
     )
-    return PartialMaskRoIHeads(
-        box_roi_pool=MultiScaleRoIAlign(FPN_LEVELS, pool, sampling_ratio=2),
+    pooler = partial(build_roi_pooler, cfg.roi_pool, featmap_names=FPN_LEVELS)
+    return dict(
+        box_roi_pool=pooler(output_size=pool),
         box_head=box_head,
         box_predictor=box_predictor,
-        mask_roi_pool=MultiScaleRoIAlign(FPN_LEVELS, mh.pooler_resolution, sampling_ratio=2),
+        mask_roi_pool=pooler(output_size=mh.pooler_resolution),
         mask_head=build_mask_head(mh, in_channels=channels, make_predictor=make_predictor),
+        mask_resolution=mh.mask_resolution,
+    )
+
+
+def _build_roi_heads(cfg: ModelConfig, parts: dict[str, Any]) -> PartialMaskRoIHeads:
+    """The RoI heads of `parts` (poolers, heads, predictors, mask_resolution) with the
+    sampling and post-processing settings of `model.box_head` and `model.mask_head`."""
+    bh, mh = cfg.box_head, cfg.mask_head
+    return PartialMaskRoIHeads(
+        **parts,
         fg_iou_thresh=bh.fg_iou_thresh,
         bg_iou_thresh=bh.bg_iou_thresh,
         batch_size_per_image=bh.batch_size_per_image,
@@ -141,7 +159,6 @@ def _build_roi_heads(
         score_thresh=bh.score_thresh,
         nms_thresh=bh.nms_thresh,
         detections_per_img=bh.detections_per_img,
-        mask_resolution=mh.mask_resolution,
         mask_rois=mh.train_rois,
         mask_roi_jitter=mh.roi_jitter,
     )

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
 from torchvision.ops import MultiScaleRoIAlign
 
+from everyseg.modeling.c4 import C4RoIFeatures
 from everyseg.modeling.keypoint_head import KeypointBranch
 from everyseg.modeling.mask_branch import (
     MASK_ROIS,
@@ -40,7 +41,7 @@ class PartialMaskRoIHeads(RoIHeads):
         box_roi_pool: nn.Module,
         box_head: nn.Module,
         box_predictor: nn.Module,
-        mask_roi_pool: MultiScaleRoIAlign,
+        mask_roi_pool: MultiScaleRoIAlign | C4RoIFeatures,
         mask_head: MaskHead,
         fg_iou_thresh: float = 0.5,
         bg_iou_thresh: float = 0.5,
