@@ -42,6 +42,21 @@ def frozen_array(values, dtype) -> np.ndarray:
     return out
 
 
+def grouped_by_image(new: dict[str, array], dtypes: Mapping[str, type]) -> dict[str, np.ndarray]:
+    """Rows built in `new` (an "image_ids" builder, "boxes" 4 numbers a row) as read-only
+    columns grouped by image id, row order kept within an image; with (I,) "ids" sorted, each
+    one's "first" row in the input, "starts" and "counts" of its rows in the columns."""
+    image_ids = frozen_array(new.pop("image_ids"), np.int64)
+    order = np.argsort(image_ids, kind="stable")
+    c = {k: frozen_array(v, dtypes[k]) for k, v in new.items()}
+    c["boxes"] = c["boxes"].reshape(-1, 4)
+    c = {k: frozen_array(v[order], v.dtype) for k, v in c.items()}
+    ids, first, counts = np.unique(image_ids, return_index=True, return_counts=True)
+    c |= {"ids": ids, "first": first, "counts": counts}
+    c["starts"] = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    return c
+
+
 def array_builders(**typecodes: str) -> dict[str, array]:
     return {name: array(code) for name, code in typecodes.items()}
 
@@ -122,17 +137,9 @@ class InstanceTable(Mapping[int, list[Instance]]):
         new["keypoints"].append(keypoints)
 
     def freeze(self) -> None:
-        image_ids = frozen_array(self._new.pop("image_ids"), np.int64)
-        order = np.argsort(image_ids, kind="stable")  # grouped by image, file order within
         dtypes = {k: np.float64 if k == "boxes" else np.int64 for k in self._new}
-        c = {k: frozen_array(v, dtypes[k]) for k, v in self._new.items()}
-        c["boxes"] = c["boxes"].reshape(-1, 4)
-        c = {k: frozen_array(v[order], v.dtype) for k, v in c.items()}
-        # (I,) sorted image ids, their first row, and their rows' count
-        ids, first, counts = np.unique(image_ids, return_index=True, return_counts=True)
-        c["ids"], c["counts"] = ids, counts
-        c["starts"] = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-        c["appearance"] = ids[np.argsort(first, kind="stable")]  # iteration order
+        c = grouped_by_image(self._new, dtypes)
+        c["appearance"] = c["ids"][np.argsort(c.pop("first"), kind="stable")]  # iteration order
         self._c, self._new = c, {}
 
     @property

@@ -13,7 +13,13 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
-from everyseg.data.columns import Instance, InstanceTable, array_builders, frozen_array
+from everyseg.data.columns import (
+    Instance,
+    InstanceTable,
+    array_builders,
+    frozen_array,
+    grouped_by_image,
+)
 
 
 class MergedInstanceTable(Mapping[int, list[Instance]]):
@@ -27,7 +33,7 @@ class MergedInstanceTable(Mapping[int, list[Instance]]):
     def __init__(self, sources: Sequence[InstanceTable]) -> None:
         self._sources = sources
         self._new = array_builders(
-            images="q", sources="q", rows="q", labels="q", boxes="d", masked="b"
+            image_ids="q", sources="q", rows="q", labels="q", boxes="d", masked="b"
         )
         self._c: dict[str, np.ndarray] = {}
 
@@ -38,7 +44,7 @@ class MergedInstanceTable(Mapping[int, list[Instance]]):
         boxes, (R,) whether each keeps its mask. Returns where they went."""
         start = len(self._new["rows"])
         new = self._new
-        new["images"].extend([image] * len(rows))
+        new["image_ids"].extend([image] * len(rows))
         new["sources"].extend([source] * len(rows))
         new["rows"].extend(int(r) for r in rows)
         new["labels"].extend(int(label) for label in labels)
@@ -62,15 +68,9 @@ class MergedInstanceTable(Mapping[int, list[Instance]]):
         new["masked"][at] = masked
 
     def freeze(self) -> None:
-        images = frozen_array(self._new.pop("images"), np.int64)
-        order = np.argsort(images, kind="stable")  # grouped by image, merge order within
-        dtypes = {"boxes": np.float64, "masked": np.bool_}
-        c = {k: frozen_array(v, dtypes.get(k, np.int64)) for k, v in self._new.items()}
-        c["boxes"] = c["boxes"].reshape(-1, 4)
-        c = {k: frozen_array(v[order], v.dtype) for k, v in c.items()}
-        ids, counts = np.unique(images, return_counts=True)
-        c["ids"], c["counts"] = ids + 1, counts
-        c["starts"] = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        dtypes = {k: np.int64 for k in self._new} | {"boxes": np.float64, "masked": np.bool_}
+        c = grouped_by_image(self._new, dtypes)
+        c["ids"] = frozen_array(c["ids"] + 1, np.int64)  # image numbers from 1: merged ids
         self._c, self._new = c, {}
 
     @property
