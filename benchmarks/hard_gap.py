@@ -16,7 +16,9 @@ baseline and the oracle are compared on the same classes:
     python benchmarks/hard_gap.py DATA/seen_classes.txt DATA/annotations/val.json RUN [RUN ...]
 
 One row per run, then per name prefix before "-s" (runs named KIND-sSEED) the mean and standard
-deviation over seeds; the last line prints the mean unseen gt-box IoU of each kind.
+deviation over seeds; the last line prints the mean unseen gt-box IoU of each kind. With
+``--paired REF OTHER`` (two kinds, e.g. ``--paired baseline oracle``) it also prints OTHER - REF
+per seed both have, and its mean with the half width of a 95 % Student t interval.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from everyseg.data.splits import resolve_mask_classes
+from everyseg.engine.study_table import paired_interval
 
 COLUMNS = (
     "iou_seen", "iou_unseen", "gtap_seen", "gtap_unseen", "ap_seen", "ap_unseen", "box_ap",
@@ -67,6 +70,9 @@ def main() -> None:
     parser.add_argument("seen", help="the seen split (a data.mask_classes spec)")
     parser.add_argument("val_json", type=Path, help="the val set the runs were scored on")
     parser.add_argument("runs", type=Path, nargs="+", help="run directories, named KIND-sSEED")
+    parser.add_argument(
+        "--paired", nargs=2, metavar=("REF", "OTHER"), help="print OTHER - REF paired by seed"
+    )
     args = parser.parse_args()
     counts, cutouts = val_classes(args.val_json)
     if not all(counts.values()):
@@ -75,10 +81,13 @@ def main() -> None:
         )
     seen = set(resolve_mask_classes(args.seen, list(counts)))
     kinds = defaultdict(list)
+    by_seed: dict[str, dict[int, dict[str, float]]] = defaultdict(dict)
     print(f"{'run':<16}" + "".join(f"{c:>14}" for c in COLUMNS))
     for run in args.runs:
         row = run_row(run, seen, counts, cutouts)
-        kinds[run.name.rsplit("-s", 1)[0]].append(row)
+        kind, seed = run.name.rsplit("-s", 1)
+        kinds[kind].append(row)
+        by_seed[kind][int(seed)] = row
         print(f"{run.name:<16}" + "".join(f"{row[c]:>14.3f}" for c in COLUMNS))
     for kind, rows in kinds.items():
         cells = []
@@ -91,6 +100,29 @@ def main() -> None:
         k: round(statistics.fmean(r["iou_unseen"] for r in rows), 3) for k, rows in kinds.items()
     }
     print(f"unseen gt-box IoU by kind (mean over seeds): {summary}")
+    if args.paired:
+        print_paired(by_seed[args.paired[0]], by_seed[args.paired[1]], args.paired)
+
+
+def print_paired(
+    ref: dict[int, dict[str, float]], other: dict[int, dict[str, float]], names: list[str]
+) -> None:
+    """OTHER - REF for each seed both have, then the mean +- the 95 % interval's half width."""
+    seeds = sorted(ref.keys() & other.keys())
+    label = f"{names[1]} - {names[0]}"
+    print(f"{label:<24}" + "".join(f"{c:>14}" for c in COLUMNS))
+    for seed in seeds:
+        cells = "".join(f"{other[seed][c] - ref[seed][c]:>14.3f}" for c in COLUMNS)
+        print(f"{'seed ' + str(seed):<24}" + cells)
+    cells = []
+    for c in COLUMNS:
+        found = paired_interval({s: other[s][c] for s in seeds}, {s: ref[s][c] for s in seeds})
+        if found is None:
+            cells.append("-")
+        else:
+            mean, half, _ = found
+            cells.append(f"{mean:.3f}" + ("" if half is None else f"±{half:.3f}"))
+    print(f"{f'mean, 95% CI ({len(seeds)} seeds)':<24}" + "".join(f"{x:>14}" for x in cells))
 
 
 if __name__ == "__main__":
