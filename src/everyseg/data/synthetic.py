@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -270,38 +271,44 @@ def _annotation(obj: dict, ann_id: int, image_id: int) -> dict:
     )
 
 
-def _write_split(
-    out: Path, split: str, num: int, size: int, seed: int, progress: bool
+def write_split(
+    out: Path,
+    split: str,
+    *,
+    num: int,
+    seed: int,
+    render: Callable[[np.random.Generator], tuple[np.ndarray, list[dict]]],
+    annotate: Callable[[dict, int, int], dict],
+    info: dict,
+    categories: list[dict],
+    progress: bool,
 ) -> tuple[Path, Path]:
+    """Render `num` images of a split into OUT/SPLIT/*.png and OUT/annotations/SPLIT.json.
+
+    `render(rng)` draws one image and its objects, `annotate(obj, ann_id, image_id)` makes an
+    object's COCO annotation. Each image has its own child seed, so it is reproducible in
+    isolation and independent of `num`.
+    """
     image_dir, json_path = out / split, out / "annotations" / f"{split}.json"
     image_dir.mkdir(parents=True, exist_ok=True)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     images: list[dict] = []
     annotations: list[dict] = []
-    for image_id in tqdm(range(1, num + 1), desc=f"synth {split}", disable=not progress):
-        # A child seed per image: reproducible in isolation and independent of `num`.
-        rng = np.random.default_rng([seed, _SPLIT_STREAM[split], image_id])
-        pixels, objects = _render(rng, size)
+    desc = f"{info['generator'].rsplit('.', 1)[-1].replace('_', ' ')} {split}"
+    for image_id in tqdm(range(1, num + 1), desc=desc, disable=not progress):
+        pixels, objects = render(np.random.default_rng([seed, _SPLIT_STREAM[split], image_id]))
         file_name = f"{image_id:06d}.png"
         Image.fromarray(pixels).save(image_dir / file_name, format="PNG", compress_level=1)
-        images.append({"id": image_id, "file_name": file_name, "width": size, "height": size})
+        images.append({"id": image_id, "file_name": file_name, "width": pixels.shape[1],
+                       "height": pixels.shape[0]})  # fmt: skip
         for obj in objects:
-            annotations.append(_annotation(obj, len(annotations) + 1, image_id))
+            annotations.append(annotate(obj, len(annotations) + 1, image_id))
     dataset = {
-        "info": {
-            "description": "everyseg synthetic shapes: the class is the outline; fill "
-            "colour and texture are independent of the class",
-            "generator": "everyseg.data.synthetic",
-            "args": {"split": split, "num_images": num, "size": size, "seed": seed},
-        },
+        "info": info | {"args": info["args"] | {"split": split, "num_images": num}},
         "licenses": [],
         "images": images,
         "annotations": annotations,
-        "categories": [
-            {"id": cid, "name": name, "supercategory": "shape"}
-            | synthetic_keypoints.category_fields(name)
-            for cid, name in zip(CATEGORY_IDS, CLASS_NAMES, strict=True)
-        ],
+        "categories": categories,
     }
     json_path.write_text(json.dumps(dataset, sort_keys=True, separators=(",", ":")))
     return json_path, image_dir
@@ -326,6 +333,25 @@ def generate(
     out = Path(out_dir).resolve()
     paths = {}
     for split, num in (("train", num_train), ("val", num_val)):
-        json_path, image_dir = _write_split(out, split, num, size, seed, progress)
+        json_path, image_dir = write_split(
+            out,
+            split,
+            num=num,
+            seed=seed,
+            render=lambda rng: _render(rng, size),
+            annotate=_annotation,
+            info={
+                "description": "everyseg synthetic shapes: the class is the outline; fill "
+                "colour and texture are independent of the class",
+                "generator": "everyseg.data.synthetic",
+                "args": {"size": size, "seed": seed},
+            },
+            categories=[
+                {"id": cid, "name": name, "supercategory": "shape"}
+                | synthetic_keypoints.category_fields(name)
+                for cid, name in zip(CATEGORY_IDS, CLASS_NAMES, strict=True)
+            ],
+            progress=progress,
+        )
         paths[f"{split}_json"], paths[f"{split}_images"] = str(json_path), str(image_dir)
     return paths

@@ -33,14 +33,11 @@ Usage::
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pycocotools.mask as mask_util
-from PIL import Image
-from tqdm import tqdm
 
 from everyseg.data.synthetic import (
     MIN_SIZE,
@@ -53,6 +50,7 @@ from everyseg.data.synthetic import (
     _raster,
     _regular,
     _texture,
+    write_split,
 )
 
 OUTLINES: tuple[str, ...] = ("circle", "square", "hexagon", "triangle")
@@ -69,7 +67,6 @@ SEEN_CLASSES: tuple[str, ...] = tuple(  # (i, i) and (i, i + 1): one window, one
     if j in (i, (i + 1) % len(CUTS))
 )
 SCALE_RANGE = (0.25, 0.55)  # object extent as a fraction of the image side
-_SPLIT_STREAM = {"train": 0, "val": 1}
 _NUM_OBJECTS_P = np.array([0.15, 0.3, 0.3, 0.15, 0.1])  # 1..5 objects per image
 
 
@@ -234,40 +231,6 @@ def _categories() -> list[dict]:
     ]
 
 
-def _write_split(
-    out: Path, split: str, num: int, size: int, seed: int, progress: bool
-) -> tuple[Path, Path]:
-    image_dir, json_path = out / split, out / "annotations" / f"{split}.json"
-    image_dir.mkdir(parents=True, exist_ok=True)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    images: list[dict] = []
-    annotations: list[dict] = []
-    for image_id in tqdm(range(1, num + 1), desc=f"synth hard {split}", disable=not progress):
-        # A child seed per image: reproducible in isolation and independent of `num`.
-        rng = np.random.default_rng([seed, _SPLIT_STREAM[split], image_id])
-        pixels, objects = render_hard(rng, size)
-        file_name = f"{image_id:06d}.png"
-        Image.fromarray(pixels).save(image_dir / file_name, format="PNG", compress_level=1)
-        images.append({"id": image_id, "file_name": file_name, "width": size, "height": size})
-        for obj in objects:
-            annotations.append(_annotation(obj, len(annotations) + 1, image_id))
-    dataset = {
-        "info": {
-            "description": "everyseg hard synthetic shapes: outlines with see-through cut-outs "
-            "that belong to the mask for 'window' classes and not for 'hole' classes",
-            "generator": "everyseg.data.synthetic_hard",
-            "args": {"split": split, "num_images": num, "size": size, "seed": seed},
-            "seen_classes": list(SEEN_CLASSES),
-        },
-        "licenses": [],
-        "images": images,
-        "annotations": annotations,
-        "categories": _categories(),
-    }
-    json_path.write_text(json.dumps(dataset, sort_keys=True, separators=(",", ":")))
-    return json_path, image_dir
-
-
 def generate_hard(
     out_dir: str | Path,
     *,
@@ -289,7 +252,23 @@ def generate_hard(
     out = Path(out_dir).resolve()
     paths = {}
     for split, num in (("train", num_train), ("val", num_val)):
-        json_path, image_dir = _write_split(out, split, num, size, seed, progress)
+        json_path, image_dir = write_split(
+            out,
+            split,
+            num=num,
+            seed=seed,
+            render=lambda rng: render_hard(rng, size),
+            annotate=_annotation,
+            info={
+                "description": "everyseg hard synthetic shapes: outlines with see-through "
+                "cut-outs that belong to the mask for 'window' classes and not for 'hole' classes",
+                "generator": "everyseg.data.synthetic_hard",
+                "args": {"size": size, "seed": seed},
+                "seen_classes": list(SEEN_CLASSES),
+            },
+            categories=_categories(),
+            progress=progress,
+        )
         paths[f"{split}_json"], paths[f"{split}_images"] = str(json_path), str(image_dir)
     (out / "seen_classes.txt").write_text(
         "# seen classes of the hard benchmark: data.mask_classes for the partial runs\n"
