@@ -271,7 +271,7 @@ def _annotation(obj: dict, ann_id: int, image_id: int) -> dict:
     )
 
 
-def write_split(
+def _write_split(
     out: Path,
     split: str,
     *,
@@ -314,6 +314,38 @@ def write_split(
     return json_path, image_dir
 
 
+def write_dataset(
+    out_dir: str | Path,
+    *,
+    num_train: int,
+    num_val: int,
+    seed: int,
+    render: Callable[[np.random.Generator], tuple[np.ndarray, list[dict]]],
+    annotate: Callable[[dict, int, int], dict],
+    info: dict,
+    categories: list[dict],
+    progress: bool,
+) -> dict[str, str]:
+    """A generator's train and val splits (see `_write_split`); absolute paths under the keys
+    ``train_json``, ``train_images``, ``val_json``, ``val_images``."""
+    out = Path(out_dir).resolve()
+    paths = {}
+    for split, num in (("train", num_train), ("val", num_val)):
+        json_path, image_dir = _write_split(
+            out,
+            split,
+            num=num,
+            seed=seed,
+            render=render,
+            annotate=annotate,
+            info=info,
+            categories=categories,
+            progress=progress,
+        )
+        paths[f"{split}_json"], paths[f"{split}_images"] = str(json_path), str(image_dir)
+    return paths
+
+
 def generate(
     out_dir: str | Path,
     *,
@@ -330,28 +362,23 @@ def generate(
     """
     if size < MIN_SIZE:
         raise ValueError(f"size must be at least {MIN_SIZE} px, got {size}")
-    out = Path(out_dir).resolve()
-    paths = {}
-    for split, num in (("train", num_train), ("val", num_val)):
-        json_path, image_dir = write_split(
-            out,
-            split,
-            num=num,
-            seed=seed,
-            render=lambda rng: _render(rng, size),
-            annotate=_annotation,
-            info={
-                "description": "everyseg synthetic shapes: the class is the outline; fill "
-                "colour and texture are independent of the class",
-                "generator": "everyseg.data.synthetic",
-                "args": {"size": size, "seed": seed},
-            },
-            categories=[
-                {"id": cid, "name": name, "supercategory": "shape"}
-                | synthetic_keypoints.category_fields(name)
-                for cid, name in zip(CATEGORY_IDS, CLASS_NAMES, strict=True)
-            ],
-            progress=progress,
-        )
-        paths[f"{split}_json"], paths[f"{split}_images"] = str(json_path), str(image_dir)
-    return paths
+    return write_dataset(
+        out_dir,
+        num_train=num_train,
+        num_val=num_val,
+        seed=seed,
+        render=lambda rng: _render(rng, size),
+        annotate=_annotation,
+        info={
+            "description": "everyseg synthetic shapes: the class is the outline; fill "
+            "colour and texture are independent of the class",
+            "generator": "everyseg.data.synthetic",
+            "args": {"size": size, "seed": seed},
+        },
+        categories=[
+            {"id": cid, "name": name, "supercategory": "shape"}
+            | synthetic_keypoints.category_fields(name)
+            for cid, name in zip(CATEGORY_IDS, CLASS_NAMES, strict=True)
+        ],
+        progress=progress,
+    )

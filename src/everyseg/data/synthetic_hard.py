@@ -50,7 +50,7 @@ from everyseg.data.synthetic import (
     _raster,
     _regular,
     _texture,
-    write_split,
+    write_dataset,
 )
 
 OUTLINES: tuple[str, ...] = ("circle", "square", "hexagon", "triangle")
@@ -249,28 +249,24 @@ def generate_hard(
     """
     if size < MIN_SIZE:
         raise ValueError(f"size must be at least {MIN_SIZE} px, got {size}")
-    out = Path(out_dir).resolve()
-    paths = {}
-    for split, num in (("train", num_train), ("val", num_val)):
-        json_path, image_dir = write_split(
-            out,
-            split,
-            num=num,
-            seed=seed,
-            render=lambda rng: render_hard(rng, size),
-            annotate=_annotation,
-            info={
-                "description": "everyseg hard synthetic shapes: outlines with see-through "
-                "cut-outs that belong to the mask for 'window' classes and not for 'hole' classes",
-                "generator": "everyseg.data.synthetic_hard",
-                "args": {"size": size, "seed": seed},
-                "seen_classes": list(SEEN_CLASSES),
-            },
-            categories=_categories(),
-            progress=progress,
-        )
-        paths[f"{split}_json"], paths[f"{split}_images"] = str(json_path), str(image_dir)
-    (out / "seen_classes.txt").write_text(
+    paths = write_dataset(
+        out_dir,
+        num_train=num_train,
+        num_val=num_val,
+        seed=seed,
+        render=lambda rng: render_hard(rng, size),
+        annotate=_annotation,
+        info={
+            "description": "everyseg hard synthetic shapes: outlines with see-through "
+            "cut-outs that belong to the mask for 'window' classes and not for 'hole' classes",
+            "generator": "everyseg.data.synthetic_hard",
+            "args": {"size": size, "seed": seed},
+            "seen_classes": list(SEEN_CLASSES),
+        },
+        categories=_categories(),
+        progress=progress,
+    )
+    (Path(out_dir).resolve() / "seen_classes.txt").write_text(
         "# seen classes of the hard benchmark: data.mask_classes for the partial runs\n"
         + "".join(f"{name}\n" for name in SEEN_CLASSES)
     )
