@@ -28,6 +28,7 @@ import numpy as np
 from everyseg import Predictor
 from everyseg.data import synthetic_hard as hard
 from everyseg.data.splits import resolve_mask_classes
+from everyseg.data.synthetic import image_rng
 
 MIN_CUT_PX = 10
 
@@ -46,7 +47,7 @@ def val_objects(data: Path) -> list[tuple[np.ndarray, list[dict]]]:
     try:
         per_image = []
         for image in val["images"]:
-            rng = np.random.default_rng([seed, hard._SPLIT_STREAM["val"], image["id"]])
+            rng = image_rng(seed, "val", image["id"])
             pixels, kept = hard.render_hard(rng, size)
             cover = np.zeros((size, size), bool)
             for obj in reversed(kept):  # top first: what lies above hides the cut-out too

@@ -271,6 +271,12 @@ def _annotation(obj: dict, ann_id: int, image_id: int) -> dict:
     )
 
 
+def image_rng(seed: int, split: str, image_id: int) -> np.random.Generator:
+    """The generator an image is drawn from: its own child seed, so it is reproducible in
+    isolation and independent of how many images the split has."""
+    return np.random.default_rng([seed, _SPLIT_STREAM[split], image_id])
+
+
 def _write_split(
     out: Path,
     split: str,
@@ -296,7 +302,7 @@ def _write_split(
     annotations: list[dict] = []
     desc = f"{info['generator'].rsplit('.', 1)[-1].replace('_', ' ')} {split}"
     for image_id in tqdm(range(1, num + 1), desc=desc, disable=not progress):
-        pixels, objects = render(np.random.default_rng([seed, _SPLIT_STREAM[split], image_id]))
+        pixels, objects = render(image_rng(seed, split, image_id))
         file_name = f"{image_id:06d}.png"
         Image.fromarray(pixels).save(image_dir / file_name, format="PNG", compress_level=1)
         images.append({"id": image_id, "file_name": file_name, "width": pixels.shape[1],
