@@ -57,6 +57,7 @@ TINY_OVERRIDES = [
     "train.warmup_steps=2",
     "train.checkpoint_every=100",
     "train.log_every=1",
+    "train.trunk_pretrain=null",  # the tiny presets pretrain for minutes
 ]
 FCOS = "model.backbone.fpn_channels=64"  # FCOS's GroupNorm(32, C): at 64 px C must be >= 64
 

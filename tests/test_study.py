@@ -50,6 +50,7 @@ TINY = [
     "train.warmup_steps=2",
     "train.log_every=1",
     "train.tensorboard=off",
+    "train.trunk_pretrain=null",  # the tiny presets pretrain for minutes
 ]
 TINY_STUDY = Study(
     title="tiny study",

@@ -264,6 +264,17 @@ class ModelConfig:
 
 
 @dataclass
+class TrunkPretrainConfig:
+    """engine/trunk_pretrain.py: the trunk as a classifier of the train set's box crops."""
+
+    steps: PositiveInt = 500
+    batch_size: PositiveInt = 64
+    crop_size: PositiveInt = 32  # each box's crop is resized to crop_size x crop_size
+    lr: PositiveFloat = 0.002  # AdamW, the one-cycle schedule's peak
+    max_crops: PositiveInt = 20000  # crops held in memory (3 x crop_size^2 floats each)
+
+
+@dataclass
 class TrainConfig:
     steps: PositiveInt = 90000
     batch_size: PositiveInt = 16
@@ -305,6 +316,10 @@ class TrainConfig:
     # end_to_end | detector (stage 1: boxes of all classes, no masks) | mask (stage 2: only the
     # mask branch trains, from model.init_from_run); see everyseg.engine.initialize
     stage: Literal["end_to_end", "detector", "mask"] = "end_to_end"
+    # null, or pretrain a new run's trunk on the train set's box crops before the detector
+    # (from scratch on a CPU budget; engine/trunk_pretrain.py). Skipped when the trunk comes
+    # from model.init or model.init_from_run
+    trunk_pretrain: TrunkPretrainConfig | None = None
 
 
 @dataclass

@@ -34,6 +34,7 @@ from everyseg.engine.rng import capture_rng, restore_rng, seed_everything
 from everyseg.engine.run_dir import RunDir, RunRecord, trim_log
 from everyseg.engine.sampler import StepBatchSampler
 from everyseg.engine.tracking import Tracker, logged_seconds, peak_memory, wants_tensorboard
+from everyseg.engine.trunk_pretrain import pretrain_trunk
 from everyseg.modeling.detector import build_model
 
 
@@ -163,7 +164,7 @@ def _set_up(cfg: Config, run: RunDir, device, resume: bool):
     )
     if distributed.is_main():
         print(dataset.summary())
-    state = _build_state(cfg, dataset, device)
+    state = _build_state(cfg, dataset, device, fresh=not resume)
     rank = distributed.rank()
     if rank > 0:
         # the same initial weights on every rank, then each rank its own random draws (RPN
@@ -199,7 +200,9 @@ def _check_train_config(cfg: Config, device: torch.device) -> None:
         )
 
 
-def _build_state(cfg: Config, dataset: CocoInstances, device: torch.device) -> TrainingState:
+def _build_state(
+    cfg: Config, dataset: CocoInstances, device: torch.device, *, fresh: bool
+) -> TrainingState:
     classes = dataset.class_names
     d = cfg.data
     keypoints = dataset.index.keypoint_layout if cfg.model.keypoint_head else None
@@ -217,6 +220,8 @@ def _build_state(cfg: Config, dataset: CocoInstances, device: torch.device) -> T
         # statistics over the global batch, as one process would compute them
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
+    if fresh:  # a resumed run's checkpoint holds the pretrained trunk
+        _pretrain_trunk(model, cfg, dataset, device)
     optimizer = build_optimizer(model, cfg.train)
     return TrainingState(
         model=model,
@@ -233,6 +238,30 @@ def _build_state(cfg: Config, dataset: CocoInstances, device: torch.device) -> T
             keypoints=keypoints.to_plain() if keypoints else {},
         ),
     )
+
+
+def _pretrain_trunk(model, cfg: Config, dataset: CocoInstances, device: torch.device) -> None:
+    settings, m = cfg.train.trunk_pretrain, cfg.model
+    if settings is None:
+        return
+    if m.init or m.init_from_run:
+        if distributed.is_main():
+            print("train.trunk_pretrain skipped: the trunk comes from model.init(_from_run)")
+        return
+    # every rank runs the same seeded pretraining: equal weights, as DDP wants them
+    done = pretrain_trunk(
+        model.backbone,
+        dataset,
+        settings,
+        seed=cfg.train.seed,
+        device=device,
+        progress=distributed.is_main(),
+    )
+    if distributed.is_main():
+        print(
+            f"trunk pretrained on {int(done['crops'])} box crops: accuracy "
+            f"{done['accuracy']:.2f}, loss {done['loss']:.3f} (its last tenth)"
+        )
 
 
 def _train_loop(run: RunDir, state: TrainingState, cfg: Config, dataset, device, *, progress):
