@@ -1,5 +1,5 @@
-"""RoI poolers by `model.roi_pool`: torchvision's MultiScaleRoIAlign (with a faster CPU
-backward, modeling/roi_align.py), or the same with RoIPool.
+"""RoI poolers by `model.roi_pool`: torchvision's MultiScaleRoIAlign (on a CPU, RoIAlign as a
+faster gather: modeling/roi_align.py), or the same with RoIPool.
 
 RoIPool quantises each RoI and its bins to the feature grid (Fast R-CNN); RoIAlign samples
 bilinearly at exact positions. Mask R-CNN's ablation swaps one for the other with all else
@@ -22,7 +22,7 @@ from torchvision.ops.poolers import (
 )
 
 from everyseg.config import ConfigError
-from everyseg.modeling.roi_align import roi_align
+from everyseg.modeling.roi_align import roi_align_gather
 
 
 class MultiScaleRoIPool(MultiScaleRoIAlign):
@@ -49,28 +49,39 @@ class MultiScaleRoIPool(MultiScaleRoIAlign):
         )
 
 
-class MultiScaleRoIAlignDenseGrad(MultiScaleRoIAlign):
-    """torchvision's MultiScaleRoIAlign, the same outputs bit for bit, whose CPU backward
-    runs as matrix products where that is faster (modeling/roi_align.py): while training
-    on a CPU; otherwise (inference, CUDA, tracing for export) it is torchvision's."""
+class MultiScaleRoIAlignGather(MultiScaleRoIAlign):
+    """torchvision's MultiScaleRoIAlign reading the maps with roi_align_gather on a CPU
+    (modeling/roi_align.py: the same within float rounding, several times faster) while
+    training, and in eval mode once `gather_in_inference` is set (engine/load.py's
+    ready_for_inference sets it). Otherwise it is torchvision's, so a model made from a
+    torchvision one predicts bit for bit as that does; on CUDA and when tracing for export,
+    too."""
 
     scales: list[float] | None
     map_levels: LevelMapper | None
+    gather_in_inference: bool = False
 
     def forward(
         self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]
     ) -> Tensor:
         """{level: (B, C, H_l, W_l)}, per image (N_i, 4) xyxy boxes -> (N, C, S, S)."""
         maps = _filter_input(x, self.featmap_names)
-        training_on_cpu = torch.is_grad_enabled() and maps[0].device.type == "cpu"
-        if not training_on_cpu or torch.jit.is_scripting() or torchvision._is_tracing():
+        gather = (
+            (self.training or self.gather_in_inference)
+            and maps[0].device.type == "cpu"
+            and maps[0].dtype in (torch.float32, torch.float64)
+            and self.sampling_ratio > 0
+            and not torch.jit.is_scripting()
+            and not torchvision._is_tracing()
+        )
+        if not gather:
             return super().forward(x, boxes, image_shapes)
         return pool_by_level(
             self,
             x,
             boxes,
             image_shapes,
-            lambda maps, rois, scale: roi_align(
+            lambda maps, rois, scale: roi_align_gather(
                 maps, rois, self.output_size, scale, self.sampling_ratio
             ),
         )
@@ -91,8 +102,8 @@ def pool_by_level(
             maps, image_shapes, pooler.canonical_scale, pooler.canonical_level
         )
     rois = _convert_to_roi_format(boxes)  # (N, 5): image index, x0, y0, x1, y1
-    if len(maps) == 1:
-        return pool(maps[0], rois, pooler.scales[0])
+    if len(maps) == 1:  # contiguous, as torchvision's (its keypoint loss views it)
+        return pool(maps[0], rois, pooler.scales[0]).contiguous()
     levels = pooler.map_levels(boxes)  # (N,) index into maps
     result = maps[0].new_zeros((len(rois), maps[0].shape[1], *pooler.output_size))
     for level, (feature_map, scale) in enumerate(zip(maps, pooler.scales)):
@@ -101,12 +112,12 @@ def pool_by_level(
     return result
 
 
-def with_dense_grad(pooler: MultiScaleRoIAlign) -> MultiScaleRoIAlign:
-    """A torchvision MultiScaleRoIAlign as a MultiScaleRoIAlignDenseGrad with its settings
+def with_gather(pooler: MultiScaleRoIAlign) -> MultiScaleRoIAlign:
+    """A torchvision MultiScaleRoIAlign as a MultiScaleRoIAlignGather with its settings
     (any other pooler as it is)."""
     if type(pooler) is not MultiScaleRoIAlign:
         return pooler
-    return MultiScaleRoIAlignDenseGrad(
+    return MultiScaleRoIAlignGather(
         pooler.featmap_names,
         pooler.output_size,
         pooler.sampling_ratio,
@@ -116,7 +127,7 @@ def with_dense_grad(pooler: MultiScaleRoIAlign) -> MultiScaleRoIAlign:
 
 
 def _align(featmap_names: Sequence[str], output_size: int) -> MultiScaleRoIAlign:
-    return MultiScaleRoIAlignDenseGrad(list(featmap_names), output_size, sampling_ratio=2)
+    return MultiScaleRoIAlignGather(list(featmap_names), output_size, sampling_ratio=2)
 
 
 # model.roi_pool -> (featmap_names, output_size) -> pooler
