@@ -8,6 +8,7 @@ RoIs with a mask; torchvision has no notion of it and trains their empty masks a
 
     python benchmarks/train_speed.py                       # maskrcnn-tiny on synthetic data
     python benchmarks/train_speed.py --preset maskrcnn --size 800 --device cuda
+    python benchmarks/train_speed.py --threads 1 --profile # and everyseg's top costs
 
 The last line prints the ratios (everyseg time / torchvision time; below 1 is faster).
 """
@@ -22,6 +23,7 @@ import time
 import torch
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.ops import MultiScaleRoIAlign
 
 from everyseg.config import load_config
 from everyseg.data.build import build_dataset
@@ -47,14 +49,20 @@ def torchvision_twin(cfg, num_classes: int) -> MaskRCNN:
         rpn_pre_nms_top_n_train=r.pre_nms_top_n_train,
         rpn_post_nms_top_n_train=r.post_nms_top_n_train,
         rpn_batch_size_per_image=r.batch_size_per_image,
-        box_roi_pool=heads.box_roi_pool,
+        box_roi_pool=torchvision_pooler(heads.box_roi_pool),
         box_head=heads.box_head,
         box_predictor=heads.box_predictor,
         box_batch_size_per_image=b.batch_size_per_image,
-        mask_roi_pool=heads.mask_roi_pool,
+        mask_roi_pool=torchvision_pooler(heads.mask_roi_pool),
         mask_head=MaskRCNNHeads(cfg.model.backbone.fpn_channels, [m.channels] * m.num_convs, 1),
         mask_predictor=MaskRCNNPredictor(m.channels, m.channels, num_classes),
     )
+
+
+def torchvision_pooler(pooler: MultiScaleRoIAlign) -> MultiScaleRoIAlign:
+    """torchvision's own MultiScaleRoIAlign with an everyseg pooler's settings (everyseg's
+    has a faster CPU backward; `from_torchvision` gives it back to everyseg's model)."""
+    return MultiScaleRoIAlign(pooler.featmap_names, pooler.output_size, pooler.sampling_ratio)
 
 
 def timed_step(model, optimizer, images, targets, device) -> float:
@@ -70,6 +78,29 @@ def timed_step(model, optimizer, images, targets, device) -> float:
     return time.perf_counter() - tic
 
 
+def dense_targets(targets: list[dict]) -> list[dict]:
+    """Targets as torchvision's MaskRCNN takes them: everyseg's loader sends the masks as
+    polygons / RLE (`compact_masks`), torchvision wants them as (N, H, W) uint8 images."""
+    return [{**t, "masks": t["compact_masks"].to_dense().to(t["boxes"].device)} for t in targets]
+
+
+def profile_step(cfg, dataset, device) -> None:
+    """everyseg's top costs in one training step (after a warm-up step), forward and
+    backward apart."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    model = from_torchvision(torchvision_twin(cfg, len(dataset.class_names) + 1)).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9)
+    batch = cfg.train.batch_size
+    items = [dataset[(i, 0)] for i in range(batch)]
+    images, targets = to_device(*collate(items), device)
+    timed_step(model.train(), optimizer, images, targets, device)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        timed_step(model, optimizer, images, targets, device)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
 def measure(cfg, dataset, *, steps: int, warmup: int, device) -> tuple[float, float]:
     torch.manual_seed(0)
     tv = torchvision_twin(cfg, len(dataset.class_names) + 1)
@@ -83,9 +114,10 @@ def measure(cfg, dataset, *, steps: int, warmup: int, device) -> tuple[float, fl
     for step in range(warmup + steps):
         items = [dataset[((step * batch + i) % len(dataset), step)] for i in range(batch)]
         images, targets = to_device(*collate(items), device)
+        inputs = {"everyseg": targets, "torchvision": dense_targets(targets)}
         for name in models if step % 2 else reversed(models):
             torch.manual_seed(step)  # the same RoI sampling for both
-            elapsed = timed_step(models[name], optimizers[name], images, targets, device)
+            elapsed = timed_step(models[name], optimizers[name], images, inputs[name], device)
             if step >= warmup:
                 times[name].append(elapsed)
     return statistics.median(times["everyseg"]), statistics.median(times["torchvision"])
@@ -98,7 +130,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         paths = generate(tmp, num_train=64, num_val=1, size=args.size, seed=0, progress=False)
@@ -108,11 +144,14 @@ def main() -> None:
         for label, mask_classes in (("all masks", "all"), ("half masks", "random:7:0")):
             cfg = load_config(args.preset, [*overrides, f"data.mask_classes={mask_classes}"])
             dataset = build_dataset(cfg.data, split="train")
+            if args.profile:
+                profile_step(cfg, dataset, device)
             ours, tv = measure(cfg, dataset, steps=args.steps, warmup=args.warmup, device=device)
             print(f"{label}: everyseg {ours * 1e3:.1f} ms/step, torchvision {tv * 1e3:.1f} ms/step")
             figures.append(f"{label} {ours / tv:.3f}")
     print(
-        f"train_speed {args.preset} {args.size}px {device.type}: everyseg/torchvision time "
+        f"train_speed {args.preset} {args.size}px {device.type} "
+        f"{torch.get_num_threads()} threads: everyseg/torchvision time "
         f"ratio: {'; '.join(figures)}"
     )
 

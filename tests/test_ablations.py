@@ -14,7 +14,7 @@ from everyseg.engine.train import train
 from everyseg.modeling.backbone import C4Backbone, load_trunk_weights, resnet_c4
 from everyseg.modeling.losses import mask_softmax_loss
 from everyseg.modeling.mask_heads import MaskHead, SoftmaxMaskHead
-from everyseg.modeling.poolers import MultiScaleRoIPool
+from everyseg.modeling.poolers import MultiScaleRoIAlignGather, MultiScaleRoIPool
 
 SIZE = 64
 C4 = ("model.backbone.fpn=false", "model.mask_head.num_convs=0")
@@ -76,7 +76,7 @@ def test_roi_pool_reads_each_box_from_the_fpn_level_roi_align_reads():
 def test_defaults_build_roi_align_and_the_sigmoid_head(make_config, make_model):
     heads = _model(make_config, make_model).roi_heads
     for pooler in (heads.box_roi_pool, heads.mask_roi_pool):
-        assert type(pooler) is MultiScaleRoIAlign and pooler.sampling_ratio == 2
+        assert type(pooler) is MultiScaleRoIAlignGather and pooler.sampling_ratio == 2
     assert type(heads.mask_head) is MaskHead
     pooled = _model(make_config, make_model, *POOL).roi_heads
     assert isinstance(pooled.box_roi_pool, MultiScaleRoIPool)

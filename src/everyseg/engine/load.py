@@ -15,6 +15,8 @@ from everyseg.modeling.detector import Detector, build_model
 from everyseg.modeling.fcn import FCN
 from everyseg.modeling.fold_bn import fold_frozen_batchnorm
 from everyseg.modeling.mask_heads import MaskHead
+from everyseg.modeling.poolers import MultiScaleRoIAlignGather
+from everyseg.modeling.winograd import convert_convs
 
 
 def resolve_device(name: str) -> torch.device:
@@ -83,11 +85,16 @@ def load_run(run_dir, *, checkpoint: str = "last", device: str = "auto") -> Load
 
 def ready_for_inference(model: Detector | FCN) -> Detector | FCN:
     """`model` in eval mode, made faster for predicting with the same outputs within float
-    rounding: its frozen batch norms folded into their convolutions (modeling/fold_bn.py)
-    and, on a CPU, its backbone's and mask head's convolution weights in channels-last
-    layout, which oneDNN runs faster (benchmarks/infer_speed.py). Its state dict no longer
-    fits a checkpoint: a model readied so is for predicting only."""
+    rounding: its frozen batch norms folded into their convolutions (modeling/fold_bn.py),
+    and, on a CPU, its RoIAlign poolers gathering (modeling/roi_align.py), its backbone's
+    and mask head's convolution weights in channels-last layout, which oneDNN runs faster
+    and the gather reads without a copy, and its wide 3 x 3 convolutions computed by
+    Winograd's algorithm (modeling/winograd.py; benchmarks/infer_speed.py). Its state dict
+    no longer fits a checkpoint: a model readied so is for predicting only."""
     fold_frozen_batchnorm(model)
+    for module in model.modules():
+        if isinstance(module, MultiScaleRoIAlignGather):
+            module.gather_in_inference = True
     if next(model.parameters()).device.type == "cpu":
         # the box and RPN heads stay as they are: on small images (128 px) channels-last
         # heads there were several times slower, while the backbone's gain holds at every
@@ -96,4 +103,5 @@ def ready_for_inference(model: Detector | FCN) -> Detector | FCN:
         for module in model.modules():
             if isinstance(module, MaskHead):
                 module.to(memory_format=torch.channels_last)
+        convert_convs(model)
     return model.eval()

@@ -17,6 +17,7 @@ from everyseg.modeling.fcos import FCOSWithMasks, build_fcos
 from everyseg.modeling.keypoint_head import build_keypoint_branch
 from everyseg.modeling.mask_heads import ClassConvPredictor, MaskHead
 from everyseg.modeling.mask_heads.fcn import FCNFeatures
+from everyseg.modeling.poolers import with_gather
 from everyseg.modeling.rcnn import RCNN, build_rcnn
 from everyseg.modeling.roi_heads import PartialMaskRoIHeads
 
@@ -136,10 +137,10 @@ def from_torchvision(tv_model: MaskRCNN) -> RCNN:
     )
     predictor.conv = logits_conv
     roi_heads = PartialMaskRoIHeads(
-        box_roi_pool=heads.box_roi_pool,
+        box_roi_pool=with_gather(heads.box_roi_pool),
         box_head=heads.box_head,
         box_predictor=heads.box_predictor,
-        mask_roi_pool=heads.mask_roi_pool,
+        mask_roi_pool=with_gather(heads.mask_roi_pool),
         mask_head=MaskHead(
             features=FCNFeatures(convs=heads.mask_head, upsample=tv_predictor.conv5_mask),
             predictor=predictor,

@@ -16,7 +16,6 @@ from torch import Tensor, nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.fcos import FCOS
-from torchvision.ops import MultiScaleRoIAlign
 
 from everyseg.config import ConfigError, ModelConfig
 from everyseg.modeling.backbone import FPN_LEVELS
@@ -24,6 +23,7 @@ from everyseg.modeling.box_prompts import ImageFeatures, masks_for_box_prompts
 from everyseg.modeling.mask_branch import gt_mask_crops, mask_probabilities, mask_training_loss
 from everyseg.modeling.mask_heads import MaskHead, build_mask_head, build_mask_predictor
 from everyseg.modeling.paste import unpasted
+from everyseg.modeling.poolers import build_roi_pooler
 
 
 class FCOSWithMasks(FCOS):
@@ -206,7 +206,9 @@ def build_fcos(
         score_thresh=f.score_thresh,
         nms_thresh=f.nms_thresh,
         detections_per_img=f.detections_per_img,
-        mask_roi_pool=MultiScaleRoIAlign(FPN_LEVELS, mh.pooler_resolution, sampling_ratio=2),
+        mask_roi_pool=build_roi_pooler(
+            "align", featmap_names=FPN_LEVELS, output_size=mh.pooler_resolution
+        ),
         mask_head=build_mask_head(
             mh,
             in_channels=backbone.out_channels,

@@ -15,9 +15,9 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection.keypoint_rcnn import KeypointRCNNHeads, KeypointRCNNPredictor
 from torchvision.models.detection.roi_heads import keypointrcnn_inference, keypointrcnn_loss
-from torchvision.ops import MultiScaleRoIAlign
 
 from everyseg.config import KeypointHeadConfig
+from everyseg.modeling.poolers import build_roi_pooler
 
 
 def keypoint_loss(logits: Tensor, rois: Tensor, keypoints: Tensor) -> Tensor:
@@ -47,7 +47,9 @@ class KeypointBranch(nn.Module):
         featmap_names: Sequence[str],
     ) -> None:
         super().__init__()
-        self.roi_pool = MultiScaleRoIAlign(list(featmap_names), pooler_resolution, sampling_ratio=2)
+        self.roi_pool = build_roi_pooler(
+            "align", featmap_names=featmap_names, output_size=pooler_resolution
+        )
         self.head = KeypointRCNNHeads(in_channels, [channels] * num_convs)
         self.predictor = KeypointRCNNPredictor(channels, num_keypoints)
 

@@ -1,4 +1,5 @@
-"""RoI poolers by `model.roi_pool`: torchvision's MultiScaleRoIAlign, or the same with RoIPool.
+"""RoI poolers by `model.roi_pool`: torchvision's MultiScaleRoIAlign (on a CPU, RoIAlign as a
+faster gather: modeling/roi_align.py), or the same with RoIPool.
 
 RoIPool quantises each RoI and its bins to the feature grid (Fast R-CNN); RoIAlign samples
 bilinearly at exact positions. Mask R-CNN's ablation swaps one for the other with all else
@@ -7,9 +8,10 @@ equal, so both assign a box to its FPN level with torchvision's own LevelMapper.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
+import torchvision
 from torch import Tensor
 from torchvision.ops import MultiScaleRoIAlign, roi_pool
 from torchvision.ops.poolers import (
@@ -20,6 +22,7 @@ from torchvision.ops.poolers import (
 )
 
 from everyseg.config import ConfigError
+from everyseg.modeling.roi_align import roi_align_gather
 
 
 class MultiScaleRoIPool(MultiScaleRoIAlign):
@@ -37,25 +40,94 @@ class MultiScaleRoIPool(MultiScaleRoIAlign):
         self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]
     ) -> Tensor:
         """{level: (B, C, H_l, W_l)}, per image (N_i, 4) xyxy boxes -> (N, C, S, S)."""
+        return pool_by_level(
+            self,
+            x,
+            boxes,
+            image_shapes,
+            lambda maps, rois, scale: roi_pool(maps, rois, self.output_size, scale),
+        )
+
+
+class MultiScaleRoIAlignGather(MultiScaleRoIAlign):
+    """torchvision's MultiScaleRoIAlign reading the maps with roi_align_gather on a CPU
+    (modeling/roi_align.py: the same within float rounding, several times faster) while
+    training, and in eval mode once `gather_in_inference` is set (engine/load.py's
+    ready_for_inference sets it). Otherwise it is torchvision's, so a model made from a
+    torchvision one predicts bit for bit as that does; on CUDA and when tracing for export,
+    too."""
+
+    scales: list[float] | None
+    map_levels: LevelMapper | None
+    gather_in_inference: bool = False
+
+    def forward(
+        self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]
+    ) -> Tensor:
+        """{level: (B, C, H_l, W_l)}, per image (N_i, 4) xyxy boxes -> (N, C, S, S)."""
         maps = _filter_input(x, self.featmap_names)
-        if self.scales is None or self.map_levels is None:
-            self.scales, self.map_levels = _setup_scales(
-                maps, image_shapes, self.canonical_scale, self.canonical_level
-            )
-        rois = _convert_to_roi_format(boxes)  # (N, 5): image index, x0, y0, x1, y1
-        if len(maps) == 1:
-            return roi_pool(maps[0], rois, self.output_size, self.scales[0])
-        levels = self.map_levels(boxes)  # (N,) index into maps
-        result = maps[0].new_zeros((len(rois), maps[0].shape[1], *self.output_size))
-        for level, (feature_map, scale) in enumerate(zip(maps, self.scales)):
-            in_level = torch.where(levels == level)[0]
-            pooled = roi_pool(feature_map, rois[in_level], self.output_size, scale)
-            result[in_level] = pooled.to(result.dtype)
-        return result
+        gather = (
+            (self.training or self.gather_in_inference)
+            and maps[0].device.type == "cpu"
+            and maps[0].dtype in (torch.float32, torch.float64)
+            and self.sampling_ratio > 0
+            and not torch.jit.is_scripting()
+            and not torchvision._is_tracing()
+        )
+        if not gather:
+            return super().forward(x, boxes, image_shapes)
+        return pool_by_level(
+            self,
+            x,
+            boxes,
+            image_shapes,
+            lambda maps, rois, scale: roi_align_gather(
+                maps, rois, self.output_size, scale, self.sampling_ratio
+            ),
+        )
+
+
+def pool_by_level(
+    pooler: MultiScaleRoIAlign,
+    x: dict[str, Tensor],
+    boxes: list[Tensor],
+    image_shapes: list[tuple[int, int]],
+    pool: Callable[[Tensor, Tensor, float], Tensor],
+) -> Tensor:
+    """torchvision's multi-scale pooling (each box read from its FPN level by the pooler's
+    LevelMapper) with `pool(feature_map, rois, scale)` doing the reading: (N, C, S, S)."""
+    maps = _filter_input(x, pooler.featmap_names)
+    if pooler.scales is None or pooler.map_levels is None:
+        pooler.scales, pooler.map_levels = _setup_scales(
+            maps, image_shapes, pooler.canonical_scale, pooler.canonical_level
+        )
+    rois = _convert_to_roi_format(boxes)  # (N, 5): image index, x0, y0, x1, y1
+    if len(maps) == 1:  # contiguous, as torchvision's (its keypoint loss views it)
+        return pool(maps[0], rois, pooler.scales[0]).contiguous()
+    levels = pooler.map_levels(boxes)  # (N,) index into maps
+    result = maps[0].new_zeros((len(rois), maps[0].shape[1], *pooler.output_size))
+    for level, (feature_map, scale) in enumerate(zip(maps, pooler.scales)):
+        in_level = torch.where(levels == level)[0]
+        result[in_level] = pool(feature_map, rois[in_level], scale).to(result.dtype)
+    return result
+
+
+def with_gather(pooler: MultiScaleRoIAlign) -> MultiScaleRoIAlign:
+    """A torchvision MultiScaleRoIAlign as a MultiScaleRoIAlignGather with its settings
+    (any other pooler as it is)."""
+    if type(pooler) is not MultiScaleRoIAlign:
+        return pooler
+    return MultiScaleRoIAlignGather(
+        pooler.featmap_names,
+        pooler.output_size,
+        pooler.sampling_ratio,
+        canonical_scale=pooler.canonical_scale,
+        canonical_level=pooler.canonical_level,
+    )
 
 
 def _align(featmap_names: Sequence[str], output_size: int) -> MultiScaleRoIAlign:
-    return MultiScaleRoIAlign(list(featmap_names), output_size, sampling_ratio=2)
+    return MultiScaleRoIAlignGather(list(featmap_names), output_size, sampling_ratio=2)
 
 
 # model.roi_pool -> (featmap_names, output_size) -> pooler

@@ -142,7 +142,6 @@ class PartialMaskRoIHeads(RoIHeads):
         return torch.cat(crops), torch.cat(crop_idxs)
 
     def _inference(self, features, proposals, image_shapes) -> list[dict[str, Tensor]]:
-        features = contiguous_maps(features)
         box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
         class_logits, box_regression = self.box_predictor(box_features)
         boxes, scores, labels = self.postprocess_detections(
@@ -166,7 +165,6 @@ class PartialMaskRoIHeads(RoIHeads):
         of class `labels` (N_i,) or, without them, the box classifier's most likely
         foreground class on it. Returns per image "boxes", "labels", "scores" (the
         classifier's probability of that class) and "masks" (N_i, 1, M, M)."""
-        features = contiguous_maps(features)
         box_features = self.box_head(self.box_roi_pool(features, boxes, image_shapes))
         class_logits, _ = self.box_predictor(box_features)
         class_probs = class_logits.softmax(-1).split([len(b) for b in boxes])  # (N_i, K + 1)
@@ -188,10 +186,3 @@ class PartialMaskRoIHeads(RoIHeads):
             {"boxes": b, "labels": lab, "scores": s, "masks": m}
             for b, lab, s, m in zip(boxes, labels, scores, masks)
         ]
-
-
-def contiguous_maps(features: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The feature maps in the contiguous layout roi_align reads. torchvision's roi_align
-    copies a channels-last map (an inference-ready backbone's, engine/load.py) to it on every
-    call; one copy here serves both the box and the mask poolers."""
-    return {level: x.contiguous() for level, x in features.items()}
