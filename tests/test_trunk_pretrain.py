@@ -7,7 +7,7 @@ import pytest
 import torch
 from torchvision.ops import roi_align
 
-from everyseg.config import TrunkPretrainConfig
+from everyseg.config import ConfigError, TrunkPretrainConfig, load_config
 from everyseg.data.build import build_dataset
 from everyseg.engine import train as train_module
 from everyseg.engine.train import train
@@ -118,3 +118,25 @@ def test_c4_and_fcn_trunks_pretrain_too(make_config, make_model, dataset, kind):
     after = model.backbone.state_dict()
     stage5 = "res5." if kind.endswith("false") else "body.layer4."  # C4 runs stage 5 per RoI
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(stage5))
+
+
+def test_training_data_without_boxes_is_refused_by_name(dataset, monkeypatch):
+    image, target = dataset[0]
+    empty = {**target, "boxes": target["boxes"][:0], "labels": target["labels"][:0]}
+    monkeypatch.setattr(type(dataset), "__getitem__", lambda self, key: (image, empty))
+    with pytest.raises(ValueError, match=r"train\.json has no boxes to crop"):
+        collect_crops(dataset, TrunkPretrainConfig(), seed=0, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("train.trunk_pretrain.steps=0", "train.trunk_pretrain.steps"),
+        ("train.trunk_pretrain={lr: -1}", "train.trunk_pretrain.lr"),
+        ("train.trunk_pretrain.crop_size=nan", "train.trunk_pretrain.crop_size"),
+        ("train.trunk_pretrain.max_crops=1e999", "train.trunk_pretrain.max_crops"),
+    ],
+)
+def test_bad_settings_are_config_errors_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config("maskrcnn-tiny", [override])

@@ -72,7 +72,10 @@ def collect_crops(dataset, cfg: TrunkPretrainConfig, *, seed: int, progress: boo
             if count >= cfg.max_crops:
                 break
     if not crops:
-        raise ValueError("train.trunk_pretrain: the training images have no boxes to crop")
+        where = getattr(dataset, "json_path", "the training data")
+        raise ValueError(
+            f"train.trunk_pretrain: {where} has no boxes to crop; set train.trunk_pretrain=null"
+        )
     return torch.cat(crops)[: cfg.max_crops], torch.cat(labels)[: cfg.max_crops]
 
 
