@@ -37,7 +37,9 @@ def pretrain_trunk(
     """Train `backbone`'s trunk (in place) to classify the crops of `dataset`'s boxes.
 
     `dataset` yields (image (3, H, W) in [0, 1], target with "boxes" (N, 4) and "labels"
-    (N,) in 1..K) as data.coco.CocoInstances does. Frozen trunk layers stay frozen. The
+    (N,) in 1..K) as data.coco.CocoInstances does. Every trunk stage is trained, frozen or
+    not: a random stage is worth freezing only once it has learnt something, so
+    `model.backbone.trainable_layers` applies to the detector's training after this. The
     global random streams are left as they were, so the detector's training draws the same
     numbers with or without this stage. Returns the last tenth of the steps' mean loss and
     accuracy, and the number of crops.
@@ -47,7 +49,14 @@ def pretrain_trunk(
         crops, labels = collect_crops(dataset, cfg, seed=seed, progress=progress)
         num_classes = len(dataset.class_names)
         classifier = _CropClassifier(backbone, num_classes=num_classes).to(device)
-        return _fit(classifier, crops, labels, cfg, device=device, progress=progress)
+        frozen = [p for p in backbone.parameters() if not p.requires_grad]
+        for parameter in frozen:
+            parameter.requires_grad_(True)
+        try:
+            return _fit(classifier, crops, labels, cfg, device=device, progress=progress)
+        finally:
+            for parameter in frozen:
+                parameter.requires_grad_(False)
 
 
 def collect_crops(dataset, cfg: TrunkPretrainConfig, *, seed: int, progress: bool = True):
