@@ -342,7 +342,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--steps", type=int_in(1, MAX_STEPS), default=1000, help="training steps (default 1000)"
     )
-    p.add_argument("--train", type=images, default=600, help="synthetic training images")
+    p.add_argument("--train", type=images, default=2000, help="synthetic training images")
     p.add_argument("--val", type=images, default=100, help="synthetic validation images")
     p.set_defaults(func=_demo)
     return parser
