@@ -235,12 +235,31 @@ def test_overlay_paints_each_mask_in_its_region_as_torchvision_draws_full_masks(
     planes = planes.repeat_interleave(scale, 2)
     colors = [predictor_module._color(int(label)) for label in instances.labels]
     reference = draw_segmentation_masks(canvas, planes, alpha=0.45, colors=colors)
-    reference = draw_bounding_boxes(
-        reference,
-        torch.from_numpy(instances.boxes) * scale,
-        labels=[f"{n} {s:.2f}" for n, s in zip(instances.class_names, instances.scores)],
-        colors=colors,
-        width=2,
-    )
-    difference = np.abs(ours.astype(int) - reference.permute(1, 2, 0).numpy().astype(int))
+    boxes = torch.from_numpy(instances.boxes) * scale
+    reference = draw_bounding_boxes(reference, boxes, colors=colors, width=2)
+    reference = Image.fromarray(reference.permute(1, 2, 0).numpy())
+    captions = [f"{n} {s:.2f}" for n, s in zip(instances.class_names, instances.scores)]
+    predictor_module._draw_captions(reference, boxes.tolist(), captions, colors)
+    difference = np.abs(ours.astype(int) - np.asarray(reference).astype(int))
     assert difference.max() <= 1  # float blending rounds either way by one level
+
+
+def test_overlay_captions_sit_on_a_tag_of_the_class_colour():
+    size = (128, 128)
+    boxes = torch.tensor([[40.0, 60.0, 100.0, 120.0], [10.0, 0.0, 30.0, 20.0]])
+    instances = Instances(
+        boxes=boxes.numpy(),
+        scores=np.array([0.9, 0.8], dtype=np.float32),
+        labels=np.array([1, 2]),
+        class_names=["circle", "square"],
+        box_masks=BoxMasks(torch.zeros(2, 1, 14, 14), boxes, image_size=size, threshold=0.5),
+    )
+    overlay = np.asarray(draw_overlay(torch.zeros(3, *size), instances, min_side=512))
+    boxes = boxes.numpy()
+    for (x0, y0, _, _), label in zip((boxes * 4).astype(int).tolist(), (1, 2)):
+        # on a black image with empty masks: above the box where there is room, else inside
+        # it at the top, a patch largely of the class colour with the caption's text on it
+        rows = slice(y0 - 8, y0) if y0 > 40 else slice(y0 + 2, y0 + 10)
+        patch = overlay[rows, x0 + 2 : x0 + 40].reshape(-1, 3)
+        tag = (patch == predictor_module._color(label)).all(1)
+        assert tag.mean() > 0.3 and not tag.all()

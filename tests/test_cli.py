@@ -104,6 +104,15 @@ def test_predict_writes_results_and_overlays_and_skips_bad_files(
     assert sorted(p.name for p in (out / "overlays").iterdir()) == [p.name for p in val_images]
 
 
+def test_predict_cross_class_nms_gives_one_label_per_object(trained_run, val_images, tmp_path):
+    counts = {}
+    for name, extra in (("all", []), ("one", ["--cross-class-nms", "0.3"])):
+        argv = ["predict", str(trained_run.root), *map(str, val_images), "--out"]
+        assert main([*argv, str(tmp_path / name), "--score-thresh", "0", *extra]) == 0
+        counts[name] = len(json.loads((tmp_path / name / "results.json").read_text()))
+    assert 0 < counts["one"] < counts["all"]
+
+
 def test_predict_never_overwrites_one_inputs_outputs_with_anothers(
     trained_run, val_images, tmp_path
 ):

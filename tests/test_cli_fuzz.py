@@ -41,6 +41,7 @@ from everyseg.cli import main
         (["predict", "run", "a.png", "--out", "o", "--score-thresh", "inf"], "--score-thresh"),
         (["predict", "run", "a.png", "--out", "o", "--score-thresh", "-0.1"], "--score-thresh"),
         (["predict", "run", "a.png", "--out", "o", "--score-thresh", "1.5"], "--score-thresh"),
+        (["predict", "run", "a.png", "--out", "o", "--cross-class-nms", "2"], "--cross-class-nms"),
         (["segment", "run", "a.png", "--out", "o", "--box", "nan", "0", "9", "9"], "--box"),
         (["segment", "run", "a.png", "--out", "o", "--box", "0", "0", "-inf", "9"], "--box"),
         (["segment", "run", "a.png", "--out", "o", "--box", "0", "0", "x", "9"], "--box"),

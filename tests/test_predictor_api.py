@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.ops import box_iou
 
 from everyseg.engine.load import load_run
 from everyseg.predictor import Predictor
@@ -111,3 +112,22 @@ def test_set_image_then_segment_reuses_the_features(predictor, image):
         predictor.segment(boxes=BOXES)
     with pytest.raises(ValueError, match="needs boxes"):
         predictor.segment(image)
+
+
+def test_cross_class_nms_keeps_the_best_label_of_each_object(trained_run, predictor, image):
+    every = predictor(image)  # per-class NMS only: an object may carry several labels
+    one_each = Predictor.from_run(
+        trained_run.root, device="cpu", score_thresh=0.0, cross_class_nms=0.5
+    )(image)
+    assert 0 < len(one_each) < len(every)
+    kept = {tuple(box) for box in one_each.boxes.round(3).tolist()}
+    assert kept <= {tuple(box) for box in every.boxes.round(3).tolist()}
+    overlaps = box_iou(torch.from_numpy(every.boxes), torch.from_numpy(one_each.boxes))
+    for i, box in enumerate(every.boxes.round(3).tolist()):
+        better = torch.from_numpy(one_each.scores) > every.scores[i]
+        # dropped exactly when a better-scoring kept box of any class covers it
+        assert (tuple(box) not in kept) == bool((overlaps[i][better] > 0.5).any())
+    inner = one_each.boxes
+    assert (box_iou(torch.from_numpy(inner), torch.from_numpy(inner)).triu(1) <= 0.5).all()
+    with pytest.raises(ValueError, match="cross_class_nms"):
+        Predictor.from_run(trained_run.root, device="cpu", cross_class_nms=1.5)

@@ -208,6 +208,13 @@ def _parser() -> argparse.ArgumentParser:
         default=0.5,
         help="keep detections scoring at least this (default 0.5)",
     )
+    p.add_argument(
+        "--cross-class-nms",
+        type=float_in(0.0, 1.0),
+        metavar="IOU",
+        help="one label per object: also drop a detection overlapping a better-scoring one of "
+        "any class by more than IOU (default: off, per-class NMS only, as COCO AP wants)",
+    )
     p.add_argument("--checkpoint", **CHECKPOINT_OPTION)
     p.add_argument(
         "--precision",
@@ -479,6 +486,7 @@ def _predict(args) -> int:
         args.run,
         checkpoint=args.checkpoint,
         score_thresh=args.score_thresh,
+        cross_class_nms=args.cross_class_nms,
         precision=args.precision,
     )
     results = args.out / "results.json"

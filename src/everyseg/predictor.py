@@ -12,7 +12,8 @@ from typing import overload
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
+from torchvision.ops import nms
 from torchvision.utils import draw_bounding_boxes
 
 from everyseg.config import Config
@@ -54,6 +55,9 @@ class Predictor:
     run with its classes. `precision` (fp32 | fp16 | bf16) is the autocast the model runs in;
     None (the default) is fp32, or for a run its train.amp where the device runs it
     (everyseg.engine.precision). Boxes, scores and masks come out as float32 whatever it is.
+    The detector's NMS is per class, so one object can come out under two labels (COCO AP
+    wants them); `cross_class_nms=IOU` also drops a detection whose box overlaps a
+    better-scoring one of any class by more than IOU: one label per object, for people.
 
     `set_image(image)` runs the backbone once; `segment(boxes=...)` then prompts it again
     and again without recomputing it (SAM's way). A keypoint model's `keypoint_layout`
@@ -69,12 +73,16 @@ class Predictor:
         mask_classes: Sequence[str] = (),
         score_thresh: float = 0.5,
         mask_thresh: float = 0.5,
+        cross_class_nms: float | None = None,
         precision: InferencePrecision | None = None,
         keypoint_layout: KeypointLayout | None = None,
         **run_options,
     ) -> None:
         self.score_thresh = check_fraction(score_thresh, name="score_thresh")
         self.mask_thresh = check_fraction(mask_thresh, name="mask_thresh")
+        if cross_class_nms is not None:
+            check_fraction(cross_class_nms, name="cross_class_nms")
+        self.cross_class_nms = cross_class_nms
         if isinstance(model, (str, Path)):
             warnings.warn(
                 "Predictor(run_dir) is deprecated: use Predictor.from_run(run_dir)",
@@ -118,6 +126,7 @@ class Predictor:
         device: str = "auto",
         score_thresh: float = 0.5,
         mask_thresh: float = 0.5,
+        cross_class_nms: float | None = None,
         precision: InferencePrecision | None = None,
     ) -> Predictor:
         """The Predictor of `run_dir`'s checkpoint `checkpoint` ("last", "best", "model",
@@ -138,6 +147,7 @@ class Predictor:
             mask_classes=run.record.mask_classes,
             score_thresh=score_thresh,
             mask_thresh=mask_thresh,
+            cross_class_nms=cross_class_nms,
             precision=inference_precision(
                 precision, trained=run.config.train.amp, device=device_of_model
             ),
@@ -161,7 +171,7 @@ class Predictor:
         results = []
         for tensor, output in zip(tensors, self._detect(tensors), strict=True):
             # filter before pasting: only kept detections' masks ever reach image size
-            keep = output["scores"] >= self.score_thresh
+            keep = self._kept(output["boxes"], output["scores"])
             kept = (output[key][keep] for key in ("boxes", "scores", "labels", "box_masks"))
             instances = self._instances((tensor.shape[1], tensor.shape[2]), *kept)
             if self.keypoint_layout is not None and "keypoints" in output:
@@ -171,6 +181,15 @@ class Predictor:
                 instances.skeletons = [layout.of_class(n)[1] for n in instances.class_names]
             results.append(instances)
         return results if is_batch else results[0]
+
+    def _kept(self, boxes: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """(N, 4), (N,) detections -> indices of those to return, best first."""
+        keep = torch.where(scores >= self.score_thresh)[0]
+        if self.cross_class_nms is not None:
+            # the detector's NMS is per class (what COCO AP wants); a person reading an
+            # overlay wants one label per object: the best-scoring class's
+            keep = keep[nms(boxes[keep], scores[keep], self.cross_class_nms)]
+        return keep
 
     @torch.inference_mode()
     def set_image(self, image: ImageLike) -> None:
@@ -306,12 +325,29 @@ def draw_overlay(
     canvas = _paint_masks(canvas, instances.box_masks, colors, scale=scale, alpha=alpha)
     captions = [f"{n} {s:.2f}" for n, s in zip(instances.class_names, instances.scores)]
     boxes = torch.from_numpy(instances.boxes) * scale
-    canvas = draw_bounding_boxes(canvas, boxes, labels=captions, colors=colors, width=2)
+    canvas = draw_bounding_boxes(canvas, boxes, colors=colors, width=2)
     if instances.keypoints is not None:
         canvas = draw_instance_keypoints(
             canvas, instances.keypoints, instances.skeletons, scale=scale, colors=colors
         )
-    return Image.fromarray(canvas.permute(1, 2, 0).numpy())
+    overlay = Image.fromarray(canvas.permute(1, 2, 0).numpy())
+    _draw_captions(overlay, boxes.tolist(), captions, colors)
+    return overlay
+
+
+def _draw_captions(image: Image.Image, boxes: list, captions: list[str], colors: list) -> None:
+    """Each caption on a tag of its instance's colour at its box's top left corner, in a
+    font sized to the image: readable over any texture, where bare coloured text is not."""
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=max(12, image.height // 40))
+    for (x0, y0, _, _), caption, rgb in zip(boxes, captions, colors):
+        left, top, right, bottom = draw.textbbox((0, 0), caption, font=font)
+        # the tag sits above the box, or inside it where the box touches the image's top
+        y = y0 - (bottom - top) - 4 if y0 >= (bottom - top) + 4 else y0
+        draw.rectangle((x0, y, x0 + right - left + 4, y + bottom - top + 4), fill=tuple(rgb))
+        light_tag = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2] > 140
+        ink = "black" if light_tag else "white"
+        draw.text((x0 + 2 - left, y + 2 - top), caption, font=font, fill=ink)
 
 
 def _paint_masks(
