@@ -221,6 +221,12 @@ def test_evaluate_and_predict_through_the_cli(synth_paths, tmp_path, capsys):
         assert label_map.shape == (64, 64) and label_map.max() <= 14
         assert overlay.size == (64, 64) and overlay.mode == "RGB"
     assert math.isfinite(s["mean_iu"])
+    page = tmp_path / "report.html"  # the report shows what an FCN run has, no mask AP
+    assert main(["report", str(run), "--out", str(page), "--gallery", "2"]) == 0
+    text = page.read_text()
+    assert "FCN-8s (resnet18)" in text and "<th>mean IU unseen</th>" in text
+    assert "<h3>IU per class</h3>" in text and "mask AP" not in text
+    assert text.count("<img") == 3 and "no gallery" not in text  # curves, classes, gallery
     # the instance-only verbs refuse an FCN run with a message, not a traceback
     box = ["--box", "2", "2", "30", "30"]
     assert main(["segment", str(run), str(images[0]), *box, "--out", str(tmp_path / "s")]) == 2

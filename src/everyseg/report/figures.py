@@ -74,13 +74,23 @@ def loss_comparison(runs: list[RunFiles]) -> Figure:
 def per_class_ap(metrics: dict[str, Any]) -> Figure:
     """Per-class mask AP as horizontal bars, seen classes in one colour and unseen in another:
     every class when they are few, else the best and the worst BARS_PER_PANEL."""
+    return _per_class_bars(metrics, metrics["segm"]["per_class"], measure="mask AP")
+
+
+def per_class_iu(metrics: dict[str, Any]) -> Figure:
+    """An FCN run's per-class IU (metrics.json "semantic"), as per_class_ap draws AP; the
+    background in the colour of neither."""
+    iu = metrics["semantic"]["per_class_iu"]
+    return _per_class_bars(metrics, iu, measure="IU", neutral=frozenset({"background"}))
+
+
+def _per_class_bars(
+    metrics: dict[str, Any], values: dict, *, measure: str, neutral: frozenset[str] = frozenset()
+) -> Figure:
     seen = set(metrics.get("seen_classes", []))
-    scored = sorted(
-        ((ap, name) for name, ap in metrics["segm"]["per_class"].items() if ap is not None),
-        reverse=True,
-    )
+    scored = sorted(((v, name) for name, v in values.items() if v is not None), reverse=True)
     if len(scored) <= 2 * BARS_PER_PANEL:
-        panels = [("mask AP per class", scored)]
+        panels = [(f"{measure} per class", scored)]
     else:
         panels = [
             (f"top {BARS_PER_PANEL} of {len(scored)} classes", scored[:BARS_PER_PANEL]),
@@ -92,11 +102,11 @@ def per_class_ap(metrics: dict[str, Any]) -> Figure:
         names = [name for _, name in bars][::-1]  # best at the top
         drawn = ax.barh(
             names,
-            [ap for ap, _ in bars][::-1],
-            color=[SEEN if name in seen else UNSEEN for name in names],
+            [value for value, _ in bars][::-1],
+            color=[ALL if n in neutral else SEEN if n in seen else UNSEEN for n in names],
         )
         ax.bar_label(drawn, fmt="%.1f", fontsize="x-small", padding=2)
-        ax.set(title=title, xlabel="mask AP (%)", xlim=(0, 100))
+        ax.set(title=title, xlabel=f"{measure} (%)", xlim=(0, 100))
         ax.tick_params(axis="y", labelsize="small")
     _seen_unseen_legend(fig)
     return fig

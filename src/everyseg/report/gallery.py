@@ -13,12 +13,16 @@ import numpy as np
 import torch
 
 from everyseg.data.build import build_dataset
+from everyseg.data.semantic import IGNORE, target_labels
+from everyseg.engine.load import load_run
 from everyseg.predictor import Predictor
 from everyseg.report.figures import WIDTH, Figure
 from everyseg.report.run_files import RunFiles
+from everyseg.semantic_predict import class_colors, overlay
 
 SCORE_THRESH = 0.3  # as the overlays training draws: a short run's confident-ish detections
 ALPHA = 0.5
+ALPHA_SEMANTIC = 0.7  # every pixel of a label map is tinted: strong enough to tell from the image
 PALETTE = [  # matplotlib's tab10, which reads well on photos and on flat synthetic shapes
     (0.12, 0.47, 0.71), (1.0, 0.5, 0.05), (0.17, 0.63, 0.17), (0.84, 0.15, 0.16),
     (0.58, 0.4, 0.74), (0.55, 0.34, 0.29), (0.89, 0.47, 0.76), (0.5, 0.5, 0.5),
@@ -49,6 +53,47 @@ def gallery(run: RunFiles, *, images: int, checkpoint: str) -> Figure:
         _draw(predicted, image, found.masks, found.boxes, captions, None, found.class_names)
         predicted.set_title(f"predicted, score >= {SCORE_THRESH}", fontsize="small")
     fig.tight_layout()
+    return fig
+
+
+def semantic_gallery(run: RunFiles, *, images: int, checkpoint: str) -> Figure:
+    """An FCN run's gallery: per row an image's true label map (unlabelled pixels grey) and the
+    run's predicted one, each class tinted in its `everyseg predict` colour and named in the
+    legend. Raises ValueError / OSError as `gallery` does."""
+    if not run.config.data.val_json:
+        raise ValueError("the run's config has no data.val_json")
+    dataset = build_dataset(run.config.data, split="val")
+    loaded = load_run(run.run.root, checkpoint=checkpoint, device="cpu")
+    classes = ["background", *loaded.record.class_names]
+    to_run = torch.tensor([0] + [classes.index(name) for name in dataset.class_names])
+    colors = class_colors(len(classes))
+    rows = [dataset[i] for i in range(min(images, len(dataset)))]
+    aspect = max(image.shape[1] / image.shape[2] for image, _ in rows)  # H / W
+    fig = Figure(figsize=(WIDTH, 0.5 * WIDTH * aspect * len(rows) + 0.8))
+    axes = fig.subplots(len(rows), 2, squeeze=False)
+    shown: set[int] = set()
+    for (truth, predicted), (image, target) in zip(axes, rows):
+        labels = target_labels(target, height=image.shape[-2], width=image.shape[-1])
+        unlabelled = labels == IGNORE
+        labels = torch.where(unlabelled, 0, to_run[labels.clamp(min=0)])
+        with torch.inference_mode():
+            guess = loaded.model([image])[0]["sem_seg"].argmax(0)  # (H, W) class ids
+        truth_rgb = np.asarray(overlay(image, labels, colors=colors, alpha=ALPHA_SEMANTIC)).copy()
+        truth_rgb[unlabelled.numpy()] = 128
+        truth.imshow(truth_rgb)
+        truth.set_title(f"ground truth: image {int(target['image_id'])}", fontsize="small")
+        predicted.imshow(overlay(image, guess, colors=colors, alpha=ALPHA_SEMANTIC))
+        predicted.set_title("predicted", fontsize="small")
+        shown |= set(labels.unique().tolist()) | set(guess.unique().tolist())
+        for ax in (truth, predicted):
+            ax.set_axis_off()
+    from matplotlib.patches import Patch
+
+    rgb = [tuple(channel / 255 for channel in color) for color in colors.tolist()]
+    legend = [Patch(color=rgb[k], label=classes[k]) for k in sorted(shown) if k]
+    if legend:
+        fig.legend(handles=legend, fontsize="small", loc="lower center", ncols=min(6, len(legend)))
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     return fig
 
 

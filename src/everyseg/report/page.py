@@ -33,6 +33,18 @@ AP_ROWS = [
     for subset in ("all", "seen", "unseen")
 ]
 BUCKET_ROWS = [(f"mask AP {b} (frequency)", ("segm", "by_frequency", b, "AP")) for b in "rcf"]
+# an FCN run's (model.kind=fcn) metrics.json "semantic" block
+SEMANTIC_ROWS = [
+    (f"mean IU {subset}", ("semantic", *path, "mean_iu"))
+    for subset, path in (("all", ()), ("seen", ("seen",)), ("unseen", ("unseen",)))
+] + [
+    (label, ("semantic", key))
+    for label, key in (
+        ("pixel accuracy", "pixel_accuracy"),
+        ("mean accuracy", "mean_accuracy"),
+        ("frequency-weighted IU", "frequency_weighted_iu"),
+    )
+]
 
 
 def write_report(
@@ -60,7 +72,10 @@ def _run_section(run: RunFiles, *, gallery_images: int, checkpoint: str) -> list
     if run.steps:
         parts += ["<h3>Training</h3>", _image(figures.training_curves(run), "losses and lr")]
     metrics = run.metrics
-    if metrics is not None:
+    if metrics is not None and "semantic" in metrics:
+        chart = figures.per_class_iu(metrics)
+        parts += ["<h3>IU per class</h3>", _image(chart, "per class")]
+    elif metrics is not None:
         parts += ["<h3>Mask AP per class</h3>", _image(figures.per_class_ap(metrics), "per class")]
         many = len(metrics["segm"]["per_class"]) > 2 * figures.BARS_PER_PANEL
         if many or "by_frequency" in metrics["segm"]:
@@ -79,10 +94,11 @@ def _run_section(run: RunFiles, *, gallery_images: int, checkpoint: str) -> list
 
 
 def _gallery(run: RunFiles, images: int, checkpoint: str) -> list[str]:
-    from everyseg.report.gallery import gallery
+    from everyseg.report.gallery import gallery, semantic_gallery
 
+    draw = semantic_gallery if run.config.model.kind == "fcn" else gallery
     try:
-        return [_image(gallery(run, images=images, checkpoint=checkpoint), "gallery")]
+        return [_image(draw(run, images=images, checkpoint=checkpoint), "gallery")]
     except (OSError, ValueError) as err:  # data moved, checkpoint gone: the rest still shows
         return [f'<p class="note">no gallery: {html.escape(str(err))}</p>']
 
@@ -92,8 +108,12 @@ def _metrics_table(runs: list[RunFiles]) -> str:
     rows = [f"<tr><th>metric</th>{header}</tr>"]
     described = [_describe(run) for run in runs]
     rows += [_row(label, [d[label] for d in described]) for label in described[0]]
-    bucketed = any(run.metrics and "by_frequency" in run.metrics["segm"] for run in runs)
-    for label, path in AP_ROWS + (BUCKET_ROWS if bucketed else []):
+    evaluated = [run.metrics for run in runs if run.metrics]
+    bucketed = any("by_frequency" in metrics.get("segm", {}) for metrics in evaluated)
+    semantic = any("semantic" in metrics for metrics in evaluated)
+    instances = any("segm" in metrics for metrics in evaluated) or not evaluated
+    chosen = (AP_ROWS if instances else []) + (BUCKET_ROWS if bucketed else [])
+    for label, path in chosen + (SEMANTIC_ROWS if semantic else []):
         rows.append(_row(label, [_lookup(run.metrics, path) for run in runs], best=True))
     return "<table>" + "\n".join(rows) + "</table>"
 
@@ -111,9 +131,13 @@ def _describe(run: RunFiles) -> dict[str, Any]:
     """The rows that say what a run is, before its numbers."""
     model, metrics = run.config.model, run.metrics or {}
     seen, unseen = metrics.get("seen_classes"), metrics.get("unseen_classes")
+    architecture = (
+        f"FCN-{model.fcn.stride}s ({model.backbone.name})"
+        if model.kind == "fcn"
+        else f"{model.detector} / {model.mask_head.name} ({model.mask_head.predictor})"
+    )
     return {
-        "detector / mask head": f"{model.detector} / {model.mask_head.name} "
-        f"({model.mask_head.predictor})",
+        "model": architecture,
         "steps trained": run.steps[-1]["step"] if run.steps else None,
         "val images": metrics.get("images"),
         "classes seen / unseen": None

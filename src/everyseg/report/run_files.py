@@ -81,9 +81,11 @@ def _read_metrics(path: Path, notes: list[str]) -> dict[str, Any] | None:
         metrics = json.loads(path.read_text())
     except ValueError as err:
         raise ValueError(f"{path}: not JSON ({err})") from None
-    if not isinstance(metrics, dict) or not isinstance(metrics.get("segm"), dict):
-        raise ValueError(f'{path}: not an everyseg metrics.json (no "segm" block)')
-    if "pr_curve" not in metrics["segm"]:
+    if not isinstance(metrics, dict) or not any(
+        isinstance(metrics.get(block), dict) for block in ("segm", "semantic")
+    ):
+        raise ValueError(f'{path}: not an everyseg metrics.json (no "segm" or "semantic" block)')
+    if "segm" in metrics and "pr_curve" not in metrics["segm"]:
         notes.append(
             f"{path.name} has no PR curves (written before they were added): "
             f"run `everyseg evaluate {path.parent}` again"
