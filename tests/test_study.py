@@ -5,7 +5,11 @@ two steps of a narrow model on the session's 64 px synthetic images.
 """
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -285,3 +289,45 @@ def test_missing_data_folder_is_a_clear_cli_error(tmp_path, capsys):
     assert main(["study", "maskx", "--out", str(tmp_path / "s"), "--data", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "everyseg study: error: --data" in err and "annotations/train.json" in err
+
+
+CHILD_OF_A_STUDY = """
+import sys, time
+from pathlib import Path
+from everyseg.engine import study_runs
+
+class Sleeper(study_runs.Job):
+    def argv(self, *, resume):
+        return [sys.executable, "-c", "import time; time.sleep(60)"]
+
+job = Sleeper("sleeper / seed 0", Path(sys.argv[1]), "baseline-tiny", (), 0)
+_, process, _ = study_runs._start(job, threads=1, echo=lambda line: None)
+print(process.pid, flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_killed_study_leaves_no_training_running(tmp_path):
+    study = subprocess.Popen(
+        [sys.executable, "-c", CHILD_OF_A_STUDY, str(tmp_path / "run")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    training = int(study.stdout.readline())
+    os.kill(training, 0)  # running
+    study.kill()  # SIGKILL: execute's own cleanup never runs
+    study.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _alive(training):
+        time.sleep(0.05)
+    assert not _alive(training)
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, reaped by init, counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"

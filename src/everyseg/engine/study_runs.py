@@ -10,8 +10,10 @@ skipped, not hidden.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -24,6 +26,7 @@ from everyseg.engine.studies import Row, Study
 
 LOG_TAIL = 8  # lines of a failed run's log quoted in the report
 POLL_SECONDS = 0.2
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @dataclass(frozen=True)
@@ -178,9 +181,21 @@ def _start(job: Job, *, threads: int, echo) -> tuple[Job, subprocess.Popen, Path
     echo(f"{'resume' if resume else 'start'} {job.name} -> {job.run_dir} (log {log})")
     with open(log, "ab") as f:
         process = subprocess.Popen(
-            job.argv(resume=resume), stdout=f, stderr=subprocess.STDOUT, env=env
+            job.argv(resume=resume),
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=env,
+            preexec_fn=_stop_with_parent if sys.platform == "linux" else None,
         )
     return job, process, log
+
+
+def _stop_with_parent() -> None:
+    """In a training's process before it starts: SIGTERM when the study dies, even by SIGKILL
+    (which skips execute's cleanup), so no training outlives its study and a rerun never
+    finds the last one's still writing (Linux's PR_SET_PDEATHSIG)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _finished(job: Job, returncode: int, log: Path) -> Outcome:
