@@ -93,6 +93,7 @@ class Predictor:
                 model,
                 score_thresh=score_thresh,
                 mask_thresh=mask_thresh,
+                cross_class_nms=cross_class_nms,
                 precision=precision,
                 **run_options,
             )
