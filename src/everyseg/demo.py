@@ -37,7 +37,7 @@ def run_demo(out: Path, *, steps: int, num_train: int, num_val: int) -> dict:
         f"\ndemo done in {time.perf_counter() - start:.0f} s: masks for "
         f"{', '.join(metrics['seen_classes'])}\n"
         f"mask AP  seen {_fmt(segm['seen']['AP'])}  unseen {_fmt(segm['unseen']['AP'])}  "
-        f"all {_fmt(segm['all']['AP'])}\n"
+        f"all {_fmt(segm['all']['AP'])}   box AP {_fmt(metrics['bbox']['all']['AP'])}\n"
         f"run directory: {run.root}  (metrics.json, overlays/, log.jsonl, checkpoints/)"
     )
     return metrics
