@@ -13,7 +13,7 @@ star) also have COCO keypoints (data/synthetic_keypoints.py).
 Usage::
 
     from everyseg.data.synthetic import generate
-    paths = generate("data/shapes", num_train=1000, num_val=200, size=128, seed=0)
+    paths = generate("data/shapes", num_train=2000, num_val=200, size=128, seed=0)
 """
 
 from __future__ import annotations
@@ -355,7 +355,7 @@ def write_dataset(
 def generate(
     out_dir: str | Path,
     *,
-    num_train: int = 1000,
+    num_train: int = 2000,
     num_val: int = 200,
     size: int = 128,
     seed: int = 0,

@@ -25,8 +25,9 @@ from everyseg.engine.studies import STUDIES, Study
 from everyseg.engine.study_runs import Job, Outcome, execute, plan
 from everyseg.engine.study_table import difference_table, on_split, summary_table
 
-# what `everyseg synth` writes by default; a study without --data generates this into DIR/data
-SYNTH_ARGS: dict[str, int] = dict(num_train=1000, num_val=200, size=128, seed=0)
+# what `everyseg synth` writes by default (and each generator's own number of training
+# images); a study without --data generates this into DIR/data
+SYNTH_ARGS: dict[str, int] = dict(num_val=200, size=128, seed=0)
 SYNTH_KINDS = ("easy", "hard")
 SEEN_CLASSES_FILE = "seen_classes.txt"
 PROTOCOL_NOTES = {"mask": "mask branch on the seed's detector", "end_to_end": "end to end"}
