@@ -11,7 +11,7 @@ from pycocotools import mask as mask_util
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-from everyseg import predictor as predictor_module
+from everyseg import overlay_draw
 from everyseg.engine.coco_results import to_coco_results
 from everyseg.instances import BoxMasks, Instances
 from everyseg.modeling import paste
@@ -233,13 +233,13 @@ def test_overlay_paints_each_mask_in_its_region_as_torchvision_draws_full_masks(
     canvas = canvas.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
     planes = torch.from_numpy(masks.full()).repeat_interleave(scale, 1)
     planes = planes.repeat_interleave(scale, 2)
-    colors = [predictor_module._color(int(label)) for label in instances.labels]
+    colors = [overlay_draw._color(int(label)) for label in instances.labels]
     reference = draw_segmentation_masks(canvas, planes, alpha=0.45, colors=colors)
     boxes = torch.from_numpy(instances.boxes) * scale
     reference = draw_bounding_boxes(reference, boxes, colors=colors, width=2)
     reference = Image.fromarray(reference.permute(1, 2, 0).numpy())
     captions = [f"{n} {s:.2f}" for n, s in zip(instances.class_names, instances.scores)]
-    predictor_module._draw_captions(reference, boxes.tolist(), captions, colors)
+    overlay_draw._draw_captions(reference, boxes.tolist(), captions, colors)
     difference = np.abs(ours.astype(int) - np.asarray(reference).astype(int))
     assert difference.max() <= 1  # float blending rounds either way by one level
 
@@ -261,5 +261,5 @@ def test_overlay_captions_sit_on_a_tag_of_the_class_colour():
         # it at the top, a patch largely of the class colour with the caption's text on it
         rows = slice(y0 - 8, y0) if y0 > 40 else slice(y0 + 2, y0 + 10)
         patch = overlay[rows, x0 + 2 : x0 + 40].reshape(-1, 3)
-        tag = (patch == predictor_module._color(label)).all(1)
+        tag = (patch == overlay_draw._color(label)).all(1)
         assert tag.mean() > 0.3 and not tag.all()
