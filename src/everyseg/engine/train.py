@@ -14,26 +14,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from everyseg.config import Config, ConfigError, from_dict
+from everyseg.config import Config, ConfigError
 from everyseg.data.build import build_dataset
 from everyseg.data.coco import CocoInstances, collate
 from everyseg.engine import distributed
 from everyseg.engine.checkpoint import TrainingState
-from everyseg.engine.evaluate_run import evaluate_loaded
-from everyseg.engine.files import atomic_write_bytes
 from everyseg.engine.initialize import check_stage, initialize_for_training
 from everyseg.engine.load import resolve_device
 from everyseg.engine.optim import build_optimizer, build_scheduler
 from everyseg.engine.precision import autocast, check_training_precision
-from everyseg.engine.rng import capture_rng, restore_rng, seed_everything
+from everyseg.engine.rng import seed_everything
 from everyseg.engine.run_dir import RunDir, RunRecord, trim_log
 from everyseg.engine.sampler import StepBatchSampler
 from everyseg.engine.tracking import Tracker, logged_seconds, peak_memory, wants_tensorboard
+from everyseg.engine.train_outputs import claim_run_dir, save_and_evaluate_when_due
 from everyseg.engine.trunk_pretrain import pretrain_trunk
 from everyseg.modeling.detector import build_model
 
@@ -131,23 +129,12 @@ def train(cfg: Config, *, out_dir, resume: bool = False, progress: bool = True) 
     _check_train_config(cfg, device)
     run = RunDir(Path(out_dir))
     with ExitStack() as held:
-        distributed.on_main(lambda: _claim_run_dir(run, cfg, resume=resume, held=held))
+        distributed.on_main(lambda: claim_run_dir(run, cfg, resume=resume, held=held))
         dataset, state = distributed.on_every_rank(lambda: _set_up(cfg, run, device, resume))
         # also a new run's: a run killed before its first checkpoint leaves its log behind
         distributed.on_main(lambda: trim_log(run.log, step=state.step))
         _train_loop(run, state, cfg, dataset, device, progress=progress)
     return run
-
-
-def _claim_run_dir(run: RunDir, cfg: Config, *, resume: bool, held: ExitStack) -> None:
-    """Lock the run directory for the rest of training (`held`) and write its config."""
-    if resume and not run.last.is_file():
-        raise FileNotFoundError(
-            f"no checkpoint in {run.root} to resume ({run.last} does not exist); drop --resume "
-            "to start a new run"
-        )
-    held.enter_context(run.lock())
-    _prepare_run_dir(run, cfg, resume=resume)
 
 
 def _set_up(cfg: Config, run: RunDir, device, resume: bool):
@@ -329,7 +316,7 @@ def _take_steps(run: RunDir, state: TrainingState, cfg: Config, dataset, device,
                 # checked when logging too, so that with skipped steps, every step after an
                 # update that diverged, a long run does not go on until its next checkpoint
                 state.check_weights()
-            _save_and_evaluate_when_due(run, state, cfg, device, tracker)
+            save_and_evaluate_when_due(run, state, cfg, device, tracker)
 
 
 def _parallel(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -349,54 +336,6 @@ def _parallel(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 def _append_line(log, line: str) -> None:
     log.write(line + "\n")
     log.flush()
-
-
-def _save_and_evaluate_when_due(
-    run: RunDir, state: TrainingState, cfg: Config, device, tracker: Tracker
-) -> None:
-    step, tc = state.step, cfg.train
-    last = step % tc.checkpoint_every == 0 or step == tc.steps
-    keep = bool(tc.keep_every) and step % tc.keep_every == 0
-    if last or keep:
-        state.check_weights()  # on every rank, so that a diverged model stops them all
-        rngs = distributed.gather(capture_rng())  # each rank's random streams, for a resume
-        distributed.on_main(lambda: _save(run, state, rngs, last=last, keep=keep))
-    if tc.eval_every and step % tc.eval_every == 0 and cfg.data.val_json:
-        _evaluate_and_keep_best(run, state, cfg, device, tracker)
-
-
-def _save(run: RunDir, state: TrainingState, rngs: list, *, last: bool, keep: bool) -> None:
-    if last:
-        state.save(run.last, rngs=rngs)
-        state.export_model(run.model)
-    if keep:
-        state.save(run.snapshot(state.step), rngs=rngs)
-
-
-def _prepare_run_dir(run: RunDir, cfg: Config, *, resume: bool) -> None:
-    if run.last.is_file() and not resume:
-        raise FileExistsError(
-            f"{run.root} already holds a run ({run.last}); pass --resume to continue it or "
-            "choose another --out"
-        )
-    if resume and run.config.is_file():
-        previous = from_dict(yaml.safe_load(run.config.read_text()))
-        changed = _changed_keys(previous.to_dict(), cfg.to_dict())
-        if changed:
-            print(f"resuming with a changed config: {', '.join(changed)}")
-    text = cfg.to_yaml().encode()
-    atomic_write_bytes(run.config, lambda f: f.write(text))
-
-
-def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys += _changed_keys(a, b, f"{prefix}{key}.")
-        elif a != b:
-            keys.append(f"{prefix}{key}")
-    return keys
 
 
 def _loader(
@@ -423,36 +362,3 @@ def _loader(
         # a private generator: worker seeding must not consume the global RNG a resume restores
         generator=torch.Generator().manual_seed(cfg.train.seed),
     )
-
-
-def _evaluate_and_keep_best(
-    run: RunDir, state: TrainingState, cfg: Config, device, tracker: Tracker
-) -> None:
-    rng = capture_rng()  # evaluation must not change what the next training step sees
-    # every rank evaluates its share of the val set; all get the metrics
-    metrics = evaluate_loaded(state.model, cfg, state.record, device=device, progress=False)
-    classes = state.record.class_names
-    # overlays are drawn by the instance Predictor: none for an FCN run
-    overlay_model = None if "semantic" in metrics else state.model.eval()
-    tracker.evaluation(state.step, metrics, model=overlay_model, class_names=classes)
-    restore_rng(rng)
-    state.model.train()
-    # the best checkpoint: the highest mask AP, or an FCN run's mean IU (logged as such)
-    name, score = (
-        ("mean_iu", metrics["semantic"]["mean_iu"])
-        if "semantic" in metrics
-        else ("segm_AP", metrics["segm"]["all"]["AP"])
-    )
-    ap = score or 0.0
-    distributed.on_main(lambda: _keep_if_best(run, state, ap, name=name))
-
-
-def _keep_if_best(run: RunDir, state: TrainingState, ap: float, *, name: str) -> None:
-    best_file = run.checkpoints / "best.json"
-    best = json.loads(best_file.read_text())["AP"] if best_file.is_file() else -1.0
-    with run.log.open("a") as log:
-        log.write(json.dumps({"step": state.step, "eval": {name: ap}}) + "\n")
-    if ap > best:
-        state.save(run.best)
-        text = json.dumps({"AP": ap, "step": state.step}).encode()
-        atomic_write_bytes(best_file, lambda f: f.write(text))
