@@ -19,8 +19,8 @@ from everyseg.config import load_config
 from everyseg.engine.name_embedding import name_vector, write_name_embedding
 from everyseg.engine.run_dir import RunDir
 from everyseg.engine.studies import STUDIES, Row, Study
-from everyseg.engine.study import run_study, seen_split
-from everyseg.engine.study_runs import plan
+from everyseg.engine.study import run_study, seen_split, write_study_report
+from everyseg.engine.study_runs import Outcome, plan
 from everyseg.engine.study_table import (
     difference_table,
     mean_std,
@@ -258,6 +258,43 @@ def test_rerun_keeps_finished_runs_and_resumes_a_stopped_one(tiny_study, tmp_pat
     text = (out / "study.md").read_text()
     assert "other than 3 steps" in text and "- agnostic / seed 0: 2 steps" in text
     assert "- specific, end to end / seed 0:" not in text
+
+
+def test_study_md_grows_run_by_run_while_the_study_trains(tiny_study, tmp_path):
+    out = tmp_path / "study"
+    shutil.copytree(tiny_study[0], out)
+    (out / "study.html").unlink()
+    RunDir(out / "runs" / "specific-end-to-end" / "seed_0").metrics.unlink()  # still training
+    settings = json.loads((out / "study.json").read_text())["settings"]
+    grid = plan(
+        TINY_STUDY, out=out, seeds=1, steps=2, data=settings["data"],
+        overrides=settings["overrides"],
+    )  # fmt: skip
+    done = {job.name: Outcome("trained") for job in grid if job.row != "specific, end to end"}
+    write_study_report(TINY_STUDY, grid, done, out=out, settings=settings, html=False)
+    text = (out / "study.md").read_text()
+    assert "**1 of 3 runs still to train**" in text
+    assert "| agnostic | 1 |" in text and "| specific, end to end | 0 | – |" in text
+    assert "All 3 runs finished." not in text and not (out / "study.html").exists()
+
+
+def test_a_run_copied_in_from_elsewhere_needs_only_its_config_and_metrics(tiny_study, tmp_path):
+    # how a grid longer than one machine's time is shared: runs finished elsewhere are copied
+    # in without their checkpoints and count as finished
+    source = RunDir(tiny_study[0] / "runs" / "specific-end-to-end" / "seed_0")
+    out = tmp_path / "study"
+    copied = RunDir(out / "runs" / "specific-end-to-end" / "seed_0")
+    copied.root.mkdir(parents=True)
+    for path in (source.config, source.metrics):
+        shutil.copy(path, copied.root / path.name)
+    one_row = Study("one row", "a test", "specific, end to end", (TINY_STUDY.rows[1],))
+    outcomes = run_study(
+        one_row, out=out, seeds=1, steps=2, data=_data_of(tiny_study[0]), overrides=TINY,
+        echo=lambda line: None,
+    )  # fmt: skip
+    assert outcomes["specific, end to end / seed 0"].status == "kept"
+    assert "| specific, end to end | 1 |" in (out / "study.md").read_text()
+    assert (out / "study.html").is_file()
 
 
 def _data_of(study_dir: Path) -> Path:

@@ -1,7 +1,7 @@
 """`everyseg study NAME --out DIR`: run a study's grid of trainings (engine/studies.py) and
 write DIR/study.md (mean +- std over seeds, paired differences to the reference row with 95 %
-t intervals), DIR/study.json (every run's numbers) and DIR/study.html (everyseg report of each
-row's first seed, with matplotlib).
+t intervals) and DIR/study.json (every run's numbers), both rewritten as each run finishes,
+and at the end DIR/study.html (everyseg report of each row's first seed, with matplotlib).
 
 DIR holds data/ (the generated data, without --data), name_embedding.txt, detectors/ (the
 fixed detectors of the mask-branch rows, one per seed), runs/ROW/seed_S and beside each run
@@ -59,13 +59,18 @@ def run_study(
     grid = plan(
         study, out=out, seeds=seeds, steps=steps, data=paths, overrides=(*split, *overrides)
     )
-    outcomes = execute(grid, at_once=jobs, echo=echo)
     settings = {
         "seeds": seeds,
         "steps": steps if steps is not None else "each preset's train.steps",
         "data": paths,
         "overrides": [*split, *overrides],
     }
+
+    def report_so_far(outcomes: dict[str, Outcome]) -> None:
+        # a grid takes hours: its tables grow run by run (the HTML report waits for the end)
+        write_study_report(study, grid, outcomes, out=out, settings=settings, html=False)
+
+    outcomes = execute(grid, at_once=jobs, echo=echo, on_finished=report_so_far)
     write_study_report(study, grid, outcomes, out=out, settings=settings)
     echo(f"{out / 'study.md'}")
     return outcomes
@@ -161,7 +166,10 @@ def write_study_report(
     *,
     out: Path,
     settings: dict[str, Any],
+    html: bool = True,
 ) -> None:
+    """study.md and study.json of what has finished; `outcomes` lacks the runs still to
+    train while the study runs (html=False: study.html is written at the end only)."""
     runs = collect(grid)
     rows, rescored = on_reference_split(runs, study.reference, settings["data"]["val_json"])
     detectors = [job for job in grid if job.row is None]
@@ -194,8 +202,8 @@ def write_study_report(
         *_problems(grid, outcomes),
         *_other_steps(grid, settings["steps"]),
     ]
-    html_note = _html_report(runs, grid, out / "study.html")
-    parts += [html_note, ""]
+    if html:
+        parts += [_html_report(runs, grid, out / "study.html"), ""]
     text = "\n".join(parts)
     atomic_write_bytes(out / "study.md", lambda f: f.write(text.encode()))
     write_json(
@@ -230,15 +238,27 @@ def _row_lines(study: Study) -> list[str]:
 
 
 def _problems(grid: Sequence[Job], outcomes: dict[str, Outcome]) -> list[str]:
-    failed = [job for job in grid if outcomes[job.name].status in ("failed", "skipped")]
+    to_train = [job for job in grid if job.name not in outcomes]
+    failed = [job for job in grid if job not in to_train and _failed(outcomes[job.name])]
+    lines = []
+    if to_train:
+        lines += [
+            f"**{len(to_train)} of {len(grid)} runs still to train** (the study is running, "
+            "or was stopped: the same command continues it).",
+            "",
+        ]
     if not failed:
-        return [f"All {len(grid)} runs finished."]
-    lines = [f"## Failed runs ({len(failed)} of {len(grid)})", ""]
+        return lines or [f"All {len(grid)} runs finished."]
+    lines += [f"## Failed runs ({len(failed)} of {len(grid)})", ""]
     for job in failed:
         outcome = outcomes[job.name]
         lines.append(f"- **{job.name}** ({outcome.status}): {outcome.message}; log {outcome.log}")
         lines += [f"      {line}" for line in outcome.tail]
     return [*lines, ""]
+
+
+def _failed(outcome: Outcome) -> bool:
+    return outcome.status in ("failed", "skipped")
 
 
 def _other_steps(grid: Sequence[Job], steps: Any) -> list[str]:

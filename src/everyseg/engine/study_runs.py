@@ -134,9 +134,11 @@ def execute(
     *,
     at_once: int,
     echo: Callable[[str], None] = print,
+    on_finished: Callable[[dict[str, Outcome]], None] | None = None,
 ) -> dict[str, Outcome]:
     """Run `jobs` (in order, `at_once` at a time, each after the job it needs) -> outcome by
-    job name. Stopping the study (Ctrl-C) stops its running trainings; rerun to continue."""
+    job name; `on_finished(outcomes so far)` after each training that ends. Stopping the
+    study (Ctrl-C) stops its running trainings; rerun to continue."""
     outcomes: dict[str, Outcome] = {}
     for job in jobs:
         if RunDir(job.run_dir).metrics.is_file():
@@ -166,6 +168,8 @@ def execute(
                     del running[name]
                     outcomes[name] = _finished(job, process.returncode, log)
                     echo(f"{outcomes[name].status} {name} ({process.returncode=})")
+                    if on_finished is not None:
+                        on_finished(dict(outcomes))
     finally:
         for _, process, _ in running.values():
             process.terminate()
