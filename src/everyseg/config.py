@@ -290,6 +290,9 @@ class TrainConfig:
     warmup_steps: NonNegativeInt = 1000
     warmup_factor: Fraction = 0.001
     clip_grad_norm: PositiveFloat | None = None
+    # null, or keep an exponential moving average of the weights with this decay per step
+    # (0.998: about the last 500 steps) and evaluate, predict and export with it (engine/ema.py)
+    ema_decay: Annotated[float, Range(gt=0, lt=1)] | None = None
     # mixed precision: off | fp16 (CUDA only, with a GradScaler) | bf16 (CUDA and CPU); see
     # everyseg.engine.precision. Evaluation and prediction run in it too, where the device can
     amp: Literal["off", "fp16", "bf16"] = "off"

@@ -4,9 +4,14 @@ read with torch.load(weights_only=True), so that loading one never runs code.
     last.pt, best.pt, step_XXXXXXX.pt  the record's fields, "step", "model", "optimizer",
                                        "scheduler", "scaler" (state dicts) and "rng"
                                        (rng.capture_rng): everything a resume needs; a run
-                                       of several processes adds "rng_per_rank" (a list)
+                                       of several processes adds "rng_per_rank" (a list),
+                                       one with train.ema_decay "ema" (engine/ema.py)
     model.pt                           the record's fields, "step" and "model" alone, to
-                                       share (TrainingState.export_model)
+                                       share (TrainingState.export_model): the weight
+                                       average where the run keeps one
+
+`inference_weights` is what evaluation, prediction and export load: the weight average where
+there is one, else "model".
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any
 
 import torch
 
+from everyseg.engine.ema import WeightAverage
 from everyseg.engine.files import atomic_write_bytes
 from everyseg.engine.rng import capture_rng, restore_rng
 from everyseg.engine.run_dir import RunRecord
@@ -91,6 +97,12 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
+def inference_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A checkpoint's weights to evaluate and predict with (see the module's docstring)."""
+    ema = state.get("ema")
+    return ema["weights"] if ema else state["model"]
+
+
 def nonfinite_weights(model: torch.nn.Module) -> list[str]:
     """Names of the model's floating-point weights and buffers that hold a NaN or Inf."""
     tensors = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
@@ -111,6 +123,7 @@ class TrainingState:
     scaler: torch.amp.GradScaler
     record: RunRecord
     step: int = 0
+    ema: WeightAverage | None = None  # train.ema_decay
 
     def check_weights(self) -> None:
         """FloatingPointError if an update has made any weight NaN or Inf."""
@@ -128,6 +141,7 @@ class TrainingState:
         self.check_weights()  # a checkpoint never holds a diverged model
         rngs = rngs or [capture_rng()]
         per_rank = {"rng_per_rank": rngs} if len(rngs) > 1 else {}
+        ema = {"ema": self.ema.state_dict()} if self.ema else {}
         save_checkpoint(
             path,
             {
@@ -139,15 +153,16 @@ class TrainingState:
                 "step": self.step,
                 "rng": rngs[0],
                 **per_rank,
+                **ema,
             },
         )
 
     def export_model(self, path: Path) -> None:
-        """The weights and the run record alone (model.pt): no optimizer, no RNG state."""
+        """The weights to predict with and the run record alone (model.pt): no optimizer,
+        no RNG state."""
         self.check_weights()
-        save_checkpoint(
-            path, {**self.record.to_plain(), "step": self.step, "model": self.model.state_dict()}
-        )
+        weights = self.ema.weights if self.ema else self.model.state_dict()
+        save_checkpoint(path, {**self.record.to_plain(), "step": self.step, "model": weights})
 
     def restore(self, path: Path, *, rank: int = 0, world_size: int = 1) -> None:
         """Continue from `path`; rank r of the same number of processes gets back its own
@@ -166,6 +181,11 @@ class TrainingState:
         # empty from a run without fp16: a resume that turns fp16 on starts a fresh scale
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
+        # a resume that turns the average on starts it from the checkpoint's weights
+        if self.ema and state.get("ema"):
+            self.ema.load_state_dict(state["ema"])
+        elif self.ema:
+            self.ema = WeightAverage(self.model, decay=self.ema.decay)
         per_rank = state.get("rng_per_rank", [state["rng"]])
         restore_rng(per_rank[rank] if len(per_rank) == world_size else state["rng"])
         self.step = int(state["step"])

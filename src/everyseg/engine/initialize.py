@@ -33,7 +33,7 @@ from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
 from torchvision.ops import FrozenBatchNorm2d
 
 from everyseg.config import Config, ConfigError
-from everyseg.engine.checkpoint import load_checkpoint
+from everyseg.engine.checkpoint import inference_weights, load_checkpoint
 from everyseg.engine.run_dir import RunDir
 from everyseg.modeling.backbone import load_trunk_weights
 from everyseg.modeling.detector import torchvision_to_everyseg_state
@@ -102,7 +102,7 @@ def load_detector_from_run(
     where = f"model.init_from_run {run_dir}"
     if class_names is not None and list(state["class_names"]) != list(class_names):
         raise ValueError(f"{where}: trained on classes {state['class_names']}, not these")
-    theirs = _detector_part(state["model"])
+    theirs = _detector_part(inference_weights(state))
     ours = _detector_part(model.state_dict())
     differ = sorted(set(theirs) ^ set(ours))
     differ += [k for k in theirs.keys() & ours.keys() if theirs[k].shape != ours[k].shape]

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from everyseg.config import Config, ConfigError, from_dict
-from everyseg.engine.checkpoint import load_checkpoint
+from everyseg.engine.checkpoint import inference_weights, load_checkpoint
 from everyseg.engine.initialize import freeze_for_stage
 from everyseg.engine.run_dir import RunDir, RunRecord
 from everyseg.modeling.detector import Detector, build_model
@@ -74,7 +74,7 @@ def load_run(run_dir, *, checkpoint: str = "last", device: str = "auto") -> Load
     )
     freeze_for_stage(model, stage=cfg.train.stage)
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(inference_weights(state))
     except RuntimeError as err:  # a checkpoint edited, or written by another model
         raise ValueError(
             f"{path}: its weights do not fit the model its config builds: {err}"

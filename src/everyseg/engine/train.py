@@ -23,6 +23,7 @@ from everyseg.data.build import build_dataset
 from everyseg.data.coco import CocoInstances, collate
 from everyseg.engine import distributed
 from everyseg.engine.checkpoint import TrainingState
+from everyseg.engine.ema import WeightAverage
 from everyseg.engine.initialize import check_stage, initialize_for_training
 from everyseg.engine.load import resolve_device
 from everyseg.engine.optim import build_optimizer, build_scheduler
@@ -210,6 +211,7 @@ def _build_state(
     if fresh:  # a resumed run's checkpoint holds the pretrained trunk
         _pretrain_trunk(model, cfg, dataset, device)
     optimizer = build_optimizer(model, cfg.train)
+    decay = cfg.train.ema_decay
     return TrainingState(
         model=model,
         optimizer=optimizer,
@@ -224,6 +226,8 @@ def _build_state(
             train_instances=dataset.instances_per_class(),
             keypoints=keypoints.to_plain() if keypoints else {},
         ),
+        # after the trunk's pretraining: the average starts from the detector's first weights
+        ema=WeightAverage(model, decay=decay) if decay else None,
     )
 
 
@@ -297,6 +301,8 @@ def _take_steps(run: RunDir, state: TrainingState, cfg: Config, dataset, device,
                 step=state.step,
                 on_nonfinite=tc.on_nonfinite_loss,
             )
+            if state.ema and "skipped" not in values:
+                state.ema.update(state.model)
             state.scheduler.step()
             state.step += 1
             bar.update(1)

@@ -5,7 +5,7 @@ checkpoint by the evaluations it runs. Rank 0 alone writes (engine.distributed).
 from __future__ import annotations
 
 import json
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 
 import yaml
 
@@ -82,12 +82,14 @@ def _evaluate_and_keep_best(
     run: RunDir, state: TrainingState, cfg: Config, device, tracker: Tracker
 ) -> None:
     rng = capture_rng()  # evaluation must not change what the next training step sees
-    # every rank evaluates its share of the val set; all get the metrics
-    metrics = evaluate_loaded(state.model, cfg, state.record, device=device, progress=False)
-    classes = state.record.class_names
-    # overlays are drawn by the instance Predictor: none for an FCN run
-    overlay_model = None if "semantic" in metrics else state.model.eval()
-    tracker.evaluation(state.step, metrics, model=overlay_model, class_names=classes)
+    # the weights the finished run will predict with: the average, where it keeps one
+    with state.ema.in_place_of(state.model) if state.ema else nullcontext(state.model) as model:
+        # every rank evaluates its share of the val set; all get the metrics
+        metrics = evaluate_loaded(model, cfg, state.record, device=device, progress=False)
+        classes = state.record.class_names
+        # overlays are drawn by the instance Predictor: none for an FCN run
+        overlay_model = None if "semantic" in metrics else model.eval()
+        tracker.evaluation(state.step, metrics, model=overlay_model, class_names=classes)
     restore_rng(rng)
     state.model.train()
     # the best checkpoint: the highest mask AP, or an FCN run's mean IU (logged as such)
