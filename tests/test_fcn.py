@@ -194,6 +194,7 @@ def test_evaluate_and_predict_through_the_cli(synth_paths, tmp_path, capsys):
     sets += ["train.steps=2", "train.batch_size=2", "data.num_workers=0", "data.min_size=[64]"]
     sets += ["data.test_min_size=64", "data.max_size=64", "data.mask_classes=[circle, star]"]
     sets += ["train.eval_every=2"]  # the engine's evaluation keeps the best mean IU
+    sets += ["train.trunk_pretrain=null"]  # the preset's pretraining takes minutes
     for item in sets:
         argv += ["--set", item]
     assert main(argv) == 0
