@@ -53,6 +53,8 @@ def trainer(cfg, dataset):
             targets,
             optimizer=optimizer,
             scaler=scaler,
+            precision=cfg.train.amp,
+            accumulate=cfg.train.accumulate,
             clip_grad_norm=cfg.train.clip_grad_norm,
             step=index,
         )
