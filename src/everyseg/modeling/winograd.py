@@ -6,12 +6,13 @@ multiplications: Winograd's F(4x4, 3x3) computes each 4 x 4 output tile from a 6
 tile with 36 channel products instead of 144 (Lavin & Gray 2016). Inputs and outputs are
 transformed with scaled additions, in chunks that stay in cache; the 36 products are one
 batched matrix product. Outputs equal the direct convolution's within float rounding
-(float64 ~1e-14, float32 ~5e-6 relative; tests/test_winograd.py). F(2x2, 3x3) (16 products
-for 4 outputs) did half as well on the wide layers: on R-50-FPN's 256-channel FPN level at
-200 x 200 the direct convolution, F(2x2) and F(4x4) took 856 / 732 / 642 ms at one thread.
-Only the wide layers gain (256 channels and more), so only they are converted
-(engine/load.py's ready_for_inference, CPU only), and only maps of 64 tiles or more (32 x 32
-pixels) take Winograd's path.
+(float64 ~1e-14, float32 ~5e-6 relative; tests/test_winograd.py). At one thread, R-50-FPN's
+256-channel 3 x 3 convolution on its 200 x 264 FPN level took 649 ms direct, 607 ms by
+F(2x2, 3x3) (16 products for 4 outputs, this module before) and 499 ms by F(4x4, 3x3); on
+100 x 132: 174 / 171 / 130 ms. Only the wide layers gain (256 channels and more), so only
+they are converted (engine/load.py's ready_for_inference, CPU only), and only maps of 32 tiles
+or more (a 24 x 24 map has 36) take Winograd's path: on a mask head's 100 RoIs of 14 x 14 the
+direct convolution is the fastest (222 ms, F(2x2) 251, F(4x4) 253).
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ TILE = 4  # output pixels per tile side; a tile reads TILE + 2 input pixels
 # floats of transformed input per chunk: 4 MB keeps a chunk's tiles and products in cache
 _CHUNK_FLOATS = 1 << 20
 MIN_CHANNELS = 256
-# a map of fewer output tiles goes to the direct convolution: on small maps (a mask head's
-# 14 x 14 RoIs: 16 tiles, 31 % of them padding) the transforms cost more than the products save
-_MIN_TILES = 64
+# a map of fewer output tiles goes to the direct convolution: on a mask head's 14 x 14 RoIs
+# (16 tiles, 31 % of them padding) the transforms cost more than the products save
+_MIN_TILES = 32
 
 
 def convert_convs(model: nn.Module) -> int:
