@@ -65,8 +65,11 @@ FCOS = "model.backbone.fpn_channels=64"  # FCOS's GroupNorm(32, C): at 64 px C m
 
 
 @pytest.fixture(autouse=True)
-def _deterministic_threads():
+def _deterministic():
+    """One thread and a seeded global stream: every test draws the same numbers whichever
+    tests ran before it."""
     torch.set_num_threads(1)
+    torch.manual_seed(0)
 
 
 # --- data -----------------------------------------------------------------------------------
