@@ -47,6 +47,22 @@ def test_equals_the_direct_convolution(monkeypatch, shape, expected_chunks, bias
     assert len(chunks) == expected_chunks
 
 
+def test_chunks_grow_with_the_threads(monkeypatch):
+    """Each thread gets a chunk's worth of tiles: with 2 threads a 10 x 12-tile map is cut
+    into 2 chunks of 6 tile rows, not 4 of 3, and the output is the same."""
+    monkeypatch.setattr(winograd, "_CHUNK_FLOATS", 36 * 12 * 256 * 3)
+    chunks = _count_tiled_chunks(monkeypatch)
+    conv = _conv()
+    x = torch.randn(1, 256, 37, 45, dtype=torch.float64)
+    with torch.no_grad():
+        one_thread = WinogradConv2d(conv)(x)
+        assert len(chunks) == 4
+        torch.set_num_threads(2)  # conftest's fixture sets 1 again for the next test
+        two_threads = WinogradConv2d(conv)(x)
+    assert len(chunks) == 4 + 2
+    torch.testing.assert_close(two_threads, one_thread, rtol=1e-12, atol=1e-12)
+
+
 def test_float32_within_rounding(monkeypatch):
     chunks = _count_tiled_chunks(monkeypatch)
     conv = _conv().float()
