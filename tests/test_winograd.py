@@ -48,8 +48,9 @@ def test_equals_the_direct_convolution(monkeypatch, shape, expected_chunks, bias
 
 
 def test_chunks_grow_with_the_threads(monkeypatch):
-    """Each thread gets a chunk's worth of tiles: with 2 threads a 10 x 12-tile map is cut
-    into 2 chunks of 6 tile rows, not 4 of 3, and the output is the same."""
+    """Each thread gets a chunk's worth of tiles (up to _CHUNK_THREADS threads): with 2
+    threads a 10 x 12-tile map is cut into 2 chunks of 6 tile rows, not 4 of 3, and the
+    output is the same."""
     monkeypatch.setattr(winograd, "_CHUNK_FLOATS", 36 * 12 * 256 * 3)
     chunks = _count_tiled_chunks(monkeypatch)
     conv = _conv()
@@ -59,7 +60,10 @@ def test_chunks_grow_with_the_threads(monkeypatch):
         assert len(chunks) == 4
         torch.set_num_threads(2)  # conftest's fixture sets 1 again for the next test
         two_threads = WinogradConv2d(conv)(x)
-    assert len(chunks) == 4 + 2
+        assert len(chunks) == 4 + 2
+        monkeypatch.setattr(winograd, "_CHUNK_THREADS", 1)  # chunks stop growing past it
+        WinogradConv2d(conv)(x)
+    assert len(chunks) == 4 + 2 + 4
     torch.testing.assert_close(two_threads, one_thread, rtol=1e-12, atol=1e-12)
 
 

@@ -39,8 +39,10 @@ TILE = 4  # output pixels per tile side; a tile reads TILE + 2 input pixels
 # floats of transformed input per chunk and thread: 4 MB a core keeps a chunk's tiles and
 # products in cache, and with more threads a chunk's additions are long enough to be split
 # among them (at 2 threads, 8 MB chunks took R-50-FPN's inference from 0.64 to 0.57-0.60 of
-# torchvision's time; 16 MB 0.59-0.60, 64 MB 0.71)
+# torchvision's time; 16 MB 0.59-0.60, 32 MB 0.59, 64 MB 0.71: out of cache). Past
+# _CHUNK_THREADS threads a chunk stops growing: 16 MB is the largest measured to pay.
 _CHUNK_FLOATS = 1 << 20
+_CHUNK_THREADS = 4
 MIN_CHANNELS = 256
 # a map of fewer output tiles goes to the direct convolution: on a mask head's 14 x 14 RoIs
 # (16 tiles, 31 % of them padding) the transforms cost more than the products save
@@ -103,7 +105,7 @@ class WinogradConv2d(nn.Module):
             return F.conv2d(x, self.weight, self.bias, padding=1)
         pixels = x.permute(0, 2, 3, 1)  # (N, H, W, C_in), a view of a channels-last x
         out = x.new_empty(n, TILE * rows, TILE * cols, self.tile_weights.shape[2])
-        chunk_floats = _CHUNK_FLOATS * torch.get_num_threads()
+        chunk_floats = _CHUNK_FLOATS * min(torch.get_num_threads(), _CHUNK_THREADS)
         step = max(1, chunk_floats // (36 * cols * max(self.tile_weights.shape[1:])))
         for i in range(n):  # chunks of tile rows
             for r in range(0, rows, step):
