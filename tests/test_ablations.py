@@ -17,7 +17,8 @@ from everyseg.modeling.mask_heads import MaskHead, SoftmaxMaskHead
 from everyseg.modeling.poolers import MultiScaleRoIAlignGather, MultiScaleRoIPool
 
 SIZE = 64
-C4 = ("model.backbone.fpn=false", "model.mask_head.num_convs=0")
+# C4 runs stage 5 per RoI, which the tiny presets leave out of their FPN trunk
+C4 = ("model.backbone.fpn=false", "model.backbone.stage5=true", "model.mask_head.num_convs=0")
 SOFTMAX = ("model.mask_head.loss=softmax",)
 POOL = ("model.roi_pool=pool",)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -319,7 +320,7 @@ def test_keypoint_loss_falls_on_synthetic_shapes(make_config, make_model, synth_
     torch.manual_seed(0)
     names = dataset.index.keypoint_layout.names
     model = make_model(cfg, num_classes=15, keypoint_names=names).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9)
     losses = []
     for _ in range(25):
         out = model([image for image, _ in batch], [target for _, target in batch])
@@ -328,7 +329,9 @@ def test_keypoint_loss_falls_on_synthetic_shapes(make_config, make_model, synth_
         torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)  # as keypoints-tiny trains
         optimizer.step()
         losses.append(out["loss_keypoint"].item())
-    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+    # medians: a step whose few keypoint RoIs include a confidently wrong one spikes (to ~5-8
+    # against ~0.5 around it, with or without stage 5; a mean of five would follow the spike)
+    assert statistics.median(losses[-5:]) < 0.5 * statistics.median(losses[:5])
 
 
 def test_a_model_without_keypoint_head_has_no_keypoint_parts(make_config, make_model):
@@ -397,7 +400,11 @@ def test_a_val_set_is_read_into_the_models_keypoint_list_by_name(synth_paths):
             ("a",),
             "needs model.detector=rcnn",
         ),
-        (("model.backbone.fpn=false",), ("a",), "needs model.backbone.fpn=true"),
+        (
+            ("model.backbone.fpn=false", "model.backbone.stage5=true"),
+            ("a",),
+            "keypoint_head reads the FPN levels",
+        ),
     ],
 )
 def test_a_keypoint_head_needs_keypoints_and_rcnn(make_config, make_model, extra, names, message):

@@ -116,8 +116,10 @@ def test_set_image_then_segment_reuses_the_features(predictor, image):
 
 def test_cross_class_nms_keeps_the_best_label_of_each_object(trained_run, predictor, image):
     every = predictor(image)  # per-class NMS only: an object may carry several labels
+    # the 2-step model's 20 detections on this image overlap by at most ~0.4
+    iou = 0.3
     one_each = Predictor.from_run(
-        trained_run.root, device="cpu", score_thresh=0.0, cross_class_nms=0.5
+        trained_run.root, device="cpu", score_thresh=0.0, cross_class_nms=iou
     )(image)
     assert 0 < len(one_each) < len(every)
     kept = {tuple(box) for box in one_each.boxes.round(3).tolist()}
@@ -126,8 +128,8 @@ def test_cross_class_nms_keeps_the_best_label_of_each_object(trained_run, predic
     for i, box in enumerate(every.boxes.round(3).tolist()):
         better = torch.from_numpy(one_each.scores) > every.scores[i]
         # dropped exactly when a better-scoring kept box of any class covers it
-        assert (tuple(box) not in kept) == bool((overlaps[i][better] > 0.5).any())
+        assert (tuple(box) not in kept) == bool((overlaps[i][better] > iou).any())
     inner = one_each.boxes
-    assert (box_iou(torch.from_numpy(inner), torch.from_numpy(inner)).triu(1) <= 0.5).all()
+    assert (box_iou(torch.from_numpy(inner), torch.from_numpy(inner)).triu(1) <= iou).all()
     with pytest.raises(ValueError, match="cross_class_nms"):
         Predictor.from_run(trained_run.root, device="cpu", cross_class_nms=1.5)

@@ -118,6 +118,10 @@ class BackboneConfig:
     # false: Mask R-CNN's C4 (ResNet stages 1-4 feed a one-level RPN, RoIs pooled from C4 run
     # through stage 5 as the box and mask heads' trunk; modeling/c4.py); fpn_channels unused
     fpn: bool = True
+    # false: no ResNet stage 5; the FPN's C5 input is C4 subsampled by 2, so P2..P6 stay. For
+    # small images whose objects never need stride-32 features (the tiny presets: 0.81x a
+    # training step, 2x the trunk pretraining's rate; docs/results.md, eleventh round)
+    stage5: bool = True
 
 
 @dataclass

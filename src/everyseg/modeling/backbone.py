@@ -29,16 +29,20 @@ NORMS = {"frozen_bn": FrozenBatchNorm2d, "bn": nn.BatchNorm2d, "gn": _group_norm
 
 
 def resnet_fpn(
-    *, name: str, trainable_layers: int, norm: str, fpn_channels: int
+    *, name: str, trainable_layers: int, norm: str, fpn_channels: int, stage5: bool = True
 ) -> BackboneWithFPN:
     """A randomly initialised ResNet trunk whose C2..C5 feed an FPN with `fpn_channels`
-    outputs (P2..P6); `load_trunk_weights` puts pretrained weights in the trunk."""
+    outputs (P2..P6); `load_trunk_weights` puts pretrained weights in the trunk. Without
+    `stage5`, C5 is C4 subsampled by 2: the same five levels, no stage-5 weights."""
     trunk = resnet_trunk(name=name, trainable_layers=trainable_layers, norm=norm)
-    in_channels_stage2 = trunk.inplanes // 8
+    in_channels = [trunk.inplanes // 8 * 2 ** (k - 1) for k in range(1, 5)]
+    if not stage5:
+        trunk.layer4 = nn.MaxPool2d(kernel_size=1, stride=2)
+        in_channels[3] = in_channels[2]
     return BackboneWithFPN(
         trunk,
         return_layers={f"layer{k}": str(k - 1) for k in range(1, 5)},
-        in_channels_list=[in_channels_stage2 * 2 ** (k - 1) for k in range(1, 5)],
+        in_channels_list=in_channels,
         out_channels=fpn_channels,
     )
 
@@ -97,8 +101,14 @@ def load_trunk_weights(backbone: BackboneWithFPN | C4Backbone, *, name: str, sou
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     if isinstance(backbone, C4Backbone):
         backbone.res5.load_state_dict(_strip(state, "layer4."))
+    if isinstance(backbone, C4Backbone) or not _has_stage5(backbone.body):
         state = {k: v for k, v in state.items() if not k.startswith("layer4.")}
     backbone.body.load_state_dict(state)
+
+
+def _has_stage5(body: nn.Module) -> bool:
+    layer4 = getattr(body, "layer4", None)
+    return layer4 is not None and any(True for _ in layer4.parameters())
 
 
 def _strip(state: dict, prefix: str) -> dict:

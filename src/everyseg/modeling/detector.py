@@ -71,6 +71,11 @@ def build_model(
     if cfg.kind == "fcn":
         return build_fcn(cfg, num_classes=num_classes, transform=transform)
     b = cfg.backbone
+    if not b.fpn and not b.stage5:
+        raise ConfigError(
+            "model.backbone.stage5=false needs model.backbone.fpn=true: C4's RoI heads are "
+            "stage 5 (with fpn=false set stage5=true; the tiny presets leave it out)"
+        )
     if not b.fpn and cfg.detector != "rcnn":
         raise ConfigError(
             f"model.backbone.fpn=false (C4) is Mask R-CNN's: it needs model.detector=rcnn, "
@@ -82,6 +87,7 @@ def build_model(
             trainable_layers=b.trainable_layers,
             norm=b.norm,
             fpn_channels=b.fpn_channels,
+            stage5=b.stage5,
         )
         if b.fpn
         else resnet_c4(name=b.name, trainable_layers=b.trainable_layers, norm=b.norm)

@@ -152,7 +152,11 @@ def build_fcn(cfg: ModelConfig, *, num_classes: int, transform: nn.Module) -> FC
     b = cfg.backbone
     # resnet_fpn checks and freezes the trunk; its FPN is not used here
     with_fpn = resnet_fpn(
-        name=b.name, trainable_layers=b.trainable_layers, norm=b.norm, fpn_channels=8
+        name=b.name,
+        trainable_layers=b.trainable_layers,
+        norm=b.norm,
+        fpn_channels=8,
+        stage5=b.stage5,
     )
     _, c3, c4, c5 = (block[0].in_channels for block in with_fpn.fpn.inner_blocks)
     backbone = ResNetStages(body=with_fpn.body, channels={8: c3, 16: c4, 32: c5})
