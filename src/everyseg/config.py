@@ -119,8 +119,8 @@ class BackboneConfig:
     # through stage 5 as the box and mask heads' trunk; modeling/c4.py); fpn_channels unused
     fpn: bool = True
     # false: no ResNet stage 5; the FPN's C5 input is C4 subsampled by 2, so P2..P6 stay. For
-    # small images whose objects never need stride-32 features (the tiny presets: 0.81x a
-    # training step, 2x the trunk pretraining's rate; docs/results.md, eleventh round)
+    # small images whose objects never need stride-32 features (the tiny presets: 0.70-0.79x
+    # a training step, 0.49x the trunk pretraining's time; docs/results.md, eleventh round)
     stage5: bool = True
 
 
