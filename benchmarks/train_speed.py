@@ -29,7 +29,7 @@ from everyseg.config import load_config
 from everyseg.data.build import build_dataset
 from everyseg.data.coco import collate
 from everyseg.data.synthetic import generate
-from everyseg.engine.train import to_device
+from everyseg.engine.train import to_device, training_layout
 from everyseg.modeling.detector import build_model, from_torchvision
 
 
@@ -90,7 +90,8 @@ def profile_step(cfg, dataset, device) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     torch.manual_seed(0)
-    model = from_torchvision(torchvision_twin(cfg, len(dataset.class_names) + 1)).to(device)
+    twin = torchvision_twin(cfg, len(dataset.class_names) + 1)
+    model = training_layout(from_torchvision(twin).to(device), device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9)
     batch = cfg.train.batch_size
     items = [dataset[(i, 0)] for i in range(batch)]
@@ -105,7 +106,9 @@ def measure(cfg, dataset, *, steps: int, warmup: int, device) -> tuple[float, fl
     torch.manual_seed(0)
     tv = torchvision_twin(cfg, len(dataset.class_names) + 1)
     ours = from_torchvision(tv)
-    models = {"torchvision": tv.to(device).train(), "everyseg": ours.to(device).train()}
+    # everyseg's model as its training engine runs it (engine/train.py's training_layout)
+    ours = training_layout(ours.to(device), device)
+    models = {"torchvision": tv.to(device).train(), "everyseg": ours.train()}
     optimizers = {
         k: torch.optim.SGD(m.parameters(), lr=0.005, momentum=0.9) for k, m in models.items()
     }
