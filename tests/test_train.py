@@ -1,5 +1,6 @@
 """Training loop: exact resume, checkpoints, logs, schedules, step-indexed sampling."""
 
+import copy
 import json
 import math
 
@@ -140,3 +141,30 @@ def test_run_buckets_classes_by_their_training_instances(trained_run, synth_path
     for name, bucket in metrics["class_frequency"].items():
         assert bucket == ("r" if counts[name] <= 10 else "c" if counts[name] <= 100 else "f")
     assert set(metrics["segm"]["by_frequency"]) <= {"r", "c", "f"}
+
+
+def test_cpu_training_runs_in_channels_last_layout_with_the_same_step(
+    trained_run, tiny_cfg, make_model, partial_target
+):
+    # the engine trained the run's convolutions channels-last (the checkpoint keeps strides)
+    conv = _weights(trained_run)["backbone.body.conv1.weight"]  # (64, 3, 7, 7)
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    assert not conv.is_contiguous()
+    # and one training step in that layout is the default layout's within float rounding
+    torch.manual_seed(0)
+    default = make_model(tiny_cfg, num_classes=3).train()
+    laid_out = train_module.training_layout(copy.deepcopy(default), torch.device("cpu"))
+    image = torch.rand(3, 64, 64)
+    updated = []
+    for model in (default, laid_out):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        torch.manual_seed(1)  # the same RoI sampling
+        losses = model([image], [dict(partial_target)])
+        sum(losses.values()).backward()
+        optimizer.step()
+        updated.append((losses, dict(model.named_parameters())))
+    (losses_a, params_a), (losses_b, params_b) = updated
+    for name, loss in losses_a.items():
+        torch.testing.assert_close(losses_b[name], loss, rtol=1e-4, atol=1e-5)
+    for name, param in params_a.items():
+        torch.testing.assert_close(params_b[name], param, rtol=1e-4, atol=1e-5, msg=name)

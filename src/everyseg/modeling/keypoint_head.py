@@ -29,7 +29,9 @@ def keypoint_loss(logits: Tensor, rois: Tensor, keypoints: Tensor) -> Tensor:
     still gets a (zero) gradient.
     """
     matched = torch.arange(len(rois), device=rois.device)
-    return keypointrcnn_loss(logits, [rois], [keypoints], [matched])
+    # torchvision's loss views the logits flat, which a channels-last layout (training on a
+    # CPU, engine/train.py's training_layout) does not allow
+    return keypointrcnn_loss(logits.contiguous(), [rois], [keypoints], [matched])
 
 
 class KeypointBranch(nn.Module):
