@@ -25,8 +25,8 @@ def run_demo(out: Path, *, steps: int, num_train: int, num_val: int) -> dict:
     start = time.perf_counter()
     paths = generate(out / "data", num_train=num_train, num_val=num_val, size=128, seed=0)
     overrides = [f"data.{key}={value}" for key, value in paths.items()]
-    # under half the preset's schedule: the whole demo takes 12 minutes on the slower of the
-    # 2-core machines measured (README), for box AP ~30 (~51 at the preset's 2,300 steps)
+    # under half the preset's schedule: the whole demo takes under 10 minutes on the slower of
+    # the 2-core machines measured (README), for box AP ~30 (~51 at the preset's 2,300 steps)
     overrides.append(f"train.steps={steps}")
     cfg = with_absolute_paths(load_config(DEMO_PRESET, overrides))
     run = RunDir(out / "run")
