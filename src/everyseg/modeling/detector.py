@@ -20,6 +20,7 @@ from everyseg.modeling.mask_heads.fcn import FCNFeatures
 from everyseg.modeling.poolers import with_gather
 from everyseg.modeling.rcnn import RCNN, build_rcnn
 from everyseg.modeling.roi_heads import PartialMaskRoIHeads
+from everyseg.modeling.rpn import like_torchvision
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -160,7 +161,8 @@ def from_torchvision(tv_model: MaskRCNN) -> RCNN:
         detections_per_img=heads.detections_per_img,
     )
     roi_heads.box_coder = heads.box_coder
-    return RCNN(backbone=tv.backbone, rpn=tv.rpn, roi_heads=roi_heads, transform=tv.transform)
+    rpn = like_torchvision(tv.rpn)
+    return RCNN(backbone=tv.backbone, rpn=rpn, roi_heads=roi_heads, transform=tv.transform)
 
 
 def torchvision_to_everyseg_state(tv_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
-from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+from torchvision.models.detection.rpn import RPNHead
 
 from everyseg.config import ModelConfig
 from everyseg.modeling.backbone import FPN_LEVELS, C4Backbone
@@ -22,6 +22,7 @@ from everyseg.modeling.mask_heads import build_mask_head, build_mask_predictor
 from everyseg.modeling.paste import unpasted
 from everyseg.modeling.poolers import build_roi_pooler
 from everyseg.modeling.roi_heads import PartialMaskRoIHeads
+from everyseg.modeling.rpn import ProposalNetwork
 
 
 class RCNN(GeneralizedRCNN):
@@ -102,12 +103,12 @@ def build_rcnn(
     )
 
 
-def _build_rpn(cfg: ModelConfig, channels: int, *, one_level: bool) -> RegionProposalNetwork:
+def _build_rpn(cfg: ModelConfig, channels: int, *, one_level: bool) -> ProposalNetwork:
     r = cfg.rpn
     # one anchor size per FPN level, or all of them on C4's one map
     sizes = (tuple(r.anchor_sizes),) if one_level else tuple((s,) for s in r.anchor_sizes)
     anchors = AnchorGenerator(sizes=sizes, aspect_ratios=(tuple(r.aspect_ratios),) * len(sizes))
-    return RegionProposalNetwork(
+    return ProposalNetwork(
         anchors,
         RPNHead(channels, anchors.num_anchors_per_location()[0]),
         r.fg_iou_thresh,

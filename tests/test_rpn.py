@@ -1,0 +1,122 @@
+"""everyseg's RPN filters its proposals to exactly torchvision's, suppressing fewer boxes when
+the best ones already give enough."""
+
+import pytest
+import torch
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+from torchvision.ops import boxes as box_ops
+
+from everyseg.modeling import rpn as everyseg_rpn
+from everyseg.modeling.rpn import ProposalNetwork, like_torchvision
+
+LEVELS = [3072, 768, 192, 48]  # a 128 px image's anchors on 4 FPN levels, 3 ratios each
+SIZE = 128
+
+
+def _torchvision_rpn(pre: int, post: int) -> RegionProposalNetwork:
+    anchors = AnchorGenerator(sizes=((16,), (32,), (64,), (128,)), aspect_ratios=((0.5, 1, 2),) * 4)
+    return RegionProposalNetwork(
+        anchors, RPNHead(8, 3), 0.7, 0.3, 256, 0.5, dict(training=pre, testing=pre),
+        dict(training=post, testing=post), 0.7,
+    )  # fmt: skip
+
+
+def _candidates(kind: str, images: int = 3, seed: int = 0):
+    """(B, A, 4) proposals and (B * A, 1) objectness logits: boxes spread over the image
+    (as from random weights, few suppress each other) or around 3 objects (as from a
+    trained RPN, most suppressed); scores continuous or on a few values (ties)."""
+    g = torch.Generator().manual_seed(seed)
+    total = sum(LEVELS)
+    if kind.startswith("clustered"):
+        objects = torch.rand(images, 3, 2, generator=g) * 80 + 24
+        pick = torch.randint(0, 3, (images, total), generator=g)
+        centres = (
+            objects[torch.arange(images)[:, None], pick]
+            + torch.randn(images, total, 2, generator=g) * 3
+        )
+        sizes = 30 + torch.randn(images, total, 2, generator=g) * 3
+    else:
+        centres = torch.rand(images, total, 2, generator=g) * SIZE
+        sizes = torch.rand(images, total, 2, generator=g) * 40 + 4
+    proposals = torch.cat([centres - sizes / 2, centres + sizes / 2], dim=2)
+    logits = torch.randn(images * total, 1, generator=g) * 2
+    if kind.endswith("ties"):
+        logits = logits.round()
+    return proposals, logits
+
+
+@pytest.mark.parametrize("kind", ["spread", "spread ties", "clustered", "clustered ties"])
+@pytest.mark.parametrize("pre,post", [(600, 300), (300, 100), (200, 150)])
+def test_proposals_equal_torchvision(kind, pre, post, monkeypatch):
+    torchvision_rpn = _torchvision_rpn(pre, post)
+    ours = like_torchvision(torchvision_rpn)
+    assert isinstance(ours, ProposalNetwork)
+    proposals, logits = _candidates(kind)
+    shapes = [(SIZE, SIZE), (SIZE - 20, SIZE), (SIZE, SIZE - 9)]
+    if kind.endswith("ties"):
+        monkeypatch.setattr(box_ops, "batched_nms", _ties_in_index_order(box_ops.batched_nms))
+    expected = torchvision_rpn.filter_proposals(proposals, logits, shapes, LEVELS)
+    suppressed = []
+    nms = everyseg_rpn.nms
+
+    def recording(boxes, scores, threshold):
+        suppressed.append(len(boxes))
+        return nms(boxes, scores, threshold)
+
+    monkeypatch.setattr(everyseg_rpn, "nms", recording)
+    got = ours.filter_proposals(proposals, logits, shapes, LEVELS)
+    for got_part, expected_part in zip(got, expected):
+        for g, e in zip(got_part, expected_part):
+            assert torch.equal(g, e)
+    if kind.startswith("spread"):  # few suppressed: `post` survive
+        assert [len(b) for b in got[0]] == [post] * 3
+    if kind == "spread" and pre == 600:  # 1,440 boxes, level by level: fewer
+        assert 0 < sum(suppressed) < 3 * 1440 / 2
+
+
+def _ties_in_index_order(batched_nms):
+    """torchvision's batched_nms with boxes of equal score in index order: its own final
+    sort is unstable, so their order, and which of them a count keeps, is chance."""
+
+    def ordered(boxes, scores, idxs, threshold):
+        keep = batched_nms(boxes, scores, idxs, threshold).sort().values
+        return keep[scores[keep].sort(descending=True, stable=True)[1]]
+
+    return ordered
+
+
+def test_small_candidate_sets_take_torchvision_s_batched_nms(monkeypatch):
+    """Up to 1,000 boxes torchvision suppresses all levels at once (its coordinate trick,
+    with its own rounding): everyseg then calls that very function."""
+    calls = []
+    batched = everyseg_rpn.batched_nms
+
+    def recording(*args):
+        calls.append(len(args[0]))
+        return batched(*args)
+
+    monkeypatch.setattr(everyseg_rpn, "batched_nms", recording)
+    torchvision_rpn = _torchvision_rpn(200, 100)
+    proposals, logits = _candidates("spread", images=1)
+    levels = [100, 400, 300, 3072 + 768 + 192 + 48 - 800]
+    expected = torchvision_rpn.filter_proposals(proposals, logits, [(SIZE, SIZE)], levels)
+    got = like_torchvision(torchvision_rpn).filter_proposals(
+        proposals, logits, [(SIZE, SIZE)], levels
+    )
+    assert calls and calls[0] <= 1000
+    assert torch.equal(got[0][0], expected[0][0]) and torch.equal(got[1][0], expected[1][0])
+
+
+def test_under_tracing_torchvision_s_code_runs(monkeypatch):
+    torchvision_rpn = _torchvision_rpn(600, 300)
+    ours = like_torchvision(torchvision_rpn)
+    monkeypatch.setattr(torch.jit, "is_tracing", lambda: True)
+    monkeypatch.setattr(
+        everyseg_rpn, "nms_top", lambda *a, **k: pytest.fail("everyseg's NMS under tracing")
+    )
+    proposals, logits = _candidates("spread", images=1)
+    got = ours.filter_proposals(proposals, logits, [(SIZE, SIZE)], LEVELS)
+    expected = torchvision_rpn.filter_proposals(proposals, logits, [(SIZE, SIZE)], LEVELS)
+    assert torch.equal(got[0][0], expected[0][0])
+    assert box_ops.box_area(got[0][0]).min() > 0
