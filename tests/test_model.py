@@ -10,6 +10,7 @@ from everyseg.config import load_config
 from everyseg.engine.initialize import initialize_for_training
 from everyseg.modeling.detector import from_torchvision
 from everyseg.modeling.losses import mask_bce_loss
+from everyseg.modeling.mask_heads.base import SubpixelFeatures
 
 SIZE = 64
 
@@ -119,6 +120,33 @@ def test_class_specific_head_selects_the_labels_channel(make_config, make_model)
     all_channels = head.predictor.conv(head.features(features))  # (R, K, M, M)
     labels = torch.tensor([3, 1, 2])
     assert torch.equal(head(features, labels), all_channels[torch.arange(3), labels])
+
+
+@pytest.mark.parametrize("agnostic", [False, True])
+def test_training_head_reads_the_deconv_before_its_shuffle(make_config, make_model, agnostic):
+    """Training on a CPU, the FCN head's deconv and per-class 1x1 conv run as matrix
+    products in subpixel order (mask_heads/base.py): the logits and every gradient equal
+    the plain layers' within float rounding, channels-last and empty inputs included."""
+    cfg = make_config(f"model.mask_head.class_agnostic={str(agnostic).lower()}")
+    head = make_model(cfg, num_classes=4).roi_heads.mask_head.train()
+    assert isinstance(head.features, SubpixelFeatures)
+    torch.nn.init.normal_(head.predictor.conv.weight, std=0.1)  # logits far from 0
+    plain = head.predictor.class_logits
+    for layout in (torch.contiguous_format, torch.channels_last):
+        head.to(memory_format=layout)
+        for rois in (6, 0):
+            features = torch.rand(rois, 16, 7, 7).to(memory_format=layout).requires_grad_()
+            labels = torch.tensor([1, 2, 3, 1, 2, 3])[:rois]
+            got = head(features, labels)  # (R, 14, 14)
+            all_classes = plain(head.features(features))  # (R, K + 1 or 1, 14, 14)
+            expected = all_classes[torch.arange(rois), 0 if agnostic else labels]
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+            if rois:
+                inputs = [features, *head.parameters()]
+                got_grads = torch.autograd.grad((got**2).sum(), inputs)
+                expected_grads = torch.autograd.grad((expected**2).sum(), inputs)
+                for g, e in zip(got_grads, expected_grads):
+                    torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
 
 
 def test_eval_outputs_masks_in_image_size(make_model, tiny_cfg):

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from torch import nn
+from torch import Tensor, nn
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 
-from everyseg.modeling.mask_heads.base import MaskHead
+from everyseg.modeling.mask_heads.base import MaskHead, SubpixelFeatures
 
 
-class FCNFeatures(nn.Module):
-    """(R, C, S, S) -> (R, D, 2S, 2S): torchvision's conv stack, then the upsampling deconv."""
+class FCNFeatures(SubpixelFeatures):
+    """(R, C, S, S) -> (R, D, 2S, 2S): torchvision's conv stack, then the upsampling deconv
+    (kernel 2, stride 2)."""
 
     def __init__(self, *, convs: nn.Module, upsample: nn.ConvTranspose2d) -> None:
         super().__init__()
@@ -19,8 +20,19 @@ class FCNFeatures(nn.Module):
         self.upsample = upsample
         self.relu = nn.ReLU(inplace=True)
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         return self.relu(self.upsample(self.convs(x)))
+
+    def subpixel_rows(self, x: Tensor) -> Tensor:
+        x = self.convs(x)  # (R, C, S, S)
+        num_rois, channels, side, _ = x.shape
+        weight = self.upsample.weight  # (C, D, 2, 2)
+        pixels = x.permute(0, 2, 3, 1).reshape(num_rois, side * side, channels)
+        products = pixels @ weight.permute(0, 2, 3, 1).reshape(channels, -1)  # (R, S S, 4 D)
+        rows = products.view(num_rois, 4 * side * side, weight.shape[1])
+        if self.upsample.bias is not None:
+            rows = rows + self.upsample.bias
+        return rows.relu()
 
 
 def build_fcn_head(
