@@ -1,8 +1,9 @@
 """Time per training step: everyseg's Mask R-CNN against torchvision's MaskRCNN.
 
 Both models are built with the same sizes from one everyseg config and start from the same
-weights (everyseg's is `from_torchvision(tv)`); they train on the same batches, alternating
-step by step so both see the same machine load. Two settings: every instance has a mask
+weights (everyseg's is `from_torchvision(tv)`, laid out and optimised as everyseg's engine
+does); they train on the same batches, alternating step by step so both see the same machine
+load. Two settings: every instance has a mask
 (identical work expected) and half the classes box-only (everyseg runs the mask head only on
 RoIs with a mask; torchvision has no notion of it and trains their empty masks as background).
 
@@ -16,6 +17,7 @@ The last line prints the ratios (everyseg time / torchvision time; below 1 is fa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import tempfile
 import time
@@ -29,6 +31,7 @@ from everyseg.config import load_config
 from everyseg.data.build import build_dataset
 from everyseg.data.coco import collate
 from everyseg.data.synthetic import generate
+from everyseg.engine.optim import build_optimizer
 from everyseg.engine.train import to_device, training_layout
 from everyseg.modeling.detector import build_model, from_torchvision
 
@@ -65,6 +68,25 @@ def torchvision_pooler(pooler: MultiScaleRoIAlign) -> MultiScaleRoIAlign:
     return MultiScaleRoIAlign(pooler.featmap_names, pooler.output_size, pooler.sampling_ratio)
 
 
+def optimizers_of(cfg, models: dict[str, torch.nn.Module]) -> dict[str, torch.optim.Optimizer]:
+    """Each library's SGD with the same settings (a learning rate that does not diverge from
+    random weights): everyseg's engine builds its own (engine/optim.py: torch's fused
+    kernel), torchvision's reference scripts call torch.optim.SGD as it comes."""
+    settings = dataclasses.replace(cfg.train, optimizer="sgd", lr=0.005)
+    optimizers = {}
+    for name, model in models.items():
+        if name == "everyseg":
+            optimizers[name] = build_optimizer(model, settings)
+        else:
+            optimizers[name] = torch.optim.SGD(
+                model.parameters(),
+                lr=settings.lr,
+                momentum=settings.momentum,
+                weight_decay=settings.weight_decay,
+            )
+    return optimizers
+
+
 def timed_step(model, optimizer, images, targets, device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -92,7 +114,7 @@ def profile_step(cfg, dataset, device) -> None:
     torch.manual_seed(0)
     twin = torchvision_twin(cfg, len(dataset.class_names) + 1)
     model = training_layout(from_torchvision(twin).to(device), device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9)
+    optimizer = optimizers_of(cfg, {"everyseg": model})["everyseg"]
     batch = cfg.train.batch_size
     items = [dataset[(i, 0)] for i in range(batch)]
     images, targets = to_device(*collate(items), device)
@@ -109,9 +131,7 @@ def measure(cfg, dataset, *, steps: int, warmup: int, device) -> tuple[float, fl
     # everyseg's model as its training engine runs it (engine/train.py's training_layout)
     ours = training_layout(ours.to(device), device)
     models = {"torchvision": tv.to(device).train(), "everyseg": ours.train()}
-    optimizers = {
-        k: torch.optim.SGD(m.parameters(), lr=0.005, momentum=0.9) for k, m in models.items()
-    }
+    optimizers = optimizers_of(cfg, models)
     times = {k: [] for k in models}
     batch = cfg.train.batch_size
     for step in range(warmup + steps):

@@ -1,3 +1,4 @@
+import copy
 import dataclasses
 import typing
 from typing import Literal
@@ -206,6 +207,32 @@ def test_sgd_is_unchanged_one_group_all_parameters_decay():
     assert type(build_optimizer(model, cfg.train)) is torch.optim.SGD
     assert group["params"] == list(model.parameters())
     assert group["weight_decay"] == cfg.train.weight_decay and group["momentum"] == 0.9
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_optimizers_take_torch_s_fused_kernels_to_the_same_steps(name):
+    cfg = load_config("maskrcnn-tiny", [f"train.optimizer={name}", "train.lr=0.01"])
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.GroupNorm(2, 4))
+    twin = copy.deepcopy(model)
+    fused = build_optimizer(model, cfg.train)
+    assert all(group["fused"] for group in fused.param_groups)
+    twin_of = dict(zip(model.parameters(), twin.parameters()))
+    loop = type(fused)(
+        [
+            {**g, "params": [twin_of[p] for p in g["params"]], "fused": None, "foreach": False}
+            for g in fused.param_groups
+        ]
+    )
+    for _ in range(3):
+        for p, q in twin_of.items():
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        fused.step()
+        loop.step()
+    for p, q in twin_of.items():
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        assert not torch.equal(p, q.new_zeros(q.shape))
 
 
 def test_bogus_optimizer_is_a_config_error_at_load():
