@@ -11,8 +11,9 @@ import torch
 from torch.nn.functional import interpolate
 from torchvision.models.detection.roi_heads import paste_masks_in_image, project_masks_on_boxes
 
+from everyseg.data import compact_masks
 from everyseg.data.coco import CocoInstances
-from everyseg.data.compact_masks import CompactMasks, compact, to_coco
+from everyseg.data.compact_masks import CompactMasks, batch_targets, compact, to_coco
 from everyseg.data.transforms import hflip
 from everyseg.modeling.mask_branch import jitter_boxes
 
@@ -32,9 +33,9 @@ def _torchvision_targets(masks, boxes, idxs, image_size):
 def _rois(target, image_size, rng_seed):
     """Boxes around every masked instance (exact and jittered) in an image resized to
     image_size, and the instances they belong to."""
-    compact_masks = target["compact_masks"]
+    masks = target["compact_masks"]
     h, w = image_size
-    scale = torch.tensor([w / compact_masks.width, h / compact_masks.height] * 2)
+    scale = torch.tensor([w / masks.width, h / masks.height] * 2)
     keep = torch.where(target["has_mask"])[0]
     boxes = target["boxes"][keep] * scale
     torch.manual_seed(rng_seed)
@@ -65,10 +66,10 @@ def test_targets_equal_torchvision_targets_from_dense_masks(synth_paths, scale):
     assert 20 <= sum(kinds) <= len(kinds) - 20  # both polygons and RLE were compared
 
 
-def test_targets_at_image_borders_and_off_grid_vertices():
-    """Polygons with vertices outside the image and off pycocotools' fifth-of-a-pixel grid
-    (left of and above each crop, where its truncating cast rounds up), RoIs over the image's
-    borders, thinner than a pixel, and a flipped image: still torchvision's targets."""
+def _border_case():
+    """A 37 x 53 image's polygons with vertices outside the image and off pycocotools'
+    fifth-of-a-pixel grid (left of and above each crop, where its truncating cast rounds
+    up), an RLE, and RoIs over the image's borders and thinner than a pixel."""
     height, width = 37, 53
     polygons = [
         [[-3.37, -2.11, 20.93, 1.07, 14.41, 30.77, 0.33, 36.58]],
@@ -91,7 +92,13 @@ def test_targets_at_image_borders_and_off_grid_vertices():
         ]
     )
     idxs = torch.tensor([0, 0, 0, 1, 1, 2, 2])
-    unflipped = CompactMasks(segms, height=height, width=width)
+    return CompactMasks(segms, height=height, width=width), boxes, idxs
+
+
+def test_targets_at_image_borders_and_off_grid_vertices():
+    """_border_case's instances, at three scales and flipped: still torchvision's targets."""
+    unflipped, boxes, idxs = _border_case()
+    height, width = unflipped.height, unflipped.width
     for scale in (0.7, 1.0, 1.37):
         size = (round(height * scale), round(width * scale))
         rois = boxes * scale
@@ -100,6 +107,38 @@ def test_targets_at_image_borders_and_off_grid_vertices():
             expected = _torchvision_targets(masks, rois, idxs, size)
             torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
             assert ((got > 0) & (got < 1)).any()  # soft values, as torchvision's
+
+
+@pytest.mark.parametrize("dense_floats", [compact_masks.DENSE_FLOATS, 0])
+def test_batch_targets_equal_torchvision_targets_image_by_image(
+    synth_paths, monkeypatch, dense_floats
+):
+    """A batch of images of other sizes, scales and flips: all RoIs cut at once from the
+    masks drawn whole (or, over DENSE_FLOATS, image by image from crops) give torchvision's
+    targets of each image, in order."""
+    monkeypatch.setattr(compact_masks, "DENSE_FLOATS", dense_floats)
+    dataset = CocoInstances(
+        json_path=synth_paths["train_json"],
+        images_dir=synth_paths["train_images"],
+        train=True,
+        hflip_prob=0.5,
+    )
+    border_masks, border_rois, border_idxs = _border_case()
+    batch = [(border_masks.hflip(), border_rois * 1.37, border_idxs, (51, 73))]
+    for i, scale in enumerate((0.875, 1.5, 1.0)):
+        image, target = dataset[(i, i)]
+        size = (round(image.shape[1] * scale), round(image.shape[2] * scale))
+        boxes, idxs = _rois(target, size, rng_seed=i)
+        batch.append((target["compact_masks"], boxes, idxs, size))
+    batch.append((border_masks, border_rois, border_idxs, (37, 53)))
+    masks, boxes, idxs, sizes = zip(*batch)
+    got = batch_targets(masks, boxes, idxs, resolution=M, image_sizes=sizes)
+    expected = torch.cat([_torchvision_targets(*item) for item in batch])
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+    assert ((got > 0) & (got < 1)).any()
+    empty = [torch.zeros(0, 4)], [torch.zeros(0, dtype=torch.int64)]
+    none = batch_targets(masks[:1], *empty, resolution=M, image_sizes=sizes[:1])
+    assert none.shape == (0, M, M)
 
 
 def test_polygons_are_drawn_on_the_rois_crop_only(monkeypatch):

@@ -9,7 +9,10 @@ the image by nearest neighbour), to float rounding: detectron2's way, a polygon 
 straight at M x M, gave binary targets half a resized pixel off torchvision's at the rescaled
 training sizes and cost ~2 mask AP on the demo. Per instance only the pixels its RoIs read
 are drawn (a polygon on that crop alone, an RLE decoded whole and cut), resized and cut with
-RoIAlign; memory is one instance's crop at a time (tests/test_compact_masks.py).
+RoIAlign; memory is one instance's crop at a time (tests/test_compact_masks.py). Small images
+(a batch's RoIs x its largest image within DENSE_FLOATS) draw their masks whole and cut all
+RoIs of the batch in one batched product instead (`batch_targets`): the same targets, without
+a Python loop over instances.
 
 Per instance the compact form (`Segm`) is a tuple of float64 polygon arrays (x0, y0, x1, y1,
 ... in image pixels; float64 so that `to_coco` gives back the JSON's numbers exactly) or the
@@ -25,13 +28,19 @@ import numpy as np
 import pycocotools.mask as mask_utils
 import torch
 from torch import Tensor
-from torch.nn.functional import interpolate
+from torch.nn.functional import interpolate, pad
 from torchvision.ops import roi_align
 
 from everyseg.data.segmentation import RLE, to_rle
+from everyseg.modeling.roi_align import axis_weights
 
 Polygons = tuple[np.ndarray, ...]  # each (2P,) float64: x0, y0, x1, y1, ...
 Segm = Polygons | bytes  # bytes: compressed RLE counts of a mask the image's size
+# Up to this many floats (16 MB) a batch's RoIs read their instances' masks drawn whole,
+# all images at once (`batch_targets`): a maskrcnn-tiny step's targets in 7.1 ms instead of
+# 14.8 (4 images of 128 px, 2 threads); a COCO-sized image (1M pixels) takes crops from 4
+# RoIs on
+DENSE_FLOATS = 2**22
 
 
 def compact(segm: list | dict, *, height: int, width: int) -> Segm:
@@ -162,6 +171,80 @@ class CompactMasks:
         if missing:
             raise ValueError(f"instances {missing} are box-only: they have no mask to cut")
         return cast(list[Segm], segms)
+
+
+def batch_targets(
+    masks: Sequence[CompactMasks],
+    boxes: Sequence[Tensor],
+    idxs: Sequence[Tensor],
+    *,
+    resolution: int,
+    image_sizes: Sequence[tuple[int, int]],
+) -> Tensor:
+    """(R, M, M): every image's `crop_and_resize` targets, concatenated in image order.
+
+    When the batch's RoIs x its largest image fit DENSE_FLOATS, the masks are drawn whole
+    and all RoIs cut at once: RoIAlign of a nearest-resized mask is a product of separable
+    weights, (M, h) @ mask (h, w) @ (w, M), whose resize folds into the weights (the
+    source pixel each resized one reads), so it runs on the masks as drawn, zero-padded to
+    one size (padding has weight 0). Otherwise each image takes its crops."""
+    device = boxes[0].device if boxes else torch.device("cpu")
+    num_rois = sum(len(b) for b in boxes)
+    height = max((m.height for m in masks), default=0)
+    width = max((m.width for m in masks), default=0)
+    if num_rois == 0:
+        return torch.zeros(0, resolution, resolution, device=device)
+    if num_rois * height * width > DENSE_FLOATS:
+        crops = zip(masks, boxes, idxs, image_sizes)
+        return torch.cat(
+            [m.crop_and_resize(b, i, resolution=resolution, image_size=s) for m, b, i, s in crops]
+        )
+    planes: list[Tensor] = []  # (I_k, H, W) uint8: image k's instances, drawn and padded
+    positions: list[Tensor] = []  # (R_k,): each RoI's instance among all images'
+    row_maps: list[Tensor] = []  # (h_k,): the drawn row each resized row reads
+    col_maps: list[Tensor] = []
+    for m, i, size in zip(masks, idxs, image_sizes):
+        instances, position = i.cpu().unique(return_inverse=True)
+        positions.append(position + sum(len(p) for p in planes))
+        drawn = decode(m._masked(instances.tolist()), height=m.height, width=m.width)
+        planes.append(pad(drawn, (0, width - m.width, 0, height - m.height)))
+        row_maps.append(_nearest_sources(m.height, size[0]))
+        cols = _nearest_sources(m.width, size[1])
+        col_maps.append(m.width - 1 - cols if m.flipped else cols)
+    rois = torch.cat(list(boxes)).detach().float()  # (R, 4)
+    length = rois[:, 2:] - rois[:, :2]
+    counts = torch.tensor([len(b) for b in boxes])
+    sizes = torch.tensor(list(image_sizes)).repeat_interleave(counts, dim=0).to(device)
+    rows = _on_sources(
+        axis_weights(rois[:, 1], length[:, 1], bins=resolution, size=sizes[:, 0]),
+        row_maps,
+        counts,
+        pixels=height,
+    )  # (R, M, H)
+    cols = _on_sources(
+        axis_weights(rois[:, 0], length[:, 0], bins=resolution, size=sizes[:, 1]),
+        col_maps,
+        counts,
+        pixels=width,
+    )  # (R, M, W)
+    # index_select: ~7x faster than advanced indexing on a CPU
+    drawn_all = torch.cat(planes).to(device, torch.float32)  # (I, H, W)
+    read = drawn_all.index_select(0, torch.cat(positions).to(device))  # (R, H, W)
+    return rows @ read @ cols.transpose(1, 2)  # (R, M, M)
+
+
+def _on_sources(
+    weights: Tensor, source_maps: Sequence[Tensor], counts: Tensor, *, pixels: int
+) -> Tensor:
+    """(R, M, n) weights on a resized image's pixels -> (R, M, pixels) on the pixels of
+    the image as drawn that they read; source_maps[k]: image k's source pixel of each
+    resized one, counts (K,): its RoIs."""
+    out = weights.new_zeros(len(weights), weights.shape[1], pixels)
+    for part, target, sources in zip(
+        weights.split(counts.tolist()), out.split(counts.tolist()), source_maps
+    ):
+        target.index_add_(2, sources.to(weights.device), part[:, :, : len(sources)])
+    return out
 
 
 def _nearest_sources(size: int, resized: int) -> Tensor:

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection.roi_heads import project_masks_on_boxes
 
+from everyseg.data.compact_masks import batch_targets
 from everyseg.modeling.mask_heads import MaskHead
 
 MASK_ROIS = ("proposals", "gt", "both")
@@ -32,15 +33,35 @@ def mask_training_loss(
     ground-truth instances (all with a mask) they cut their M x M targets from."""
     rois = [boxes for boxes, _ in crops]
     labels = torch.cat([t["labels"][idxs] for t, (_, idxs) in zip(targets, crops)])  # (R,)
-    mask_targets = torch.cat(
+    mask_targets = batch_mask_targets(targets, crops, image_shapes, resolution=resolution)
+    roi_features = roi_pool(features, rois, image_shapes)  # (R, C, S, S)
+    logits = head(roi_features, labels)  # (R, M, M), or (R, K + 1, M, M) for softmax
+    return head.loss(logits, mask_targets, labels)
+
+
+def batch_mask_targets(
+    targets: list[dict],
+    crops: list[tuple[Tensor, Tensor]],
+    image_shapes: list[tuple[int, int]],
+    *,
+    resolution: int,
+) -> Tensor:
+    """(R, M, M) targets of every image's crops, in order: all images at once when the
+    loader sent compact masks (data/compact_masks.py's batch_targets), else image by image."""
+    if targets and all("compact_masks" in t for t in targets):
+        return batch_targets(
+            [t["compact_masks"] for t in targets],
+            [boxes for boxes, _ in crops],
+            [idxs for _, idxs in crops],
+            resolution=resolution,
+            image_sizes=image_shapes,
+        )
+    return torch.cat(
         [
             roi_mask_targets(t, boxes, idxs, resolution=resolution, image_size=size)
             for t, (boxes, idxs), size in zip(targets, crops, image_shapes)
         ]
-    )  # (R, M, M)
-    roi_features = roi_pool(features, rois, image_shapes)  # (R, C, S, S)
-    logits = head(roi_features, labels)  # (R, M, M), or (R, K + 1, M, M) for softmax
-    return head.loss(logits, mask_targets, labels)
+    )
 
 
 def roi_mask_targets(

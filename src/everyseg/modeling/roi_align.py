@@ -66,27 +66,55 @@ def roi_align_gather(
 
 
 def axis_samples(
-    start: Tensor, length: Tensor, *, bins: int, samples: int, size: int
+    start: Tensor, length: Tensor, *, bins: int, samples: int | Tensor, size: int | Tensor
 ) -> tuple[Tensor, Tensor]:
     """(R,) RoI starts and lengths along one axis of a map `size` pixels long -> (R, bins,
     2 * samples) pixel indices and bilinear weights: each sample's lower then upper
     neighbour, by torchvision's rules (a sample beyond [-1, size] reads nothing, one in
-    [-1, 0] reads pixel 0, one at or past size - 1 reads pixel size - 1 alone)."""
+    [-1, 0] reads pixel 0, one at or past size - 1 reads pixel size - 1 alone).
+
+    samples and size: one number for all RoIs, or (R,) each RoI's own; with samples per RoI
+    the result has 2 * max(samples) columns, those past a RoI's own samples weighing 0."""
     bin_size = (length / bins)[:, None, None]  # (R, 1, 1)
+    most: int
+    divisor: int | Tensor
+    if isinstance(samples, Tensor):
+        most, divisor = int(samples.max()), samples.to(start.dtype).view(-1, 1, 1)
+    else:
+        most, divisor = samples, samples
+    extent = size.to(start.dtype).view(-1, 1, 1) if isinstance(size, Tensor) else float(size)
     # torchvision's order of operations: start + bin * size + (i + 0.5) * size / samples
     first = start[:, None, None] + torch.arange(bins, dtype=start.dtype) * bin_size
-    steps = (torch.arange(samples, dtype=start.dtype) + 0.5)[None, None, :]
-    positions = first.view(-1, bins, 1) + steps * bin_size / samples  # (R, bins, samples)
-    inside = (positions >= -1.0) & (positions <= size)
+    steps = (torch.arange(most, dtype=start.dtype) + 0.5)[None, None, :]
+    positions = first.view(-1, bins, 1) + steps * bin_size / divisor  # (R, bins, most)
+    inside = (positions >= -1.0) & (positions <= extent)
+    if isinstance(divisor, Tensor):  # a RoI's samples past its own count read nothing
+        inside &= steps < divisor
     positions = positions.clamp(min=0.0)
     low = positions.floor()
-    at_edge = low >= size - 1
-    low = torch.where(at_edge, float(size - 1), low)
+    at_edge = low >= extent - 1
+    low = torch.where(at_edge, extent - 1, low)
     high_weight = torch.where(at_edge, 0.0, positions - low) * inside
     low_weight = (1.0 - high_weight) * inside
     low_index = low.to(torch.int64)
     high_index = torch.where(at_edge, low_index, low_index + 1)
     return torch.cat([low_index, high_index], 2), torch.cat([low_weight, high_weight], 2)
+
+
+def axis_weights(start: Tensor, length: Tensor, *, bins: int, size: Tensor) -> Tensor:
+    """(R,) RoI starts and lengths on maps (R,) `size` pixels long (aligned=False, scale 1)
+    -> (R, bins, max(size)): each bin's mean bilinear weight on each pixel of the axis, over
+    torchvision's adaptive samples (ceil(length / bins) a bin: sampling_ratio=-1); zero
+    past a RoI's own map.
+
+    RoIAlign of one (H, W) map is then separable, Wy (bins_y, H) @ map @ Wx (bins_x, W).T,
+    equal to torchvision's roi_align within float rounding."""
+    length = length.clamp(min=1.0)
+    samples = (length / bins).ceil().to(torch.int64)  # (R,)
+    index, weight = axis_samples(start, length, bins=bins, samples=samples, size=size)
+    weight = weight / samples.to(weight.dtype).view(-1, 1, 1)
+    pixels = int(size.max()) if len(size) else 0
+    return weight.new_zeros(len(start), bins, pixels).scatter_add_(2, index, weight)
 
 
 class _WeightedGather(torch.autograd.Function):
