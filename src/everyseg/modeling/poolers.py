@@ -105,7 +105,15 @@ def pool_by_level(
     if len(maps) == 1:  # contiguous, as torchvision's (its keypoint loss views it)
         return pool(maps[0], rois, pooler.scales[0]).contiguous()
     levels = pooler.map_levels(boxes)  # (N,) index into maps
-    result = maps[0].new_zeros((len(rois), maps[0].shape[1], *pooler.output_size))
+    # in the maps' layout: the gather's channels-last RoI features are then put in place and
+    # read by the mask head's convolutions without a change of layout
+    channels_last = maps[0].is_contiguous(memory_format=torch.channels_last)
+    result = torch.empty(
+        (len(rois), maps[0].shape[1], *pooler.output_size),
+        dtype=maps[0].dtype,
+        device=maps[0].device,
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format,
+    ).zero_()
     for level, (feature_map, scale) in enumerate(zip(maps, pooler.scales)):
         in_level = torch.where(levels == level)[0]
         result[in_level] = pool(feature_map, rois[in_level], scale).to(result.dtype)
