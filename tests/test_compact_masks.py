@@ -131,9 +131,11 @@ def test_batch_targets_equal_torchvision_targets_image_by_image(
         boxes, idxs = _rois(target, size, rng_seed=i)
         batch.append((target["compact_masks"], boxes, idxs, size))
     batch.append((border_masks, border_rois, border_idxs, (37, 53)))
+    no_rois = torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64)
+    batch.insert(2, (border_masks, *no_rois, (300, 200)))  # the largest image, with no RoI
     masks, boxes, idxs, sizes = zip(*batch)
     got = batch_targets(masks, boxes, idxs, resolution=M, image_sizes=sizes)
-    expected = torch.cat([_torchvision_targets(*item) for item in batch])
+    expected = torch.cat([_torchvision_targets(*item) for item in batch if len(item[1])])
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
     assert ((got > 0) & (got < 1)).any()
     empty = [torch.zeros(0, 4)], [torch.zeros(0, dtype=torch.int64)]

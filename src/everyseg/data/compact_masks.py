@@ -243,7 +243,8 @@ def _on_sources(
     for part, target, sources in zip(
         weights.split(counts.tolist()), out.split(counts.tolist()), source_maps
     ):
-        target.index_add_(2, sources.to(weights.device), part[:, :, : len(sources)])
+        if len(part):  # (weights span the largest image with RoIs, not always image k)
+            target.index_add_(2, sources.to(weights.device), part[:, :, : len(sources)])
     return out
 
 
