@@ -7,7 +7,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops import roi_align as torchvision_roi_align
 
 from everyseg.modeling.poolers import MultiScaleRoIAlignGather, with_gather
-from everyseg.modeling.roi_align import roi_align_gather
+from everyseg.modeling.roi_align import multilevel_roi_align_gather, roi_align_gather
 
 
 def _rois(num_images: int, count: int, image_size: float, seed: int) -> torch.Tensor:
@@ -64,6 +64,34 @@ def test_float32_channels_last_within_rounding():
     torch.testing.assert_close(our_grad, their_grad, rtol=1e-5, atol=1e-5)
 
 
+def test_several_maps_in_one_gather_equal_torchvision_map_by_map():
+    """Each RoI read from its own level: forward and every map's gradient as torchvision's
+    roi_align of that RoI on that map alone."""
+    torch.manual_seed(0)
+    sizes, scales = [(20, 13), (10, 7), (5, 4)], [0.25, 0.125, 0.0625]
+    maps = [torch.randn(2, 3, *size, dtype=torch.float64) for size in sizes]
+    rois = _rois(2, 30, 80.0, seed=3).double()
+    levels = torch.arange(30) % 3
+    grad_out = torch.randn(30, 3, 5, 5, dtype=torch.float64)
+    leaves = [m.clone().requires_grad_() for m in maps]
+    ours = multilevel_roi_align_gather(leaves, rois, levels, scales, (5, 5), 2)
+    ours.backward(grad_out)
+    for level, (features, scale) in enumerate(zip(maps, scales)):
+        rows = torch.where(levels == level)[0]
+        theirs, their_grad = _forward_and_grad(
+            torchvision_roi_align,
+            features,
+            rois[rows],
+            grad_out[rows],
+            output_size=(5, 5),
+            spatial_scale=scale,
+            sampling_ratio=2,
+        )
+        assert their_grad.abs().sum() > 0
+        torch.testing.assert_close(ours[rows].detach(), theirs, rtol=0, atol=1e-12)
+        torch.testing.assert_close(leaves[level].grad, their_grad, rtol=0, atol=1e-12)
+
+
 def test_no_rois_and_adaptive_sampling():
     features = torch.randn(1, 3, 8, 8)
     empty = roi_align_gather(features, torch.zeros(0, 5), (7, 7), 1.0, 2)
@@ -103,3 +131,5 @@ def test_pooler_gathers_in_training_and_is_torchvision_in_eval_until_readied():
     gathered = ours_pool(maps, boxes, [(size, size)] * 2)
     assert not torch.equal(gathered, theirs)
     torch.testing.assert_close(gathered, theirs, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # level by level, without one table of all maps: the same sums
+        assert torch.equal(ours_pool(maps, boxes, [(size, size)] * 2), gathered)

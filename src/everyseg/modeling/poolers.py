@@ -22,7 +22,7 @@ from torchvision.ops.poolers import (
 )
 
 from everyseg.config import ConfigError
-from everyseg.modeling.roi_align import roi_align_gather
+from everyseg.modeling.roi_align import multilevel_roi_align_gather, roi_align_gather
 
 
 class MultiScaleRoIPool(MultiScaleRoIAlign):
@@ -40,13 +40,11 @@ class MultiScaleRoIPool(MultiScaleRoIAlign):
         self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]
     ) -> Tensor:
         """{level: (B, C, H_l, W_l)}, per image (N_i, 4) xyxy boxes -> (N, C, S, S)."""
-        return pool_by_level(
-            self,
-            x,
-            boxes,
-            image_shapes,
-            lambda maps, rois, scale: roi_pool(maps, rois, self.output_size, scale),
-        )
+        maps, rois, levels = rois_by_level(self, x, boxes, image_shapes)
+        return pool_by_level(self, maps, rois, levels, self._pool)
+
+    def _pool(self, features: Tensor, rois: Tensor, scale: float) -> Tensor:
+        return roi_pool(features, rois, self.output_size, scale)
 
 
 class MultiScaleRoIAlignGather(MultiScaleRoIAlign):
@@ -76,35 +74,34 @@ class MultiScaleRoIAlignGather(MultiScaleRoIAlign):
         )
         if not gather:
             return super().forward(x, boxes, image_shapes)
-        return pool_by_level(
-            self,
-            x,
-            boxes,
-            image_shapes,
-            lambda maps, rois, scale: roi_align_gather(
-                maps, rois, self.output_size, scale, self.sampling_ratio
-            ),
-        )
+        maps, rois, levels = rois_by_level(self, x, boxes, image_shapes)
+        assert self.scales is not None
+        if levels is not None and not torch.is_grad_enabled():
+            # predicting: level by level, as one table of every level's rows (a copy of the
+            # maps, 90 MB at 800 px) costs more than it saves without a backward
+            return pool_by_level(self, maps, rois, levels, self._gather)
+        pooled = multilevel_roi_align_gather(
+            maps, rois, levels, self.scales, self.output_size, self.sampling_ratio
+        )  # (N, C, S, S) channels-last, as the mask head's convolutions read it
+        # one map: contiguous, as torchvision's (its keypoint loss views it)
+        return pooled.contiguous() if levels is None else pooled
+
+    def _gather(self, features: Tensor, rois: Tensor, scale: float) -> Tensor:
+        return roi_align_gather(features, rois, self.output_size, scale, self.sampling_ratio)
 
 
 def pool_by_level(
     pooler: MultiScaleRoIAlign,
-    x: dict[str, Tensor],
-    boxes: list[Tensor],
-    image_shapes: list[tuple[int, int]],
+    maps: list[Tensor],
+    rois: Tensor,
+    levels: Tensor | None,
     pool: Callable[[Tensor, Tensor, float], Tensor],
 ) -> Tensor:
-    """torchvision's multi-scale pooling (each box read from its FPN level by the pooler's
-    LevelMapper) with `pool(feature_map, rois, scale)` doing the reading: (N, C, S, S)."""
-    maps = _filter_input(x, pooler.featmap_names)
-    if pooler.scales is None or pooler.map_levels is None:
-        pooler.scales, pooler.map_levels = _setup_scales(
-            maps, image_shapes, pooler.canonical_scale, pooler.canonical_level
-        )
-    rois = _convert_to_roi_format(boxes)  # (N, 5): image index, x0, y0, x1, y1
-    if len(maps) == 1:  # contiguous, as torchvision's (its keypoint loss views it)
-        return pool(maps[0], rois, pooler.scales[0]).contiguous()
-    levels = pooler.map_levels(boxes)  # (N,) index into maps
+    """torchvision's multi-scale pooling, rois_by_level's (N, 5) rois each read from its
+    level by `pool(feature_map, rois, scale)`: (N, C, S, S)."""
+    assert pooler.scales is not None
+    if levels is None:
+        return pool(maps[0], rois, pooler.scales[0])
     # in the maps' layout: the gather's channels-last RoI features are then put in place and
     # read by the mask head's convolutions without a change of layout
     channels_last = maps[0].is_contiguous(memory_format=torch.channels_last)
@@ -118,6 +115,25 @@ def pool_by_level(
         in_level = torch.where(levels == level)[0]
         result[in_level] = pool(feature_map, rois[in_level], scale).to(result.dtype)
     return result
+
+
+def rois_by_level(
+    pooler: MultiScaleRoIAlign,
+    x: dict[str, Tensor],
+    boxes: list[Tensor],
+    image_shapes: list[tuple[int, int]],
+) -> tuple[list[Tensor], Tensor, Tensor | None]:
+    """The pooler's maps, (N, 5) rois (image index, x0, y0, x1, y1) and (N,) the level each
+    is read from by the pooler's LevelMapper (None with one map); sets the pooler's scales
+    on the first call, as torchvision's does."""
+    maps = _filter_input(x, pooler.featmap_names)
+    if pooler.scales is None or pooler.map_levels is None:
+        pooler.scales, pooler.map_levels = _setup_scales(
+            maps, image_shapes, pooler.canonical_scale, pooler.canonical_level
+        )
+    rois = _convert_to_roi_format(boxes)
+    levels = pooler.map_levels(boxes) if len(maps) > 1 else None
+    return maps, rois, levels
 
 
 def with_gather(pooler: MultiScaleRoIAlign) -> MultiScaleRoIAlign:

@@ -17,6 +17,7 @@ torchvision's op stays (modeling/poolers.py).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -35,13 +36,47 @@ def roi_align_gather(
     """torchvision.ops.roi_align's result for (B, C, H, W) features (best channels-last)
     and (R, 5) rois (image index, x0, y0, x1, y1), sampling_ratio > 0: (R, C, PH, PW) in
     channels-last layout."""
+    return multilevel_roi_align_gather(
+        [features], rois, None, [spatial_scale], output_size, sampling_ratio, aligned
+    )
+
+
+def multilevel_roi_align_gather(
+    maps: Sequence[Tensor],
+    rois: Tensor,
+    levels: Tensor | None,
+    scales: Sequence[float],
+    output_size: tuple[int, int],
+    sampling_ratio: int,
+    aligned: bool = False,
+) -> Tensor:
+    """roi_align_gather with each RoI read from its own map: (B, C, H_l, W_l) maps of
+    `scales`, (R, 5) rois, (R,) levels (index into maps; None: all the first) -> (R, C, PH,
+    PW) channels-last, RoI r torchvision's roi_align of maps[levels[r]] at scales[levels[r]].
+
+    One gather from the maps' rows stacked into one table: one sort in backward and no
+    scatter of per-level results (which torchvision's MultiScaleRoIAlign does)."""
     if sampling_ratio <= 0:
         raise ValueError("roi_align_gather needs a fixed sampling_ratio > 0")
-    batch, channels, height, width = features.shape
+    batch, channels = maps[0].shape[:2]
     pooled_h, pooled_w = output_size
+    single = levels is None or len(maps) == 1
+    height: int | Tensor
+    width: int | Tensor
+    if single:
+        height, width = maps[0].shape[2:]
+        scale: float | Tensor = scales[0]
+        first_level_row: int | Tensor = 0
+    else:
+        heights = torch.tensor([m.shape[2] for m in maps])  # (L,)
+        widths = torch.tensor([m.shape[3] for m in maps])
+        rows_per_level = batch * heights * widths
+        height, width = heights[levels], widths[levels]  # (R,)
+        scale = torch.tensor(scales, dtype=rois.dtype)[levels].view(-1, 1)
+        first_level_row = (rows_per_level.cumsum(0) - rows_per_level)[levels]
     offset = 0.5 if aligned else 0.0
-    start = rois[:, 1:3] * spatial_scale - offset  # (R, 2) x, y
-    length = rois[:, 3:5] * spatial_scale - offset - start
+    start = rois[:, 1:3] * scale - offset  # (R, 2) x, y
+    length = rois[:, 3:5] * scale - offset - start
     if not aligned:  # torchvision's rule: a RoI is at least one pixel a side
         length = length.clamp(min=1.0)
     x_index, x_weight = axis_samples(
@@ -51,18 +86,24 @@ def roi_align_gather(
         start[:, 1], length[:, 1], bins=pooled_h, samples=sampling_ratio, size=height
     )  # (R, PH, 2s)
     num_rois = len(rois)
-    first_row = rois[:, 0].to(torch.int64) * (height * width)
+    first_row = first_level_row + rois[:, 0].to(torch.int64) * (height * width)  # (R,)
+    row_width = width.view(-1, 1, 1, 1, 1) if isinstance(width, Tensor) else width
     # (R, PH, PW, 2s, 2s): every bin's sample neighbours as rows of the table, and weights
-    rows = (first_row.view(-1, 1, 1, 1, 1) + y_index[:, :, None, :, None] * width) + x_index[
+    rows = (first_row.view(-1, 1, 1, 1, 1) + y_index[:, :, None, :, None] * row_width) + x_index[
         :, None, :, None, :
     ]
     weights = y_weight[:, :, None, :, None] * x_weight[:, None, :, None, :] / sampling_ratio**2
-    table = features.permute(0, 2, 3, 1).reshape(batch * height * width, channels)
+    # (sum of B H_l W_l, C): a view of a channels-last map
+    table = _table(maps[0]) if single else torch.cat([_table(m) for m in maps])
     bags, bag_size = pooled_h * pooled_w * num_rois, (2 * sampling_ratio) ** 2
     pooled = _WeightedGather.apply(
-        table, rows.view(bags, bag_size), weights.view(bags, bag_size).to(features.dtype)
+        table, rows.view(bags, bag_size), weights.view(bags, bag_size).to(maps[0].dtype)
     )  # (R * PH * PW, C)
     return pooled.view(num_rois, pooled_h, pooled_w, channels).permute(0, 3, 1, 2)
+
+
+def _table(features: Tensor) -> Tensor:
+    return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
 
 
 def axis_samples(
