@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from torchvision.models.detection.rpn import RegionProposalNetwork
-from torchvision.ops import batched_nms, clip_boxes_to_image, nms, remove_small_boxes
+from torchvision.ops import batched_nms, nms
 
 # torchvision's batched_nms suppresses level by level on a CPU above this many box
 # coordinates; below, all levels at once, with each level's boxes moved apart (which rounds
@@ -44,22 +44,24 @@ class ProposalNetwork(RegionProposalNetwork):
             )
         num_images = len(proposals)
         objectness = objectness.detach().reshape(num_images, -1)  # (B, A)
-        levels = torch.repeat_interleave(
-            torch.arange(len(num_anchors_per_level)), torch.tensor(num_anchors_per_level)
-        )  # (A,)
-        top = self._get_top_n_idx(objectness, num_anchors_per_level)  # (B, T) per level
-        images = torch.arange(num_images)[:, None]
-        scores = objectness[images, top].sigmoid()  # (B, T)
-        candidates = proposals[images, top]  # (B, T, 4)
+        top = self._get_top_n_idx(objectness, num_anchors_per_level)  # (B, T), level by level
+        per_level = [min(self.pre_nms_top_n(), count) for count in num_anchors_per_level]
+        levels = torch.repeat_interleave(torch.arange(len(per_level)), torch.tensor(per_level))
+        scores = objectness.gather(1, top).sigmoid()  # (B, T)
+        candidates = proposals.gather(1, top[..., None].expand(-1, -1, 4))  # (B, T, 4)
+        # torchvision's clip_boxes_to_image, remove_small_boxes and score threshold, every
+        # image at once
+        limits = torch.tensor([[w, h, w, h] for h, w in image_shapes], dtype=candidates.dtype)
+        candidates = candidates.clamp(min=0).minimum(limits[:, None])
+        sizes = candidates[..., 2:] - candidates[..., :2]  # (B, T, 2)
+        valid = (sizes >= self.min_size).all(2) & (scores >= self.score_thresh)  # (B, T)
         final_boxes, final_scores = [], []
-        for boxes, probs, level, shape in zip(candidates, scores, levels[top], image_shapes):
-            boxes = clip_boxes_to_image(boxes, shape)
-            keep = remove_small_boxes(boxes, self.min_size)
-            keep = keep[probs[keep] >= self.score_thresh]
-            boxes, probs, level = boxes[keep], probs[keep], level[keep]
-            keep = nms_top(boxes, probs, level, self.nms_thresh, count=self.post_nms_top_n())
-            final_boxes.append(boxes[keep])
-            final_scores.append(probs[keep])
+        for boxes, probs, keep in zip(candidates, scores, valid):
+            keep = torch.where(keep)[0]
+            boxes, probs = boxes[keep], probs[keep]
+            kept = nms_top(boxes, probs, levels[keep], self.nms_thresh, count=self.post_nms_top_n())
+            final_boxes.append(boxes[kept])
+            final_scores.append(probs[kept])
         return final_boxes, final_scores
 
 
