@@ -4,6 +4,7 @@ the best ones already give enough."""
 import pytest
 import torch
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops import boxes as box_ops
 
@@ -120,3 +121,31 @@ def test_under_tracing_torchvision_s_code_runs(monkeypatch):
     expected = torchvision_rpn.filter_proposals(proposals, logits, [(SIZE, SIZE)], LEVELS)
     assert torch.equal(got[0][0], expected[0][0])
     assert box_ops.box_area(got[0][0]).min() > 0
+
+
+def test_anchor_targets_of_a_batch_at_once_equal_torchvision_image_by_image(monkeypatch):
+    """Labels and matched boxes as torchvision's per-image matching: images with several,
+    one and no objects, a duplicate object (tied IoU) and one smaller than every anchor
+    (matched only as its best anchors' low-quality match), all in one IoU computation."""
+    torchvision_rpn = _torchvision_rpn(600, 300)
+    ours = like_torchvision(torchvision_rpn)
+    image_list = ImageList(torch.zeros(4, 3, SIZE, SIZE), [(SIZE, SIZE)] * 4)
+    maps = [torch.zeros(4, 8, SIZE // 2**k, SIZE // 2**k) for k in range(2, 6)]
+    anchors = torchvision_rpn.anchor_generator(image_list, maps)
+    g = torch.Generator().manual_seed(0)
+    corners = torch.rand(9, 2, generator=g) * 90
+    boxes = torch.cat([corners, corners + 8 + torch.rand(9, 2, generator=g) * 30], 1)
+    boxes[1] = boxes[0]  # a duplicate: the same IoU with every anchor
+    boxes[3] = torch.tensor([60.0, 60.0, 61.5, 61.0])  # smaller than any anchor
+    targets = [{"boxes": b} for b in (boxes[:3], boxes[:0], boxes[3:4], boxes[4:])]
+    calls = []
+    similarity = ours.box_similarity
+    monkeypatch.setattr(ours, "box_similarity", lambda *a: calls.append(1) or similarity(*a))
+    labels, matched = ours.assign_targets_to_anchors(anchors, targets)
+    expected_labels, expected_matched = torchvision_rpn.assign_targets_to_anchors(anchors, targets)
+    assert len(calls) == 1
+    for got, expected in zip(labels + matched, expected_labels + expected_matched):
+        assert torch.equal(got, expected)
+    assert (expected_labels[2] == 1).sum() >= 1  # the tiny box kept its best anchors
+    assert set(expected_labels[0].tolist()) == {-1.0, 0.0, 1.0}
+    assert not expected_labels[1].any() and not expected_matched[1].any()

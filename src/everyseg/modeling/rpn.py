@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torchvision.models.detection._utils import Matcher
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.ops import batched_nms, nms
 
@@ -63,6 +64,48 @@ class ProposalNetwork(RegionProposalNetwork):
             final_boxes.append(boxes[kept])
             final_scores.append(probs[kept])
         return final_boxes, final_scores
+
+    def assign_targets_to_anchors(
+        self, anchors: list[Tensor], targets: list[dict[str, Tensor]]
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """Per image (A, 4) anchors and targets -> per image (A,) labels (1 object, 0
+        background, -1 ignored) and (A, 4) matched ground-truth boxes: torchvision's, with
+        every image matched at once (a batch's images share their anchors) instead of ~150
+        small operations an image."""
+        counts = [len(t["boxes"]) for t in targets]
+        if max(counts, default=0) == 0 or any(not torch.equal(a, anchors[0]) for a in anchors[1:]):
+            return super().assign_targets_to_anchors(anchors, targets)
+        num_images, most = len(targets), max(counts)
+        image = torch.repeat_interleave(torch.arange(num_images), torch.tensor(counts))
+        slot = torch.cat([torch.arange(count) for count in counts])
+        gt_boxes = torch.cat([t["boxes"] for t in targets])  # (G, 4)
+        quality = anchors[0].new_full((num_images, most, len(anchors[0])), -1.0)
+        quality[image, slot] = self.box_similarity(gt_boxes, anchors[0])  # (B, most, A)
+        padded_boxes = gt_boxes.new_zeros((num_images, most, 4))
+        padded_boxes[image, slot] = gt_boxes
+        matches = match(self.proposal_matcher, quality, torch.tensor(counts))  # (B, A)
+        labels = (matches >= 0).to(torch.float32)
+        labels[matches == self.proposal_matcher.BETWEEN_THRESHOLDS] = -1.0
+        matched = padded_boxes[torch.arange(num_images)[:, None], matches.clamp(min=0)]
+        return list(labels), list(matched)
+
+
+def match(matcher: Matcher, quality: Tensor, counts: Tensor) -> Tensor:
+    """torchvision's `matcher` on every image at once: (B, G, A) IoU of each image's ground
+    truth with the A anchors (rows past an image's (B,) `counts` filled with -1) -> (B, A)
+    matched ground-truth index, or the matcher's BELOW_LOW_THRESHOLD / BETWEEN_THRESHOLDS."""
+    best, matches = quality.max(dim=1)  # (B, A): the first best row, as torchvision's
+    all_matches = matches.clone()
+    matches[best < matcher.low_threshold] = matcher.BELOW_LOW_THRESHOLD
+    between = (best >= matcher.low_threshold) & (best < matcher.high_threshold)
+    matches[between] = matcher.BETWEEN_THRESHOLDS
+    if matcher.allow_low_quality_matches:
+        # each ground truth's best anchors (ties included) keep it, however low
+        real = torch.arange(quality.shape[1]) < counts[:, None]  # (B, G)
+        highest = quality.max(dim=2, keepdim=True).values  # (B, G, 1)
+        images, _, rows = torch.where((quality == highest) & real[:, :, None])
+        matches[images, rows] = all_matches[images, rows]
+    return matches
 
 
 def nms_top(
