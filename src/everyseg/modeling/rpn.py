@@ -79,8 +79,9 @@ class ProposalNetwork(RegionProposalNetwork):
         image = torch.repeat_interleave(torch.arange(num_images), torch.tensor(counts))
         slot = torch.cat([torch.arange(count) for count in counts])
         gt_boxes = torch.cat([t["boxes"] for t in targets])  # (G, 4)
-        quality = anchors[0].new_full((num_images, most, len(anchors[0])), -1.0)
-        quality[image, slot] = self.box_similarity(gt_boxes, anchors[0])  # (B, most, A)
+        iou = self.box_similarity(gt_boxes, anchors[0])  # (G, A)
+        quality = iou.new_full((num_images, most, iou.shape[1]), -1.0)
+        quality[image, slot] = iou  # (B, most, A)
         padded_boxes = gt_boxes.new_zeros((num_images, most, 4))
         padded_boxes[image, slot] = gt_boxes
         matches = match(self.proposal_matcher, quality, torch.tensor(counts))  # (B, A)
