@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
 from torch import Tensor, nn
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 
@@ -28,16 +27,12 @@ class FCNFeatures(SubpixelFeatures):
         x = self.convs(x)  # (R, C, S, S)
         num_rois, channels, side, _ = x.shape
         weight = self.upsample.weight  # (C, D, 2, 2)
-        out_channels = weight.shape[1]
-        pixels = x.permute(0, 2, 3, 1).reshape(num_rois * side * side, channels)
-        weight = weight.permute(0, 2, 3, 1).reshape(channels, 4 * out_channels)
-        bias = self.upsample.bias
-        # the bias inside the product and the ReLU in place: one (R, 4 S S, D) tensor, not
-        # three (the largest of the head; each new one costs as much as the product)
-        products = (
-            pixels @ weight if bias is None else torch.addmm(bias.repeat(4), pixels, weight)
-        )  # (R S S, 4 D)
-        return products.relu_().view(num_rois, 4 * side * side, out_channels)
+        pixels = x.permute(0, 2, 3, 1).reshape(num_rois, side * side, channels)
+        products = pixels @ weight.permute(0, 2, 3, 1).reshape(channels, -1)  # (R, S S, 4 D)
+        rows = products.view(num_rois, 4 * side * side, weight.shape[1])
+        if self.upsample.bias is not None:
+            rows = rows + self.upsample.bias
+        return rows.relu()
 
 
 def build_fcn_head(
