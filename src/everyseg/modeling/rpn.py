@@ -1,5 +1,5 @@
-"""The region proposal network: torchvision's, with its proposals filtered in less time on a
-CPU.
+"""The region proposal network: torchvision's, with its proposals filtered and its anchors
+matched in less time on a CPU.
 
 torchvision's RPN suppresses every candidate (pre_nms_top_n a level and image) with a
 non-maximum suppression per level, then keeps the best post_nms_top_n survivors. Greedy NMS
@@ -9,8 +9,9 @@ leave post_nms_top_n survivors, the rest need no suppression. From random weight
 boxes suppress each other, that is ~4x less of torchvision's quadratic CPU kernel (0.93x a
 maskrcnn-tiny training step); a trained RPN's clustered boxes fall back to the whole set,
 where suppression is fast. The proposals equal torchvision's, but for the order of boxes of
-equal score (tests/test_rpn.py); on CUDA and under tracing (export) torchvision's own code
-runs.
+equal score (tests/test_rpn.py). The anchors' training targets are torchvision's too, every
+image's from one IoU and one matching. On CUDA and under tracing (export) torchvision's own
+code runs.
 """
 
 from __future__ import annotations
@@ -73,7 +74,11 @@ class ProposalNetwork(RegionProposalNetwork):
         every image matched at once (a batch's images share their anchors) instead of ~150
         small operations an image."""
         counts = [len(t["boxes"]) for t in targets]
-        if max(counts, default=0) == 0 or any(not torch.equal(a, anchors[0]) for a in anchors[1:]):
+        if (
+            anchors[0].device.type != "cpu"
+            or max(counts, default=0) == 0
+            or any(not torch.equal(a, anchors[0]) for a in anchors[1:])
+        ):
             return super().assign_targets_to_anchors(anchors, targets)
         num_images, most = len(targets), max(counts)
         image = torch.repeat_interleave(torch.arange(num_images), torch.tensor(counts))
