@@ -149,3 +149,18 @@ def test_anchor_targets_of_a_batch_at_once_equal_torchvision_image_by_image(monk
     assert (expected_labels[2] == 1).sum() >= 1  # the tiny box kept its best anchors
     assert set(expected_labels[0].tolist()) == {-1.0, 0.0, 1.0}
     assert not expected_labels[1].any() and not expected_matched[1].any()
+
+
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_nms_top_equals_batched_nms_whatever_the_order_of_levels(shuffled):
+    """Levels in runs (as the RPN's candidates come) are suppressed slice by slice; levels in
+    any other order are grouped first: the same boxes as torchvision's batched_nms."""
+    proposals, logits = _candidates("clustered", images=1, seed=2)
+    boxes, scores = proposals[0][:1500], logits[:1500, 0].sigmoid()
+    levels = torch.arange(1500) // 400  # 4 runs
+    if shuffled:
+        order = torch.randperm(1500, generator=torch.Generator().manual_seed(0))
+        boxes, scores, levels = boxes[order], scores[order], levels[order]
+    expected = box_ops.batched_nms(boxes, scores, levels, 0.7)[:300]
+    got = everyseg_rpn.nms_top(boxes, scores, levels, 0.7, count=300)
+    assert len(got) > 100 and torch.equal(got, expected)

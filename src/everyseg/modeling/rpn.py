@@ -138,11 +138,18 @@ def nms_top(
 
 def _nms_per_level(boxes: Tensor, scores: Tensor, levels: Tensor, threshold: float) -> Tensor:
     """Indices of the boxes NMS keeps within each level, in index order."""
-    keep = torch.zeros_like(scores, dtype=torch.bool)
-    for level in levels.unique():
-        rows = torch.where(levels == level)[0]
-        keep[rows[nms(boxes[rows], scores[rows], threshold)]] = True
-    return torch.where(keep)[0]
+    order = None
+    if len(levels) and not bool((levels[1:] >= levels[:-1]).all()):
+        order = levels.argsort(stable=True)
+        boxes, scores, levels = boxes[order], scores[order], levels[order]
+    # levels in runs (as the RPN's candidates come, level by level): each level a slice
+    kept, start = [levels.new_zeros(0)], 0
+    for count in torch.unique_consecutive(levels, return_counts=True)[1].tolist():
+        end = start + count
+        kept.append(nms(boxes[start:end], scores[start:end], threshold) + start)
+        start = end
+    keep = torch.cat(kept).sort().values
+    return keep if order is None else order[keep].sort().values
 
 
 def _best_first(kept: Tensor, scores: Tensor) -> Tensor:
