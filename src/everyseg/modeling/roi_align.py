@@ -125,8 +125,10 @@ def axis_samples(
         most, divisor = samples, samples
     extent = size.to(start.dtype).view(-1, 1, 1) if isinstance(size, Tensor) else float(size)
     # torchvision's order of operations: start + bin * size + (i + 0.5) * size / samples
-    first = start[:, None, None] + torch.arange(bins, dtype=start.dtype) * bin_size
-    steps = (torch.arange(most, dtype=start.dtype) + 0.5)[None, None, :]
+    first = (
+        start[:, None, None] + torch.arange(bins, dtype=start.dtype, device=start.device) * bin_size
+    )
+    steps = (torch.arange(most, dtype=start.dtype, device=start.device) + 0.5)[None, None, :]
     positions = first.view(-1, bins, 1) + steps * bin_size / divisor  # (R, bins, most)
     inside = (positions >= -1.0) & (positions <= extent)
     if isinstance(divisor, Tensor):  # a RoI's samples past its own count read nothing
@@ -142,11 +144,23 @@ def axis_samples(
     return torch.cat([low_index, high_index], 2), torch.cat([low_weight, high_weight], 2)
 
 
-def axis_weights(start: Tensor, length: Tensor, *, bins: int, size: Tensor) -> Tensor:
+def axis_weights(
+    start: Tensor,
+    length: Tensor,
+    *,
+    bins: int,
+    size: Tensor,
+    sources: Tensor | None = None,
+    pixels: int | None = None,
+) -> Tensor:
     """(R,) RoI starts and lengths on maps (R,) `size` pixels long (aligned=False, scale 1)
-    -> (R, bins, max(size)): each bin's mean bilinear weight on each pixel of the axis, over
+    -> (R, bins, pixels): each bin's mean bilinear weight on each pixel of the axis, over
     torchvision's adaptive samples (ceil(length / bins) a bin: sampling_ratio=-1); zero
-    past a RoI's own map.
+    past a RoI's own map. pixels: max(size) unless given.
+
+    sources (R, >= max(size)) int64, optional: the pixel of another map (`pixels` long) that
+    each pixel of a RoI's map stands for, as a nearest resize reads it; the weights then land
+    on those pixels, so that RoIAlign of the resized map runs on the map before the resize.
 
     RoIAlign of one (H, W) map is then separable, Wy (bins_y, H) @ map @ Wx (bins_x, W).T,
     equal to torchvision's roi_align within float rounding."""
@@ -154,7 +168,10 @@ def axis_weights(start: Tensor, length: Tensor, *, bins: int, size: Tensor) -> T
     samples = (length / bins).ceil().to(torch.int64)  # (R,)
     index, weight = axis_samples(start, length, bins=bins, samples=samples, size=size)
     weight = weight / samples.to(weight.dtype).view(-1, 1, 1)
-    pixels = int(size.max()) if len(size) else 0
+    if sources is not None:  # every sample index lies in [0, size - 1]: no padding is read
+        index = sources.gather(1, index.view(len(index), -1)).view_as(index)
+    if pixels is None:
+        pixels = int(size.max()) if len(size) else 0
     return weight.new_zeros(len(start), bins, pixels).scatter_add_(2, index, weight)
 
 
