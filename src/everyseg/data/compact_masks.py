@@ -39,8 +39,8 @@ Polygons = tuple[np.ndarray, ...]  # each (2P,) float64: x0, y0, x1, y1, ...
 Segm = Polygons | bytes  # bytes: compressed RLE counts of a mask the image's size
 # Up to this many floats (16 MB) a batch's RoIs read their instances' masks drawn whole,
 # all images at once (`batch_targets`): a maskrcnn-tiny step's targets (4 images of 128 px,
-# ~40 RoIs, 2 threads) in 3.8 ms, 14.8 when taken image by image; a COCO-sized image (1M pixels) takes crops from 4
-# RoIs on
+# ~40 RoIs, 2 threads) in 3.8 ms, 14.8 when taken image by image; a COCO-sized image (1M
+# pixels) takes crops from 4 RoIs on
 DENSE_FLOATS = 2**22
 
 
