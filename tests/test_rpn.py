@@ -164,3 +164,28 @@ def test_nms_top_equals_batched_nms_whatever_the_order_of_levels(shuffled):
     expected = box_ops.batched_nms(boxes, scores, levels, 0.7)[:300]
     got = everyseg_rpn.nms_top(boxes, scores, levels, 0.7, count=300)
     assert len(got) > 100 and torch.equal(got, expected)
+
+
+def test_cached_anchors_equal_torchvision_s_at_every_size():
+    """The cached generator hands back torchvision's anchors for each (padded size, maps)
+    key, however often sizes alternate, one tensor for all of a batch's images; at most
+    cache_size keys are kept, and a dtype is a key of its own."""
+    sizes, ratios = ((16,), (32,), (64,)), ((0.5, 1.0, 2.0),) * 3
+    reference = AnchorGenerator(sizes=sizes, aspect_ratios=ratios)
+    cached = everyseg_rpn.CachedAnchorGenerator(sizes, ratios, cache_size=2)
+    for height, width, dtype in [(96, 128, torch.float32), (128, 64, torch.float32),
+                                 (96, 128, torch.float32), (96, 128, torch.float64),
+                                 (64, 64, torch.float32), (128, 64, torch.float32)]:  # fmt: skip
+        images = ImageList(torch.zeros(2, 3, height, width), [(height - 5, width), (height, 7)])
+        maps = [torch.zeros(2, 8, height // s, width // s, dtype=dtype) for s in (4, 8, 16)]
+        got = cached(images, maps)
+        expected = reference(images, maps)
+        assert len(got) == 2 and got[0] is got[1]
+        for a, b in zip(got, expected):
+            assert a.dtype == dtype
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert len(cached._cache) <= 2
+    assert [key[:3:2] for key in cached._cache] == [
+        ((64, 64), torch.float32),
+        ((128, 64), torch.float32),
+    ]

@@ -8,7 +8,6 @@ from functools import partial
 from typing import Any
 
 from torch import Tensor, nn
-from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
@@ -22,7 +21,7 @@ from everyseg.modeling.mask_heads import build_mask_head, build_mask_predictor
 from everyseg.modeling.paste import unpasted
 from everyseg.modeling.poolers import build_roi_pooler
 from everyseg.modeling.roi_heads import PartialMaskRoIHeads
-from everyseg.modeling.rpn import ProposalNetwork
+from everyseg.modeling.rpn import CachedAnchorGenerator, ProposalNetwork
 
 
 class RCNN(GeneralizedRCNN):
@@ -107,7 +106,7 @@ def _build_rpn(cfg: ModelConfig, channels: int, *, one_level: bool) -> ProposalN
     r = cfg.rpn
     # one anchor size per FPN level, or all of them on C4's one map
     sizes = (tuple(r.anchor_sizes),) if one_level else tuple((s,) for s in r.anchor_sizes)
-    anchors = AnchorGenerator(sizes=sizes, aspect_ratios=(tuple(r.aspect_ratios),) * len(sizes))
+    anchors = CachedAnchorGenerator(sizes, (tuple(r.aspect_ratios),) * len(sizes))
     return ProposalNetwork(
         anchors,
         RPNHead(channels, anchors.num_anchors_per_location()[0]),

@@ -16,9 +16,13 @@ code runs.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 from torch import Tensor
 from torchvision.models.detection._utils import Matcher
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.ops import batched_nms, nms
 
@@ -26,6 +30,40 @@ from torchvision.ops import batched_nms, nms
 # coordinates; below, all levels at once, with each level's boxes moved apart (which rounds
 # their coordinates differently): a subset then gives other results than the whole set
 _PER_LEVEL_ABOVE = 4000
+
+
+class CachedAnchorGenerator(AnchorGenerator):
+    """torchvision's AnchorGenerator (same arguments, same anchors) that keeps the anchors of
+    the last `cache_size` (padded image size, feature map sizes) it was asked for: they depend
+    on nothing else, and a batch's images share them (one tensor for all of them). Training at
+    a few sizes then draws its anchors once a size instead of in ~60 small operations a step.
+    Under tracing (export) torchvision's computation runs, so that the graph keeps it."""
+
+    def __init__(self, sizes, aspect_ratios, *, cache_size: int = 8) -> None:
+        super().__init__(sizes, aspect_ratios)
+        self.cache_size = cache_size
+        self._cache: OrderedDict[tuple, Tensor] = OrderedDict()
+
+    @classmethod
+    def like(cls, generator: AnchorGenerator) -> CachedAnchorGenerator:
+        return cls(generator.sizes, generator.aspect_ratios)
+
+    def forward(self, image_list: ImageList, feature_maps: list[Tensor]) -> list[Tensor]:
+        if torch.jit.is_tracing() or torch.jit.is_scripting():
+            return super().forward(image_list, feature_maps)
+        grid = tuple(tuple(level.shape[-2:]) for level in feature_maps)
+        first = feature_maps[0]
+        key = (tuple(image_list.tensors.shape[-2:]), grid, first.dtype, first.device)
+        anchors = self._cache.get(key)
+        if anchors is None:
+            one_image = ImageList(image_list.tensors, image_list.image_sizes[:1])
+            anchors = super().forward(one_image, feature_maps)[0]  # (A, 4)
+            self._cache[key] = anchors
+            if len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(key)
+        return [anchors] * len(image_list.image_sizes)
 
 
 class ProposalNetwork(RegionProposalNetwork):
@@ -77,7 +115,7 @@ class ProposalNetwork(RegionProposalNetwork):
         if (
             anchors[0].device.type != "cpu"
             or max(counts, default=0) == 0
-            or any(not torch.equal(a, anchors[0]) for a in anchors[1:])
+            or any(a is not anchors[0] and not torch.equal(a, anchors[0]) for a in anchors[1:])
         ):
             return super().assign_targets_to_anchors(anchors, targets)
         num_images, most = len(targets), max(counts)
@@ -163,7 +201,7 @@ def like_torchvision(rpn: RegionProposalNetwork) -> ProposalNetwork:
     """A ProposalNetwork with torchvision RPN `rpn`'s modules and settings."""
     matcher, sampler = rpn.proposal_matcher, rpn.fg_bg_sampler
     network = ProposalNetwork(
-        rpn.anchor_generator,
+        CachedAnchorGenerator.like(rpn.anchor_generator),
         rpn.head,
         matcher.high_threshold,
         matcher.low_threshold,
