@@ -1,4 +1,5 @@
-"""model.backbone.stage5=false: a ResNet trunk without stage 5 under the same five FPN levels."""
+"""ResNet trunks: torchvision's numbers (the stem pooled before its ReLU);
+model.backbone.stage5=false: a trunk without stage 5 under the same five FPN levels."""
 
 from __future__ import annotations
 
@@ -9,9 +10,32 @@ from torchvision.models import resnet18
 from everyseg.config import ConfigError, TrunkPretrainConfig
 from everyseg.data.build import build_dataset
 from everyseg.engine.trunk_pretrain import pretrain_trunk
-from everyseg.modeling.backbone import load_trunk_weights, resnet_fpn
+from everyseg.modeling.backbone import NORMS, load_trunk_weights, resnet_fpn, resnet_trunk
 
 NO_STAGE5 = "model.backbone.stage5=false"
+
+
+@pytest.mark.parametrize("norm", ["gn", "bn"])
+def test_the_trunk_equals_torchvision_s_resnet_bit_for_bit(norm):
+    """The stem's ReLU runs after its max pool: the same logits and gradients, bit for
+    bit, under torchvision's parameter names."""
+    torch.manual_seed(0)
+    trunk = resnet_trunk(name="resnet18", trainable_layers=5, norm=norm).train()
+    reference = resnet18(norm_layer=NORMS[norm]).train().requires_grad_(False)
+    for name, p in reference.named_parameters():
+        p.requires_grad_(trunk.get_parameter(name).requires_grad)
+    reference.load_state_dict(trunk.state_dict())
+    images = torch.randn(2, 3, 64, 96).contiguous(memory_format=torch.channels_last)
+    grads = []
+    for model in (trunk, reference):
+        model.zero_grad()
+        logits = model(images)
+        (logits * torch.linspace(-1, 1, logits.shape[1])).sum().backward()
+        trained = [p.grad for p in model.parameters() if p.grad is not None]
+        grads.append([logits, *trained])
+    assert len(grads[0]) == len(grads[1]) > 50
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    assert [n for n, _ in trunk.named_parameters()] == [n for n, _ in reference.named_parameters()]
 
 
 def test_without_stage5_the_pyramid_keeps_its_levels_and_strides():

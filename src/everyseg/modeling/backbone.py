@@ -60,8 +60,18 @@ def resnet_trunk(*, name: str, trainable_layers: int, norm: str) -> resnet.ResNe
         )
     constructor, _ = RESNETS[name]
     trunk = constructor(weights=None, norm_layer=NORMS[norm])
+    _pool_before_relu(trunk)
     _freeze(trunk, trainable_layers)
     return trunk
+
+
+def _pool_before_relu(trunk: resnet.ResNet) -> None:
+    """The stem's ReLU after its max pool instead of before: the same values and gradients
+    bit for bit (both are monotone, and a pooled maximum <= 0 gets no gradient either way),
+    with the ReLU and its backward on a quarter of the pixels (the stem's 64 x 64 maps
+    of maskrcnn-tiny: ~2 ms of a 250 ms training step). Parameter names do not change."""
+    trunk.maxpool = nn.Sequential(trunk.maxpool, trunk.relu)
+    trunk.relu = nn.Identity()
 
 
 class C4Backbone(nn.Module):
