@@ -159,8 +159,9 @@ def axis_weights(
     past a RoI's own map. pixels: max(size) unless given.
 
     sources (R, >= max(size)) int64, optional: the pixel of another map (`pixels` long) that
-    each pixel of a RoI's map stands for, as a nearest resize reads it; the weights then land
-    on those pixels, so that RoIAlign of the resized map runs on the map before the resize.
+    each pixel of a RoI's map stands for, as a nearest resize reads it; each pixel's weight
+    then adds to that pixel's (in pixel order, so the sums round as a per-map `index_add_`
+    does), so that RoIAlign of the resized map runs on the map before the resize.
 
     RoIAlign of one (H, W) map is then separable, Wy (bins_y, H) @ map @ Wx (bins_x, W).T,
     equal to torchvision's roi_align within float rounding."""
@@ -168,11 +169,14 @@ def axis_weights(
     samples = (length / bins).ceil().to(torch.int64)  # (R,)
     index, weight = axis_samples(start, length, bins=bins, samples=samples, size=size)
     weight = weight / samples.to(weight.dtype).view(-1, 1, 1)
-    if sources is not None:  # every sample index lies in [0, size - 1]: no padding is read
-        index = sources.gather(1, index.view(len(index), -1)).view_as(index)
-    if pixels is None:
-        pixels = int(size.max()) if len(size) else 0
-    return weight.new_zeros(len(start), bins, pixels).scatter_add_(2, index, weight)
+    longest = int(size.max()) if len(size) else 0
+    on_map = weight.new_zeros(len(start), bins, longest).scatter_add_(2, index, weight)
+    if sources is None:
+        return on_map
+    # past a RoI's own map its weights are 0, and adding 0 changes no sum
+    on_sources = sources[:, None, :longest].expand(-1, bins, -1)
+    out = weight.new_zeros(len(start), bins, longest if pixels is None else pixels)
+    return out.scatter_add_(2, on_sources, on_map)
 
 
 class _WeightedGather(torch.autograd.Function):
