@@ -189,3 +189,22 @@ def test_cached_anchors_equal_torchvision_s_at_every_size():
         ((64, 64), torch.float32),
         ((128, 64), torch.float32),
     ]
+
+
+@pytest.mark.parametrize("kind", ["spread", "clustered ties"])
+def test_nms_prefix_gives_the_same_boxes_whatever_the_first_guess(kind):
+    """The first prefix suppressed is a guess (ProposalNetwork.survival): too small, it
+    doubles; too large, it suppresses more than needed; the kept boxes never change. The
+    share it reports is that of the last prefix's survivors."""
+    proposals, logits = _candidates(kind, images=1, seed=3)
+    boxes, scores = proposals[0], logits[:, 0].sigmoid()
+    levels = torch.repeat_interleave(torch.arange(len(LEVELS)), torch.tensor(LEVELS))
+    expected = _ties_in_index_order(box_ops.batched_nms)(boxes, scores, levels, 0.7)[:300]
+    shares = []
+    for first in (1, 300, 390, 600, 10_000):
+        got, share = everyseg_rpn.nms_prefix(boxes, scores, levels, 0.7, count=300, first=first)
+        assert torch.equal(got, expected)
+        shares.append(share)
+    assert all(0 < share <= 1 for share in shares)
+    if kind == "spread":  # few suppressed: ~90 % of any prefix survive
+        assert min(shares) > 0.8
