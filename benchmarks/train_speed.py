@@ -23,7 +23,9 @@ import tempfile
 import time
 
 import torch
+from torch import nn
 from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import MultiScaleRoIAlign
 
@@ -43,11 +45,13 @@ def torchvision_twin(cfg, num_classes: int) -> MaskRCNN:
     parts = build_model(cfg.model, num_classes=num_classes, **sizes)
     r, b, m = cfg.model.rpn, cfg.model.box_head, cfg.model.mask_head
     heads = parts.roi_heads
+    anchors = parts.rpn.anchor_generator
     return MaskRCNN(
-        parts.backbone,
+        torchvision_stem(parts.backbone),
         min_size=tuple(cfg.data.min_size),
         max_size=cfg.data.max_size,
-        rpn_anchor_generator=parts.rpn.anchor_generator,
+        # torchvision's own, not everyseg's cached one (`from_torchvision` gives that back)
+        rpn_anchor_generator=AnchorGenerator(anchors.sizes, anchors.aspect_ratios),
         rpn_head=parts.rpn.head,
         rpn_pre_nms_top_n_train=r.pre_nms_top_n_train,
         rpn_post_nms_top_n_train=r.post_nms_top_n_train,
@@ -60,6 +64,16 @@ def torchvision_twin(cfg, num_classes: int) -> MaskRCNN:
         mask_head=MaskRCNNHeads(cfg.model.backbone.fpn_channels, [m.channels] * m.num_convs, 1),
         mask_predictor=MaskRCNNPredictor(m.channels, m.channels, num_classes),
     )
+
+
+def torchvision_stem(backbone: nn.Module) -> nn.Module:
+    """An everyseg ResNet backbone with torchvision's stem order, ReLU then max pool
+    (everyseg's trunk pools first, backbone.py `pool_before_relu`; `from_torchvision` swaps
+    it back for everyseg's model)."""
+    body = backbone.body
+    if isinstance(body.maxpool, nn.Sequential):
+        body.relu, body.maxpool = body.maxpool[1], body.maxpool[0]
+    return backbone
 
 
 def torchvision_pooler(pooler: MultiScaleRoIAlign) -> MultiScaleRoIAlign:

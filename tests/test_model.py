@@ -34,11 +34,15 @@ def model_and_image(make_model, tiny_cfg):
 
 
 def test_from_torchvision_gives_identical_predictions():
+    """Bit for bit, though everyseg's copy pools its stem before the ReLU and keeps its
+    anchors (the torchvision model is left as it was)."""
     torch.manual_seed(0)
     backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=5)
     tv = MaskRCNN(backbone, num_classes=5, min_size=SIZE, max_size=SIZE, box_score_thresh=0.0)
     tv.eval()
     ours = from_torchvision(tv).eval()
+    assert isinstance(ours.backbone.body.relu, torch.nn.Identity)
+    assert isinstance(tv.backbone.body.relu, torch.nn.ReLU)
     images = [torch.rand(3, SIZE, SIZE), torch.rand(3, 48, SIZE)]
     with torch.no_grad():
         expected, got = tv(images), ours(images)

@@ -60,18 +60,22 @@ def resnet_trunk(*, name: str, trainable_layers: int, norm: str) -> resnet.ResNe
         )
     constructor, _ = RESNETS[name]
     trunk = constructor(weights=None, norm_layer=NORMS[norm])
-    _pool_before_relu(trunk)
+    pool_before_relu(trunk)
     _freeze(trunk, trainable_layers)
     return trunk
 
 
-def _pool_before_relu(trunk: resnet.ResNet) -> None:
-    """The stem's ReLU after its max pool instead of before: the same values and gradients
-    bit for bit (both are monotone, and a pooled maximum <= 0 gets no gradient either way),
-    with the ReLU and its backward on a quarter of the pixels (the stem's 64 x 64 maps
-    of maskrcnn-tiny: ~2 ms of a 250 ms training step). Parameter names do not change."""
-    trunk.maxpool = nn.Sequential(trunk.maxpool, trunk.relu)
-    trunk.relu = nn.Identity()
+def pool_before_relu(stem: nn.Module) -> None:
+    """A ResNet (or the IntermediateLayerGetter over one) whose stem runs its ReLU after its
+    max pool instead of before: the same values and gradients bit for bit (both are
+    monotone, and a pooled maximum <= 0 gets no gradient either way), with the ReLU and its
+    backward on a quarter of the pixels (the stem's 64 x 64 maps of maskrcnn-tiny: ~2 ms of
+    a 250 ms training step). Parameter names do not change; a stem already swapped, or not
+    torchvision's, is left as it is."""
+    relu, pool = getattr(stem, "relu", None), getattr(stem, "maxpool", None)
+    if isinstance(relu, nn.ReLU) and isinstance(pool, nn.MaxPool2d):
+        stem.maxpool = nn.Sequential(pool, relu)
+        stem.relu = nn.Identity()
 
 
 class C4Backbone(nn.Module):

@@ -11,7 +11,7 @@ from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from everyseg.config import ConfigError, KeypointHeadConfig, ModelConfig
-from everyseg.modeling.backbone import FPN_LEVELS, resnet_c4, resnet_fpn
+from everyseg.modeling.backbone import FPN_LEVELS, pool_before_relu, resnet_c4, resnet_fpn
 from everyseg.modeling.fcn import FCN, build_fcn
 from everyseg.modeling.fcos import FCOSWithMasks, build_fcos
 from everyseg.modeling.keypoint_head import build_keypoint_branch
@@ -162,6 +162,7 @@ def from_torchvision(tv_model: MaskRCNN) -> RCNN:
     )
     roi_heads.box_coder = heads.box_coder
     rpn = like_torchvision(tv.rpn)
+    pool_before_relu(getattr(tv.backbone, "body", tv.backbone))
     return RCNN(backbone=tv.backbone, rpn=rpn, roi_heads=roi_heads, transform=tv.transform)
 
 
