@@ -114,7 +114,7 @@ def test_under_tracing_torchvision_s_code_runs(monkeypatch):
     ours = like_torchvision(torchvision_rpn)
     monkeypatch.setattr(torch.jit, "is_tracing", lambda: True)
     monkeypatch.setattr(
-        everyseg_rpn, "nms_top", lambda *a, **k: pytest.fail("everyseg's NMS under tracing")
+        everyseg_rpn, "nms_prefix", lambda *a, **k: pytest.fail("everyseg's NMS under tracing")
     )
     proposals, logits = _candidates("spread", images=1)
     got = ours.filter_proposals(proposals, logits, [(SIZE, SIZE)], LEVELS)
@@ -152,7 +152,7 @@ def test_anchor_targets_of_a_batch_at_once_equal_torchvision_image_by_image(monk
 
 
 @pytest.mark.parametrize("shuffled", [False, True])
-def test_nms_top_equals_batched_nms_whatever_the_order_of_levels(shuffled):
+def test_nms_prefix_equals_batched_nms_whatever_the_order_of_levels(shuffled):
     """Levels in runs (as the RPN's candidates come) are suppressed slice by slice; levels in
     any other order are grouped first: the same boxes as torchvision's batched_nms."""
     proposals, logits = _candidates("clustered", images=1, seed=2)
@@ -162,7 +162,7 @@ def test_nms_top_equals_batched_nms_whatever_the_order_of_levels(shuffled):
         order = torch.randperm(1500, generator=torch.Generator().manual_seed(0))
         boxes, scores, levels = boxes[order], scores[order], levels[order]
     expected = box_ops.batched_nms(boxes, scores, levels, 0.7)[:300]
-    got = everyseg_rpn.nms_top(boxes, scores, levels, 0.7, count=300)
+    got, _ = everyseg_rpn.nms_prefix(boxes, scores, levels, 0.7, count=300, first=600)
     assert len(got) > 100 and torch.equal(got, expected)
 
 
