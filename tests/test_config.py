@@ -9,7 +9,7 @@ import torch
 from everyseg.config import Config, ConfigError, from_dict, load_config, preset_names
 from everyseg.data.validate import POLICIES
 from everyseg.engine.initialize import STAGES
-from everyseg.engine.optim import OPTIMIZERS, build_optimizer
+from everyseg.engine.optim import OPTIMIZERS, FusedSGD, build_optimizer
 from everyseg.modeling.backbone import NORMS, RESNETS
 from everyseg.modeling.detector import DETECTORS
 from everyseg.modeling.mask_heads import MASK_HEADS, PREDICTORS
@@ -204,7 +204,7 @@ def test_sgd_is_unchanged_one_group_all_parameters_decay():
     cfg = load_config("maskrcnn-tiny")
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.GroupNorm(2, 4))
     (group,) = build_optimizer(model, cfg.train).param_groups
-    assert type(build_optimizer(model, cfg.train)) is torch.optim.SGD
+    assert isinstance(build_optimizer(model, cfg.train), torch.optim.SGD)
     assert group["params"] == list(model.parameters())
     assert group["weight_decay"] == cfg.train.weight_decay and group["momentum"] == 0.9
 
@@ -233,6 +233,43 @@ def test_optimizers_take_torch_s_fused_kernels_to_the_same_steps(name):
     for p, q in twin_of.items():
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
         assert not torch.equal(p, q.new_zeros(q.shape))
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"momentum": 0.9, "weight_decay": 1e-4},
+        {"momentum": 0.9, "nesterov": True},
+        {"momentum": 0.0, "weight_decay": 0.1},
+        {"momentum": 0.9, "dampening": 0.5, "maximize": True},
+    ],
+)
+def test_fused_sgd_steps_channels_last_weights_as_torch_does_without_copying_them(settings):
+    def model() -> torch.nn.Module:
+        torch.manual_seed(0)
+        convs = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 4, 1))
+        return convs.to(memory_format=torch.channels_last)
+
+    ours, theirs = model(), model()
+    assert ours[0].weight.is_contiguous(memory_format=torch.channels_last)
+    fused = FusedSGD(ours.parameters(), lr=0.1, fused=True, **settings)
+    torch_s = torch.optim.SGD(theirs.parameters(), lr=0.1, fused=True, **settings)
+    x = torch.randn(2, 3, 9, 9).contiguous(memory_format=torch.channels_last)
+    for _ in range(3):
+        for convs, optimizer in ((ours, fused), (theirs, torch_s)):
+            optimizer.zero_grad()
+            convs(x).square().sum().backward()
+        with torch.profiler.profile() as prof:
+            fused.step()
+        torch_s.step()
+        assert not [e for e in prof.events() if e.name == "aten::copy_"]
+    for p, q in zip(ours.parameters(), theirs.parameters(), strict=True):
+        assert torch.equal(p, q) and p.stride() == q.stride()
+        if settings["momentum"]:
+            buffers = fused.state[p]["momentum_buffer"], torch_s.state[q]["momentum_buffer"]
+            assert torch.equal(*buffers)
+        else:
+            assert fused.state[p] == {}
 
 
 def test_bogus_optimizer_is_a_config_error_at_load():

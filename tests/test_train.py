@@ -14,6 +14,7 @@ from everyseg.engine.optim import lr_factor
 from everyseg.engine.run_dir import RunDir
 from everyseg.engine.sampler import StepBatchSampler
 from everyseg.engine.train import train
+from everyseg.modeling.channels_last import GroupNorm, PointwiseConv2d
 
 
 def _weights(run: RunDir) -> dict[str, torch.Tensor]:
@@ -154,6 +155,8 @@ def test_cpu_training_runs_in_channels_last_layout_with_the_same_step(
     torch.manual_seed(0)
     default = make_model(tiny_cfg, num_classes=3).train()
     laid_out = train_module.training_layout(copy.deepcopy(default), torch.device("cpu"))
+    swapped = {type(m) for m in laid_out.modules()}
+    assert {PointwiseConv2d, GroupNorm} <= swapped  # modeling/channels_last.py's layers
     image = torch.rand(3, 64, 64)
     updated = []
     for model in (default, laid_out):
