@@ -100,6 +100,17 @@ def test_group_norm_leaves_to_torch_what_its_kernel_does_as_fast(groups, side, l
     assert type(ours(x).grad_fn).__name__ == "NativeGroupNormBackward0"
 
 
+def test_group_norm_under_bfloat16_autocast_is_torch_s():
+    ours = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), GroupNorm(32, 64))
+    ours = ours.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 48, 48).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ours(x)
+    assert "_ChannelsLastGroupNormBackward" not in _graph(out)
+    out.float().square().mean().backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in ours.parameters())
+
+
 def test_swapped_layers_keep_the_parameters_and_the_state_dict(make_model, tiny_cfg):
     model = make_model(tiny_cfg, num_classes=3)
     state = model.state_dict()

@@ -95,14 +95,15 @@ class PointwiseConv2d(nn.Conv2d):
 
 class GroupNorm(nn.GroupNorm):
     """nn.GroupNorm (same arguments and parameters) with the module docstring's backward
-    where it pays: gradients on, a CPU's channels-last map of MIN_PIXELS pixels or more,
-    affine, at most MAX_GROUP_CHANNELS channels a group."""
+    where it pays: gradients on, a CPU's float32 channels-last map of MIN_PIXELS pixels or
+    more, affine, at most MAX_GROUP_CHANNELS channels a group."""
 
     def forward(self, x: Tensor) -> Tensor:
         if not (
             torch.is_grad_enabled()
             and self.affine
             and x.device.type == "cpu"
+            and x.dtype == torch.float32  # under bfloat16 autocast, torch's kernel
             and x.dim() == 4
             and self.num_channels // self.num_groups <= MAX_GROUP_CHANNELS
             and x.shape[2] * x.shape[3] >= MIN_PIXELS
