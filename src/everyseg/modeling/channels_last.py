@@ -5,8 +5,9 @@ state dict does not change; in eval mode, or anywhere else, they run torch's own
 - 1 x 1 convolutions as matrix products: a channels-last (N, C, H, W) map already is the
   (N H W, C) matrix a 1 x 1 convolution multiplies by its (C_out, C) weight, and `F.linear`
   skips oneDNN's convolution, whose backward reorders the weight's gradient from its blocked
-  layout twice (~2.7x its forward here). maskrcnn-tiny's FPN laterals and RPN outputs (13
-  calls a step): 8.2 -> 4.9 ms forward + backward at 2 threads, measured one by one.
+  layout twice (~2.7x its forward here). 13 of maskrcnn-tiny's 14 such calls a step (3 FPN
+  laterals, the RPN's 2 outputs on 5 levels): 8.2 -> 4.9 ms forward + backward at 2 threads,
+  measured one by one.
 - GroupNorm's backward by matrix products where torch's channels-last kernel is slow, a few
   channels a group on a large map: the (4, 64, 64, 64) stem map of maskrcnn-tiny (GN(32, 64):
   2 channels a group) takes it 2.9 ms, against 0.6 ms in the default layout (and converting
